@@ -1,0 +1,3 @@
+from dhwatch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,244 @@
+"""Configuration: a TOML file, every key overridable from the environment.
+
+``DHWATCH_<KEY>`` overrides a top-level key and ``DHWATCH_<SECTION>__<KEY>`` a key in a
+section (``DHWATCH_DEEPHEARING__API_KEY``). Sections are plain pydantic models under one
+``BaseSettings`` root, because pydantic-settings reads only the root's config.
+
+Secrets are never kept as plain ``str``: they are ``SecretStr`` and are also registered
+with :mod:`dhwatch.logs` so a stray copy is redacted from every log line.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from dhwatch.errors import ConfigError
+
+DEFAULT_EXTENSIONS = ["wav", "flac", "mp3", "m4a", "ogg"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class KeyedSection(_Section):
+    """A backend section with an API key from the config, a file, or a systemd credential."""
+
+    #: systemd credential name (``LoadCredential=<name>:...``) looked up under $CREDENTIALS_DIRECTORY
+    credential_name: str = ""
+
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+
+    def resolve_api_key(self, environ: dict[str, str] | None = None) -> str | None:
+        """The key, read fresh each call so a fixed key file is picked up without a restart.
+
+        Order: ``api_key``, then ``api_key_file``, then the systemd credential.
+        """
+        env = os.environ if environ is None else environ
+        if self.api_key is not None and self.api_key.get_secret_value().strip():
+            return self.api_key.get_secret_value().strip()
+        candidates: list[Path] = []
+        if self.api_key_file is not None:
+            candidates.append(self.api_key_file)
+        creds = env.get("CREDENTIALS_DIRECTORY")
+        if creds and self.credential_name:
+            candidates.append(Path(creds) / self.credential_name)
+        for path in candidates:
+            try:
+                text = path.read_text(encoding="utf-8").strip()
+            except OSError:
+                continue
+            if text:
+                return text
+        return None
+
+
+class DeepHearingSettings(KeyedSection):
+    """``[deephearing]``: the DeepHearing cloud API (or a ``dhwatch serve`` on the LAN)."""
+
+    credential_name: str = "deephearing-api-key"
+    base_url: str = "https://api.deephearing.com"
+    poll_interval: float = Field(5.0, gt=0)
+    poll_max_interval: float = Field(60.0, gt=0)
+    job_timeout: float = Field(3600.0, gt=0)
+    status_method: Literal["GET", "POST"] = "GET"
+    connect_timeout: float = Field(10.0, gt=0)
+    read_timeout: float = Field(120.0, gt=0)
+    #: files per /enhance request; see bench/drain.py for how the default was chosen
+    batch_files: int = Field(8, ge=1, le=100)
+    #: only files smaller than this are batched; a large file goes alone
+    batch_max_bytes: int = Field(16 * 1024 * 1024, ge=1)
+
+    @model_validator(mode="after")
+    def _url(self) -> DeepHearingSettings:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        self.base_url = self.base_url.rstrip("/")
+        return self
+
+
+class LocalSettings(_Section):
+    """``[local]``: the embedded offline denoiser."""
+
+    engine: str = "dfn3"
+    #: at most this much noise is removed, in dB (keeps some room tone); 100 = no limit
+    atten_lim_db: float = Field(100.0, gt=0, le=100)
+    #: worker processes; 0 = one per CPU core
+    workers: int = Field(0, ge=0)
+    job_timeout: float = Field(6 * 3600.0, gt=0)
+    poll_interval: float = Field(0.5, gt=0)
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Every key is documented in ``config.example.toml``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DHWATCH_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    inbox: Path
+    outbox: Path
+    failed_dir: Path
+    archive_dir: Path | None = None
+    state_dir: Path
+    on_success: Literal["archive", "delete", "keep"] = "archive"
+    backend: Literal["deephearing", "local"] = "deephearing"
+    settle_seconds: float = Field(5.0, ge=0)
+    extensions: list[str] = Field(default_factory=lambda: list(DEFAULT_EXTENSIONS))
+
+    watch_mode: Literal["inotify", "polling"] = "inotify"
+    #: seconds between directory polls in ``polling`` watch mode
+    watch_poll_interval: float = Field(5.0, gt=0)
+    #: a full scan of the inbox runs at start and every this many seconds (events are only hints)
+    rescan_interval: float = Field(300.0, gt=0)
+
+    upload_concurrency: int = Field(2, ge=1, le=64)
+    download_concurrency: int = Field(2, ge=1, le=64)
+    #: long retries (recorded in the ledger) before a file fails
+    max_attempts: int = Field(8, ge=1)
+    retry_base_seconds: float = Field(5.0, gt=0)
+    retry_max_seconds: float = Field(900.0, gt=0)
+    #: while the API key is refused, re-check this often
+    auth_recheck_interval: float = Field(60.0, gt=0)
+    #: files larger than this are failed before they cost anything
+    max_file_bytes: int = Field(8 * 1024**3, ge=1)
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    deephearing: DeepHearingSettings = Field(default_factory=DeepHearingSettings)
+    local: LocalSettings = Field(default_factory=LocalSettings)
+
+    @model_validator(mode="after")
+    def _folders(self) -> Settings:
+        if self.on_success == "archive" and self.archive_dir is None:
+            raise ValueError("archive_dir is required when on_success = \"archive\"")
+        self.extensions = [e.lower().lstrip(".") for e in self.extensions if e.strip()]
+        if not self.extensions:
+            raise ValueError("extensions must list at least one audio extension")
+        named = {"inbox": self.inbox, "outbox": self.outbox, "failed_dir": self.failed_dir, "state_dir": self.state_dir}
+        if self.archive_dir is not None:
+            named["archive_dir"] = self.archive_dir
+        resolved = {k: Path(os.path.abspath(v)) for k, v in named.items()}
+        for key, path in resolved.items():
+            setattr(self, key, path)
+        keys = list(resolved)
+        for i, a in enumerate(keys):
+            for b in keys[i + 1 :]:
+                pa, pb = resolved[a], resolved[b]
+                if pa == pb or pa.is_relative_to(pb) or pb.is_relative_to(pa):
+                    raise ValueError(f"{a} and {b} must be separate folders, not one inside the other ({pa}, {pb})")
+        return self
+
+    @property
+    def job_timeout(self) -> float:
+        """The deadline of the selected backend's jobs."""
+        return self.local.job_timeout if self.backend == "local" else self.deephearing.job_timeout
+
+    def secrets(self) -> list[str]:
+        """Every secret this configuration can resolve, for log redaction."""
+        found = [self.deephearing.resolve_api_key()]
+        return [s for s in found if s]
+
+
+def _format_validation_error(exc: ValidationError, path: Path | None) -> str:
+    where = f" in {path}" if path else ""
+    lines = [f"invalid configuration{where}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against config.example.toml)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_settings(path: Path | None, **overrides: Any) -> Settings:
+    """Read the TOML file (if any), apply ``DHWATCH_*`` environment overrides, validate.
+
+    Raises :class:`ConfigError` with a message naming every offending key.
+    """
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+
+    class _FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if path is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            return tuple(sources)
+
+    try:
+        settings = _FileSettings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, path)) from None
+    except ValueError as exc:  # TOML syntax errors
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    return settings
+
+
+def require_api_key(settings: Settings) -> None:
+    """Fail at start (naming the keys) when the selected backend needs a key and has none."""
+    if settings.backend == "deephearing" and not settings.deephearing.resolve_api_key():
+        raise ConfigError(
+            "deephearing.api_key: no API key configured. Set deephearing.api_key, "
+            "deephearing.api_key_file, DHWATCH_DEEPHEARING__API_KEY, or the systemd credential "
+            "'deephearing-api-key' (LoadCredential=)."
+        )
+
+
+def world_readable_secret_files(settings: Settings, config_path: Path | None) -> list[Path]:
+    """Files holding a key that other users may read (worth a warning at start)."""
+    found: list[Path] = []
+    candidates: list[Path] = []
+    if config_path is not None and settings.deephearing.api_key is not None:
+        candidates.append(config_path)
+    if settings.deephearing.api_key_file is not None:
+        candidates.append(settings.deephearing.api_key_file)
+    for p in candidates:
+        try:
+            if p.stat().st_mode & (stat.S_IROTH | stat.S_IWOTH):
+                found.append(p)
+        except OSError:
+            continue
+    return found

@@ -1,0 +1,71 @@
+"""What every pipeline stage shares: settings, ledger, backend, clock, wake-ups, pause state."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dhwatch.backends.base import Backend
+from dhwatch.config import Settings
+from dhwatch.ledger import Ledger
+from dhwatch.logs import get_logger
+
+STAGES = ("intake", "upload", "poll", "fetch", "finish")
+
+
+@dataclass
+class Context:
+    """Shared by the stages of one running daemon (all on one event loop)."""
+
+    settings: Settings
+    ledger: Ledger
+    backend: Backend
+    clock: Callable[[], float] = time.time
+    rand: Callable[[], float] = random.random
+    log: Any = field(default_factory=get_logger)
+    #: why submitting is paused (bad key, ...), or None
+    paused: str | None = None
+    _wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
+    _beats: dict[str, float] = field(default_factory=dict)
+
+    def wakeup(self, stage: str) -> asyncio.Event:
+        return self._wakeups.setdefault(stage, asyncio.Event())
+
+    def kick(self, stage: str) -> None:
+        """Tell a stage there may be work for it now (instead of at its next tick)."""
+        self.wakeup(stage).set()
+
+    async def idle(self, stage: str, timeout: float) -> None:
+        """Sleep until kicked or ``timeout`` seconds pass."""
+        event = self.wakeup(stage)
+        try:
+            await asyncio.wait_for(event.wait(), timeout=max(0.0, timeout))
+        except TimeoutError:
+            pass
+        event.clear()
+
+    def beat(self, stage: str) -> None:
+        """A stage's loop went round: used for the systemd watchdog's health check."""
+        self._beats[stage] = time.monotonic()
+
+    def stale_stages(self, max_age: float) -> list[str]:
+        """Stages whose loop has not gone round for ``max_age`` seconds."""
+        now = time.monotonic()
+        return [s for s, t in self._beats.items() if now - t > max_age]
+
+    def pause(self, reason: str) -> None:
+        if self.paused != reason:
+            self.paused = reason
+            self.ledger.set_flag("paused", reason)
+            self.log.error("submitting_paused", reason=reason, files_are_safe=True)
+
+    def resume(self) -> None:
+        if self.paused is not None:
+            self.log.warning("submitting_resumed", was=self.paused)
+            self.paused = None
+            self.ledger.set_flag("paused", None)
+            self.kick("upload")

@@ -1,0 +1,159 @@
+"""Wiring: lock the state_dir, open the ledger, recover, run the stages, stop cleanly.
+
+This is the only module that knows all the parts. SIGTERM/SIGINT stop it gracefully:
+in-flight uploads are abandoned (their rows go back to QUEUED, as after a crash), the
+ledger is closed, and the process exits 0 well within systemd's 10 s default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+from dhwatch.backends import create_backend
+from dhwatch.config import Settings, require_api_key, world_readable_secret_files
+from dhwatch.context import Context
+from dhwatch.delivery import remove_temp_files
+from dhwatch.errors import DhwatchError
+from dhwatch.intake import Intake
+from dhwatch.ledger import Ledger, StateDirLock
+from dhwatch.logs import get_logger, register_secret
+from dhwatch.pipeline import Fetcher, Finisher, Poller, Uploader
+from dhwatch.sdnotify import Notifier
+from dhwatch.states import State
+
+#: how long a graceful stop waits for stages to wind down
+STOP_GRACE_SECONDS = 5.0
+
+
+def prepare_folders(settings: Settings) -> None:
+    """Create the folders the daemon owns; the inbox must exist (it is the share)."""
+    if not settings.inbox.is_dir():
+        raise DhwatchError(f"inbox: the folder {settings.inbox} does not exist")
+    for key in ("outbox", "failed_dir", "archive_dir", "state_dir"):
+        path: Path | None = getattr(settings, key)
+        if path is None:
+            continue
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DhwatchError(f"{key}: cannot create {path}: {exc}") from None
+        if not os.access(path, os.W_OK):
+            raise DhwatchError(f"{key}: the folder {path} is not writable by this user")
+
+
+def status_line(ctx: Context) -> str:
+    """The one-line summary systemd shows in ``systemctl status``."""
+    counts = ctx.ledger.counts()
+    parts = [f"{counts.get(s.value, 0)} {s.value}" for s in
+             (State.QUEUED, State.UPLOADING, State.SUBMITTED, State.FETCHING, State.DONE, State.FAILED)]
+    line = ", ".join(parts)
+    if ctx.paused:
+        line = f"PAUSED ({ctx.paused}); {line}"
+    return line
+
+
+async def _notify_loop(ctx: Context, notifier: Notifier) -> None:
+    interval = notifier.watchdog_interval or 5.0
+    while True:
+        notifier.status(status_line(ctx))
+        stale = ctx.stale_stages(max(30.0, interval * 4))
+        if notifier.watchdog_interval is not None and not stale:
+            notifier.watchdog()
+        elif stale:
+            ctx.log.error("pipeline_stalled", stages=stale)
+        await asyncio.sleep(min(interval, 5.0))
+
+
+async def _auth_loop(ctx: Context) -> None:
+    """While paused for a refused key, re-read the key and re-check it now and then."""
+    while True:
+        await asyncio.sleep(min(ctx.settings.auth_recheck_interval, 5.0) if ctx.paused is None
+                            else ctx.settings.auth_recheck_interval)
+        if ctx.paused is None:
+            continue
+        for secret in ctx.settings.secrets():
+            register_secret(secret)
+        try:
+            await ctx.backend.check_auth()
+        except DhwatchError as exc:
+            ctx.log.error("still_paused", reason=ctx.paused, check=str(exc))
+            continue
+        ctx.resume()
+
+
+async def run_daemon(settings: Settings, config_path: Path | None = None) -> int:
+    """Run until SIGTERM/SIGINT. Returns the process exit code."""
+    log = get_logger()
+    require_api_key(settings)
+    for secret in settings.secrets():
+        register_secret(secret)
+    for path in world_readable_secret_files(settings, config_path):
+        log.warning("secret_file_readable_by_others", path=str(path),
+                    fix=f"chmod 600 {path} (or use the systemd credential)")
+    prepare_folders(settings)
+    lock = StateDirLock(settings.state_dir)
+    lock.acquire()
+    ledger = Ledger.open(settings.state_dir)
+    backend = create_backend(settings)
+    ctx = Context(settings=settings, ledger=ledger, backend=backend, log=log)
+    notifier = Notifier()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        recovered = ledger.recover(ctx.clock())
+        removed = remove_temp_files(settings.outbox) + remove_temp_files(settings.failed_dir)
+        if settings.archive_dir is not None:
+            removed += remove_temp_files(settings.archive_dir)
+        paused = ledger.get_flag("paused")
+        if paused:
+            ctx.paused = paused
+        log.info("started", backend=settings.backend, inbox=str(settings.inbox), outbox=str(settings.outbox),
+                 recovered=recovered, temp_files_removed=removed, paused=paused, pid=os.getpid())
+        if paused:
+            try:
+                await backend.check_auth()
+                ctx.resume()
+            except DhwatchError:
+                log.error("submitting_paused", reason=paused, files_are_safe=True)
+        intake = Intake(ctx)
+        uploader, poller, fetcher, finisher = Uploader(ctx), Poller(ctx), Fetcher(ctx), Finisher(ctx)
+        tasks = {
+            asyncio.create_task(intake.run(), name="intake"),
+            asyncio.create_task(uploader.run(), name="upload"),
+            asyncio.create_task(poller.run(), name="poll"),
+            asyncio.create_task(fetcher.run(), name="fetch"),
+            asyncio.create_task(finisher.run(), name="finish"),
+            asyncio.create_task(_notify_loop(ctx, notifier), name="notify"),
+            asyncio.create_task(_auth_loop(ctx), name="auth"),
+        }
+        notifier.ready(status_line(ctx))
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait(tasks | {stopper}, return_when=asyncio.FIRST_COMPLETED)
+        crashed = [t for t in done if t is not stopper and not t.cancelled() and t.exception() is not None]
+        for t in crashed:
+            exc = t.exception()
+            log.error("stage_crashed", stage=t.get_name(), error=f"{type(exc).__name__}: {exc}")
+        log.info("stopping", reason="stage crashed" if crashed else "signal")
+        notifier.stopping()
+        for t in tasks:
+            t.cancel()
+        stopper.cancel()
+        await asyncio.wait_for(
+            asyncio.gather(uploader.aclose(), fetcher.aclose(), *tasks, return_exceptions=True),
+            timeout=STOP_GRACE_SECONDS,
+        )
+        recovered_now = ledger.recover(ctx.clock())
+        log.info("stopped", requeued_uploads=recovered_now.get("uploading", 0))
+        return 1 if crashed else 0
+    finally:
+        try:
+            await asyncio.wait_for(backend.aclose(), timeout=2.0)
+        except (TimeoutError, Exception):  # noqa: BLE001 - closing must not mask the exit
+            pass
+        ledger.close()
+        lock.release()

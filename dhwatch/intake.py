@@ -1,0 +1,227 @@
+"""From "something changed in the inbox" to a ledger row.
+
+Scans and watchdog hints feed the :class:`~dhwatch.settle.SettleTracker`; a settled
+file is fingerprinted (a thread reads and hashes it through a no-follow descriptor) and
+then becomes exactly one of: nothing (it is already tracked, or is the version that was
+already finished), a QUEUED row, a SUBMITTED row that adopts the job of identical content
+already paid for, or a FAILING row (not audio, too large, not a regular file) that never
+costs anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from dhwatch.audioformat import sniff
+from dhwatch.context import Context
+from dhwatch.errors import NotRegularFile, SourceChanged
+from dhwatch.ledger import FinishedVersion
+from dhwatch.settle import SettleTracker
+from dhwatch.sourcefile import Fingerprint, Identity, fingerprint
+from dhwatch.states import State
+from dhwatch.watcher import Found, InboxWatcher, Refused, ScanResult, Skipped, classify, lstat_rel, scan
+
+
+class Intake:
+    """Owns the watcher, the settle tracker and the periodic scans."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.tracker = SettleTracker(ctx.settings.settle_seconds)
+        self._wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self.watcher = InboxWatcher(
+            ctx.settings.inbox,
+            mode=ctx.settings.watch_mode,
+            poll_interval=ctx.settings.watch_poll_interval,
+            wake=lambda: loop.call_soon_threadsafe(self._wake.set),
+        )
+        self._hash_slots = asyncio.Semaphore(2)
+        self._hashing: set[str] = set()
+        self._finished: dict[str, FinishedVersion] = {}
+        self._logged_skips: set[str] = set()
+        self._next_scan = 0.0
+
+    @property
+    def inbox(self) -> Path:
+        return self.ctx.settings.inbox
+
+    # ------------------------------------------------------------------ loop
+    async def run(self) -> None:
+        """Watch, scan, settle and fingerprint until cancelled."""
+        mode = self.watcher.start()
+        log = self.ctx.log
+        if self.watcher.fallback_reason:
+            log.warning("watch_fallback", reason=self.watcher.fallback_reason)
+        log.info("watching", inbox=str(self.inbox), mode=mode, settle_seconds=self.ctx.settings.settle_seconds)
+        try:
+            while True:
+                self.ctx.beat("intake")
+                now = self.ctx.clock()
+                if now >= self._next_scan:
+                    await self.full_scan()
+                    self._next_scan = self.ctx.clock() + self.ctx.settings.rescan_interval
+                paths, dirs = self.watcher.hints.drain()
+                for rel_dir in dirs:
+                    await self._take_results(await asyncio.to_thread(list, scan(self.inbox, self.ctx.settings.extensions, rel_dir)))
+                for rel in paths:
+                    st = lstat_rel(self.inbox, rel)
+                    if st is None:
+                        self.tracker.forget(rel)
+                        continue
+                    if os.path.isdir(self.inbox / rel) and not os.path.islink(self.inbox / rel):
+                        await self._take_results(await asyncio.to_thread(list, scan(self.inbox, self.ctx.settings.extensions, rel)))
+                        continue
+                    result = classify(rel, st, self.ctx.settings.extensions)
+                    if result is not None:
+                        await self._take_results([result])
+                await self._sweep()
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=min(1.0, self.tracker.check_interval))
+                except TimeoutError:
+                    pass
+        finally:
+            await asyncio.to_thread(self.watcher.stop)
+
+    async def full_scan(self) -> None:
+        """Look at every file in the inbox (at start, and every ``rescan_interval``)."""
+        self._finished = self.ctx.ledger.finished_versions()
+        results = await asyncio.to_thread(list, scan(self.inbox, self.ctx.settings.extensions))
+        await self._take_results(results)
+        self.ctx.log.debug("scan_done", entries=len(results), candidates=len(self.tracker))
+
+    # ------------------------------------------------------------------ observing
+    async def _take_results(self, results: list[ScanResult]) -> None:
+        if not results:
+            return
+        active = self.ctx.ledger.active_paths()
+        now = self.ctx.clock()
+        for result in results:
+            rel = result.rel_path
+            if isinstance(result, Skipped):
+                if rel not in self._logged_skips:
+                    self._logged_skips.add(rel)
+                    self.ctx.log.info("inbox_entry_skipped", file=rel, reason=result.reason)
+                continue
+            if rel in active or rel in self._hashing:
+                continue
+            if self._is_finished_version(rel, result.st):
+                continue
+            if isinstance(result, Refused):
+                self._refuse(rel, result.st, result.reason, now)
+                continue
+            self.tracker.observe(rel, Identity.of(result.st), now)
+
+    def _is_finished_version(self, rel: str, st: os.stat_result) -> bool:
+        done = self._finished.get(rel)
+        return done is not None and done.same_file(st.st_size, st.st_mtime_ns, st.st_ino)
+
+    async def _sweep(self) -> None:
+        now = self.ctx.clock()
+        due = self.tracker.due_for_check(now)
+        if due:
+            stats = await asyncio.to_thread(lambda: [(rel, lstat_rel(self.inbox, rel)) for rel in due])
+            for rel, st in stats:
+                if st is None:
+                    self.tracker.observe(rel, None, now)
+                    continue
+                result = classify(rel, st, self.ctx.settings.extensions)
+                if isinstance(result, Refused):
+                    self.tracker.forget(rel)
+                    self._refuse(rel, st, result.reason, now)
+                elif isinstance(result, Found):
+                    self.tracker.observe(rel, Identity.of(st), now)
+                else:
+                    self.tracker.forget(rel)
+        for rel, identity in self.tracker.pop_settled():
+            self._hashing.add(rel)
+            asyncio.create_task(self._admit(rel, identity))
+
+    # ------------------------------------------------------------------ admitting
+    async def _admit(self, rel: str, settled: Identity) -> None:
+        """Fingerprint a settled file and record it in the ledger."""
+        ctx = self.ctx
+        try:
+            async with self._hash_slots:
+                try:
+                    fp = await asyncio.to_thread(fingerprint, self.inbox, rel)
+                except SourceChanged:
+                    st = lstat_rel(self.inbox, rel)
+                    self.tracker.observe(rel, None if st is None else Identity.of(st), ctx.clock())
+                    return
+                except NotRegularFile as exc:
+                    st = lstat_rel(self.inbox, rel)
+                    if st is not None:
+                        self._refuse(rel, st, str(exc), ctx.clock())
+                    return
+                except (FileNotFoundError, NotADirectoryError):
+                    return
+                except PermissionError as exc:
+                    ctx.log.warning("cannot_read_file", file=rel, error=str(exc))
+                    return
+            if fp.identity != settled:
+                self.tracker.observe(rel, fp.identity, ctx.clock())
+                return
+            self._record(rel, fp)
+        finally:
+            self._hashing.discard(rel)
+
+    def _record(self, rel: str, fp: Fingerprint) -> None:
+        ctx = self.ctx
+        settings = ctx.settings
+        now = ctx.clock()
+        if ctx.ledger.active_for_path(rel) is not None:
+            return
+        ident = fp.identity
+        common = dict(
+            rel_path=rel, size=ident.size, mtime_ns=ident.mtime_ns, inode=ident.inode, device=ident.device,
+            sha256=fp.sha256, backend=settings.backend, now=now,
+        )  # fmt: skip
+        done = self._finished.get(rel) or ctx.ledger.finished_versions().get(rel)
+        if done is not None and done.state is State.DONE and done.sha256 == fp.sha256 and settings.on_success == "keep":
+            ctx.ledger.update(done.id, State.DONE, now=now, size=ident.size, mtime_ns=ident.mtime_ns, inode=ident.inode)
+            self._finished[rel] = FinishedVersion(done.id, ident.size, ident.mtime_ns, ident.inode, done.sha256, done.state)
+            ctx.log.info("unchanged_kept_file", file=rel)
+            return
+        if ident.size > settings.max_file_bytes:
+            reason = f"the file is {ident.size} bytes; the limit (max_file_bytes) is {settings.max_file_bytes}"
+            row_id = ctx.ledger.insert(**common, state=State.FAILING, error_code="TOO_LARGE", error_message=reason)
+            ctx.log.warning("file_refused", file=rel, row=row_id, code="TOO_LARGE", reason=reason)
+            ctx.kick("finish")
+            return
+        if ident.size == 0 or sniff(fp.head) is None:
+            reason = (
+                "the file is empty" if ident.size == 0 else "the file does not start like any audio format dhwatch knows"
+            ) + "; it was not sent to the denoiser"
+            row_id = ctx.ledger.insert(**common, state=State.FAILING, error_code="INVALID_FILE", error_message=reason)
+            ctx.log.warning("file_refused", file=rel, row=row_id, code="INVALID_FILE", reason=reason)
+            ctx.kick("finish")
+            return
+        earlier = ctx.ledger.reusable_job(fp.sha256, settings.backend)
+        if earlier is not None and earlier.job_id:
+            row_id = ctx.ledger.insert(
+                **common, state=State.SUBMITTED, job_id=earlier.job_id, adopted=1, submitted_at=now,
+                next_attempt_at=now, detail=f"identical to row {earlier.id}: reusing its job",
+            )  # fmt: skip
+            ctx.log.info("file_queued", file=rel, row=row_id, job=earlier.job_id, reused_from=earlier.id, size=ident.size)
+            ctx.kick("poll")
+            return
+        row_id = ctx.ledger.insert(**common)
+        ctx.log.info("file_queued", file=rel, row=row_id, size=ident.size)
+        ctx.kick("upload")
+
+    def _refuse(self, rel: str, st: os.stat_result, reason: str, now: float) -> None:
+        """Record a non-regular entry as failing; it is moved aside (never opened) by the finisher."""
+        ctx = self.ctx
+        if ctx.ledger.active_for_path(rel) is not None:
+            return
+        row_id = ctx.ledger.insert(
+            rel_path=rel, size=st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino, device=st.st_dev, sha256="",
+            backend=ctx.settings.backend, now=now, state=State.FAILING, error_code="NOT_REGULAR_FILE",
+            error_message=f"refused: {reason}; dhwatch never opens or follows such entries",
+        )  # fmt: skip
+        ctx.log.warning("file_refused", file=rel, row=row_id, code="NOT_REGULAR_FILE", reason=reason)
+        ctx.kick("finish")

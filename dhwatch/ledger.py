@@ -1,0 +1,466 @@
+"""The SQLite ledger: the source of truth the daemon resumes from.
+
+One row per input file version (a new arrival, or changed content, is a new row). Every
+state change is a compare-and-set ``UPDATE … WHERE id=? AND state=?`` of an edge in
+:mod:`dhwatch.states`, in its own transaction, with an ``events`` row for the history.
+A transition that announces an external side effect that must not be repeated (a job id
+that cost money) is committed with ``synchronous=FULL`` so it survives power loss, not
+only a crash; the rest use WAL's ``NORMAL``, which survives any process crash.
+
+Only one process may own a state_dir: :class:`StateDirLock` (``flock``) guards it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from dhwatch.naming import decode_path, encode_path
+from dhwatch.errors import LedgerCorrupt, LedgerError, LedgerLocked, TransitionConflict
+from dhwatch.states import ACTIVE, RECOVERY, TERMINAL, State, can_transition
+
+LEDGER_NAME = "ledger.sqlite3"
+LEDGER_ID_NAME = "ledger.id"
+LOCK_NAME = "dhwatch.lock"
+
+#: schema migrations, applied in order; ``PRAGMA user_version`` = how many have run
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE files (
+        id              INTEGER PRIMARY KEY,
+        rel_path        TEXT    NOT NULL,
+        size            INTEGER NOT NULL,
+        mtime_ns        INTEGER NOT NULL,
+        inode           INTEGER NOT NULL,
+        device          INTEGER NOT NULL,
+        sha256          TEXT    NOT NULL,
+        state           TEXT    NOT NULL,
+        backend         TEXT    NOT NULL,
+        job_id          TEXT,
+        remote_status   TEXT,
+        result_url      TEXT,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        fetch_attempts  INTEGER NOT NULL DEFAULT 0,
+        polls           INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL    NOT NULL DEFAULT 0,
+        submitted_at    REAL,
+        billed_seconds  REAL,
+        output_path     TEXT,
+        failed_path     TEXT,
+        error_code      TEXT,
+        error_message   TEXT,
+        adopted         INTEGER NOT NULL DEFAULT 0,
+        created_at      REAL    NOT NULL,
+        updated_at      REAL    NOT NULL,
+        finished_at     REAL
+    );
+    CREATE INDEX files_state_due ON files(state, next_attempt_at);
+    CREATE INDEX files_path ON files(rel_path);
+    CREATE INDEX files_sha ON files(sha256);
+    CREATE INDEX files_job ON files(job_id);
+    CREATE TABLE events (
+        id         INTEGER PRIMARY KEY,
+        file_id    INTEGER NOT NULL REFERENCES files(id),
+        at         REAL    NOT NULL,
+        from_state TEXT,
+        to_state   TEXT    NOT NULL,
+        detail     TEXT
+    );
+    CREATE INDEX events_file ON events(file_id);
+    CREATE TABLE daemon (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+#: columns a transition may set besides ``state``
+_MUTABLE = frozenset(
+    {
+        "job_id", "remote_status", "result_url", "attempts", "fetch_attempts", "polls", "next_attempt_at",
+        "submitted_at", "billed_seconds", "output_path", "failed_path", "error_code", "error_message",
+        "adopted", "finished_at", "size", "mtime_ns", "inode", "device",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FileRow:
+    """One input file version, as stored."""
+
+    id: int
+    rel_path: str
+    size: int
+    mtime_ns: int
+    inode: int
+    device: int
+    sha256: str
+    state: State
+    backend: str
+    job_id: str | None
+    remote_status: str | None
+    result_url: str | None
+    attempts: int
+    fetch_attempts: int
+    polls: int
+    next_attempt_at: float
+    submitted_at: float | None
+    billed_seconds: float | None
+    output_path: str | None
+    failed_path: str | None
+    error_code: str | None
+    error_message: str | None
+    adopted: int
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+
+    @classmethod
+    def from_sql(cls, row: sqlite3.Row) -> FileRow:
+        data = {f.name: row[f.name] for f in fields(cls)}
+        data["state"] = State(data["state"])
+        data["rel_path"] = decode_path(data["rel_path"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line of a file's history."""
+
+    at: float
+    from_state: str | None
+    to_state: str
+    detail: str | None
+
+
+@dataclass(frozen=True)
+class FinishedVersion:
+    """The identity of a path's last finished version (see :meth:`Ledger.finished_versions`)."""
+
+    id: int
+    size: int
+    mtime_ns: int
+    inode: int
+    sha256: str
+    state: State
+
+    def same_file(self, size: int, mtime_ns: int, inode: int) -> bool:
+        return (self.size, self.mtime_ns, self.inode) == (size, mtime_ns, inode)
+
+
+class StateDirLock:
+    """An exclusive ``flock`` on ``state_dir/dhwatch.lock``: one daemon per state_dir.
+
+    The kernel drops the lock when the process dies, even by ``kill -9``: no stale locks.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise LedgerLocked(
+                f"another dhwatch (pid {holder}) is already using the state_dir {self.path.parent}; "
+                "only one daemon may run per state_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Ledger:
+    """Typed access to the ledger; every write is a small transaction."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, state_dir: Path, *, create: bool = True, readonly: bool = False) -> Ledger:
+        """Open (and migrate) the ledger in ``state_dir``.
+
+        Refuses, with :class:`LedgerCorrupt`, a ledger that is damaged, from a newer dhwatch,
+        or missing although this state_dir had one (``ledger.id`` exists): starting empty
+        would reprocess and re-bill every file still in the inbox.
+        """
+        path = state_dir / LEDGER_NAME
+        id_path = state_dir / LEDGER_ID_NAME
+        if not path.exists():
+            if id_path.exists():
+                raise LedgerCorrupt(
+                    f"the ledger {path} is missing but {id_path} shows this state_dir had one. "
+                    "Starting with an empty ledger would process (and bill) every file again. "
+                    "Restore the ledger from backup, or, to really start afresh, delete "
+                    f"{id_path} (see the README, 'Recovering the ledger')."
+                )
+            if not create or readonly:
+                raise LedgerError(f"no ledger at {path}: has the daemon ever run with this state_dir?")
+        uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+        try:
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=10.0)
+            conn.row_factory = sqlite3.Row
+            if not readonly:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise LedgerCorrupt(_corrupt_message(path, str(exc))) from None
+        if check != "ok":
+            conn.close()
+            raise LedgerCorrupt(_corrupt_message(path, check))
+        ledger = cls(conn, path)
+        if not readonly:
+            ledger._migrate()
+            ledger._stamp(id_path)
+        return ledger
+
+    def _migrate(self) -> None:
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise LedgerCorrupt(
+                f"the ledger {self.path} has schema version {version}, newer than this dhwatch "
+                f"understands ({SCHEMA_VERSION}); upgrade dhwatch or restore a backup"
+            )
+        for number in range(version, SCHEMA_VERSION):
+            with self._tx(durable=True) as conn:
+                conn.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[number]}; PRAGMA user_version={number + 1};")
+
+    def _stamp(self, id_path: Path) -> None:
+        ledger_id = self.get_flag("ledger_id")
+        if ledger_id is None:
+            ledger_id = uuid.uuid4().hex
+            self.set_flag("ledger_id", ledger_id)
+        if not id_path.exists():
+            tmp = id_path.with_suffix(".tmp")
+            tmp.write_text(ledger_id + "\n")
+            os.replace(tmp, id_path)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def _tx(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        conn = self._conn
+        if durable:
+            conn.execute("PRAGMA synchronous=FULL")
+        try:
+            yield conn
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            if durable:
+                conn.execute("PRAGMA synchronous=NORMAL")
+
+    # ------------------------------------------------------------------ writes
+    def insert(
+        self, *, rel_path: str, size: int, mtime_ns: int, inode: int, device: int, sha256: str, backend: str,
+        now: float, state: State = State.QUEUED, detail: str | None = None, **extra: Any,
+    ) -> int:  # fmt: skip
+        """Record a newly settled file version; returns its row id."""
+        bad = set(extra) - _MUTABLE
+        if bad:
+            raise LedgerError(f"not settable: {sorted(bad)}")
+        cols = {
+            "rel_path": encode_path(rel_path), "size": size, "mtime_ns": mtime_ns, "inode": inode, "device": device,
+            "sha256": sha256, "state": state.value, "backend": backend, "created_at": now, "updated_at": now,
+            **extra,
+        }  # fmt: skip
+        names = ", ".join(cols)
+        marks = ", ".join("?" for _ in cols)
+        with self._tx(durable="job_id" in extra) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            cur = conn.execute(f"INSERT INTO files ({names}) VALUES ({marks})", tuple(cols.values()))
+            row_id = int(cur.lastrowid or 0)
+            conn.execute(
+                "INSERT INTO events (file_id, at, from_state, to_state, detail) VALUES (?, ?, NULL, ?, ?)",
+                (row_id, now, state.value, detail),
+            )
+        return row_id
+
+    def transition(
+        self, row_id: int, expected: State, target: State, *, now: float, durable: bool = False,
+        detail: str | None = None, **changes: Any,
+    ) -> None:  # fmt: skip
+        """Move a row ``expected → target`` atomically, or raise :class:`TransitionConflict`."""
+        if not can_transition(expected, target):
+            raise LedgerError(f"illegal transition {expected.value} → {target.value} (row {row_id})")
+        bad = set(changes) - _MUTABLE
+        if bad:
+            raise LedgerError(f"not settable: {sorted(bad)}")
+        if target in TERMINAL:
+            changes.setdefault("finished_at", now)
+        sets = ", ".join([f"{k} = ?" for k in changes] + ["state = ?", "updated_at = ?"])
+        params = (*changes.values(), target.value, now, row_id, expected.value)
+        with self._tx(durable=durable) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            cur = conn.execute(f"UPDATE files SET {sets} WHERE id = ? AND state = ?", params)
+            if cur.rowcount != 1:
+                raise TransitionConflict(f"row {row_id} is not in state {expected.value}")
+            if expected != target or detail:
+                conn.execute(
+                    "INSERT INTO events (file_id, at, from_state, to_state, detail) VALUES (?, ?, ?, ?, ?)",
+                    (row_id, now, expected.value, target.value, detail),
+                )
+
+    def update(self, row_id: int, expected: State, *, now: float, **changes: Any) -> None:
+        """Change fields of a row that must still be in ``expected`` (no history line).
+
+        Also used on a DONE row to record that a kept file was touched but not changed.
+        """
+        bad = set(changes) - _MUTABLE
+        if bad or not changes:
+            raise LedgerError(f"not settable: {sorted(bad)}")
+        sets = ", ".join([f"{k} = ?" for k in changes] + ["updated_at = ?"])
+        with self._tx() as conn:
+            cur = conn.execute(
+                f"UPDATE files SET {sets} WHERE id = ? AND state = ?", (*changes.values(), now, row_id, expected.value)
+            )
+            if cur.rowcount != 1:
+                raise TransitionConflict(f"row {row_id} is not in state {expected.value}")
+
+    def recover(self, now: float) -> dict[str, int]:
+        """Apply the crash-recovery rules of :data:`dhwatch.states.RECOVERY`; returns counts."""
+        moved: dict[str, int] = {}
+        for source, target in RECOVERY.items():
+            for row in self.in_state(source):
+                self.transition(row.id, source, target, now=now, detail="recovered after restart")
+                moved[source.value] = moved.get(source.value, 0) + 1
+        return moved
+
+    # ------------------------------------------------------------------ reads
+    def get(self, row_id: int) -> FileRow:
+        row = self._conn.execute("SELECT * FROM files WHERE id = ?", (row_id,)).fetchone()
+        if row is None:
+            raise LedgerError(f"no row {row_id}")
+        return FileRow.from_sql(row)
+
+    def in_state(self, state: State, *, limit: int | None = None) -> list[FileRow]:
+        sql = "SELECT * FROM files WHERE state = ? ORDER BY id"
+        params: tuple[Any, ...] = (state.value,)
+        if limit is not None:
+            sql += " LIMIT ?"
+            params += (limit,)
+        return [FileRow.from_sql(r) for r in self._conn.execute(sql, params)]
+
+    def due(self, state: State, now: float, limit: int) -> list[FileRow]:
+        """Rows in ``state`` whose ``next_attempt_at`` has come, oldest first."""
+        rows = self._conn.execute(
+            "SELECT * FROM files WHERE state = ? AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
+            (state.value, now, limit),
+        )
+        return [FileRow.from_sql(r) for r in rows]
+
+    def next_due_at(self, states: Sequence[State]) -> float | None:
+        """The earliest ``next_attempt_at`` among rows in these states (for sleeping exactly)."""
+        marks = ", ".join("?" for _ in states)
+        row = self._conn.execute(
+            f"SELECT MIN(next_attempt_at) FROM files WHERE state IN ({marks})", tuple(s.value for s in states)
+        ).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def active_for_path(self, rel_path: str) -> FileRow | None:
+        """The row currently owning this inbox path, if any."""
+        marks = ", ".join("?" for _ in ACTIVE)
+        row = self._conn.execute(
+            f"SELECT * FROM files WHERE rel_path = ? AND state IN ({marks}) ORDER BY id DESC LIMIT 1",
+            (encode_path(rel_path), *(s.value for s in ACTIVE)),
+        ).fetchone()
+        return None if row is None else FileRow.from_sql(row)
+
+    def active_paths(self) -> set[str]:
+        """Every inbox path a non-terminal row owns (one query for a whole scan)."""
+        marks = ", ".join("?" for _ in ACTIVE)
+        rows = self._conn.execute(
+            f"SELECT rel_path FROM files WHERE state IN ({marks})", tuple(s.value for s in ACTIVE)
+        )
+        return {decode_path(r[0]) for r in rows}
+
+    def finished_versions(self) -> dict[str, FinishedVersion]:
+        """Path → its latest done or failed version: a scan skips an inbox file that is still that version.
+
+        This is what stops a kept file (``on_success = "keep"``), or one that could not be
+        moved away, from being processed and billed again after every scan or restart.
+        """
+        rows = self._conn.execute(
+            "SELECT id, rel_path, size, mtime_ns, inode, sha256, state FROM files WHERE state IN (?, ?) ORDER BY id",
+            (State.DONE.value, State.FAILED.value),
+        )
+        return {decode_path(r[1]): FinishedVersion(r[0], r[2], r[3], r[4], r[5], State(r[6])) for r in rows}
+
+    def reusable_job(self, sha256: str, backend: str) -> FileRow | None:
+        """The latest row with this content whose job is in flight or done (to avoid paying twice)."""
+        row = self._conn.execute(
+            "SELECT * FROM files WHERE sha256 = ? AND backend = ? AND job_id IS NOT NULL AND state IN (?, ?, ?, ?) "
+            "ORDER BY id DESC LIMIT 1",
+            (sha256, backend, State.SUBMITTED.value, State.FETCHING.value, State.DELIVERED.value, State.DONE.value),
+        ).fetchone()
+        return None if row is None else FileRow.from_sql(row)
+
+    def rows_for_job(self, job_id: str, state: State) -> list[FileRow]:
+        rows = self._conn.execute("SELECT * FROM files WHERE job_id = ? AND state = ? ORDER BY id", (job_id, state.value))
+        return [FileRow.from_sql(r) for r in rows]
+
+    def history(self, row_id: int) -> list[Event]:
+        rows = self._conn.execute(
+            "SELECT at, from_state, to_state, detail FROM events WHERE file_id = ? ORDER BY id", (row_id,)
+        )
+        return [Event(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        rows = self._conn.execute("SELECT state, COUNT(*) FROM files GROUP BY state")
+        return {r[0]: r[1] for r in rows}
+
+    def billed_seconds(self, since: float = 0.0) -> float:
+        row = self._conn.execute(
+            "SELECT COALESCE(SUM(billed_seconds), 0) FROM files WHERE billed_seconds IS NOT NULL AND adopted = 0 "
+            "AND submitted_at >= ?",
+            (since,),
+        ).fetchone()
+        return float(row[0])
+
+    # ------------------------------------------------------------------ daemon flags
+    def get_flag(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM daemon WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_flag(self, key: str, value: str | None) -> None:
+        with self._tx() as conn:
+            if value is None:
+                conn.execute("DELETE FROM daemon WHERE key = ?", (key,))
+            else:
+                conn.execute("INSERT OR REPLACE INTO daemon (key, value) VALUES (?, ?)", (key, value))
+
+
+def _corrupt_message(path: Path, detail: str) -> str:
+    return (
+        f"the ledger {path} is damaged ({detail}). dhwatch will not start on it: an empty or "
+        "partial ledger would process and bill files again. Restore it from backup (see the README, "
+        "'Recovering the ledger'), or move it aside to start afresh."
+    )

@@ -1,0 +1,107 @@
+"""Logging: structlog to stdout, JSON lines for journald, readable text on a terminal.
+
+Two processors matter for safety and are plain functions (tested without I/O):
+
+* :func:`redact_secrets` replaces every registered secret, wherever it appears in an
+  event (a URL with ``apikey=``, an exception text), with ``***``;
+* :func:`escape_control_chars` makes a file name with newlines, control characters or
+  bidirectional marks print as one unambiguous line.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+_SECRETS: set[str] = set()
+_SECRETS_LOCK = threading.Lock()
+#: query parameters that carry credentials in some APIs
+_SECRET_QUERY = re.compile(r"(?i)\b(apikey|api_key|key|token|sig|signature|x-auth-token)=([^&\s\"']+)")
+#: C0/C1 controls and Unicode bidi/format characters that can reorder or hide text
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+
+REDACTED = "***"
+
+
+def register_secret(secret: str | None) -> None:
+    """Make sure ``secret`` never reaches a log line (short strings are ignored)."""
+    if secret and len(secret) >= 4:
+        with _SECRETS_LOCK:
+            _SECRETS.add(secret)
+
+
+def redact_text(text: str) -> str:
+    """``text`` with registered secrets and credential-looking query values replaced."""
+    with _SECRETS_LOCK:
+        secrets = sorted(_SECRETS, key=len, reverse=True)
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return _SECRET_QUERY.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {k: _scrub(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_scrub(v) for v in value)
+    if isinstance(value, BaseException):
+        return redact_text(f"{type(value).__name__}: {value}")
+    return value
+
+
+def redact_secrets(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: scrub secrets from every value, including rendered exceptions."""
+    for key in list(event):
+        event[key] = _scrub(event[key])
+    return event
+
+
+def escape_text(text: str) -> str:
+    """Show control and bidi characters as ``\\xNN``/``\\uNNNN`` escapes."""
+    return _UNSAFE.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)
+
+
+def escape_control_chars(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: every string value prints on one line, unambiguously."""
+    for key, value in list(event.items()):
+        if isinstance(value, str):
+            event[key] = escape_text(value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+    return event
+
+
+def configure(level: str = "info", fmt: str = "auto") -> None:
+    """Set up structlog for the process. ``fmt``: ``auto`` (console on a TTY, else JSON)."""
+    use_console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redact_secrets,
+        escape_control_chars,
+    ]
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        if use_console
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(**initial: Any) -> Any:
+    """A bound logger (structlog's), optionally with context already bound."""
+    return structlog.get_logger().bind(**initial)

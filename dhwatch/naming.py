@@ -1,0 +1,95 @@
+"""Which inbox names are ours to take, and where their outputs go. Pure: no I/O.
+
+Output locations are derived from the input's path relative to the inbox and nothing
+else; a name a server returns is data, never a path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import PurePosixPath
+
+#: prefixes and suffixes of files that are still being written or are someone's scratch
+IGNORED_PREFIXES = (".", "~")
+IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload")
+
+#: how temp files the daemon itself writes are named (hidden, so a scan never takes them)
+TEMP_PREFIX = ".dhwatch-"
+TEMP_SUFFIX = ".part"
+
+
+def is_ignored_name(name: str) -> bool:
+    """True for names a copy tool or editor uses while writing, and for hidden files."""
+    lowered = name.lower()
+    return name.startswith(IGNORED_PREFIXES) or lowered.endswith(IGNORED_SUFFIXES)
+
+
+def is_audio_name(name: str, extensions: Iterable[str]) -> bool:
+    """True when the name has one of the audio extensions, in any letter case."""
+    if is_ignored_name(name):
+        return False
+    suffix = PurePosixPath(name).suffix.lower().lstrip(".")
+    return bool(suffix) and suffix in {e.lower().lstrip(".") for e in extensions}
+
+
+def is_ignored_dir(name: str) -> bool:
+    """Hidden folders (``.Trash``, ``.AppleDouble``, snapshots) are never descended into."""
+    return name.startswith(".")
+
+
+def safe_relpath(rel: str) -> PurePosixPath:
+    """Validate a path relative to the inbox: no absolute paths, no ``..``, no empty parts.
+
+    Raises ValueError otherwise. Every path stored in the ledger went through here.
+    """
+    path = PurePosixPath(rel)
+    if path.is_absolute() or not path.parts or any(p in ("", ".", "..") for p in path.parts):
+        raise ValueError(f"not a safe relative path: {rel!r}")
+    return path
+
+
+def temp_name(final_name: str, row_id: int) -> str:
+    """The hidden temp name a download is written to before its atomic rename."""
+    return f"{TEMP_PREFIX}{row_id}-{final_name}{TEMP_SUFFIX}"
+
+
+def is_temp_name(name: str) -> bool:
+    """True for a temp file this daemon wrote (cleaned up after a crash)."""
+    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
+
+
+def error_file_name(name: str) -> str:
+    """The name of the error report that sits beside a failed file."""
+    return f"{name}.error.json"
+
+
+def numbered_alternative(name: str, n: int) -> str:
+    """``take.wav`` → ``take (2).wav``: a free name that never overwrites an earlier file."""
+    path = PurePosixPath(name)
+    return f"{path.stem} ({n}){path.suffix}"
+
+
+def encode_path(rel_path: str) -> str:
+    """A text form of any relative path for SQLite and JSON, reversible by :func:`decode_path`.
+
+    Valid UTF-8 names are stored as they are. A name with bytes that are not UTF-8 (Python
+    holds them as surrogate escapes, which SQLite cannot store) is stored as ``/`` + hex:
+    a relative path never starts with ``/``, so the two forms cannot be confused.
+    """
+    try:
+        rel_path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "/" + rel_path.encode("utf-8", "surrogateescape").hex()
+    return rel_path
+
+
+def decode_path(stored: str) -> str:
+    """The inverse of :func:`encode_path`."""
+    if stored.startswith("/"):
+        return bytes.fromhex(stored[1:]).decode("utf-8", "surrogateescape")
+    return stored
+
+
+def display_path(rel_path: str) -> str:
+    """A human-readable form of a path that may hold undecodable bytes (shown as ``\\xNN``)."""
+    return rel_path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

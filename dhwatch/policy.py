@@ -1,0 +1,65 @@
+"""Retry, backoff and polling decisions as pure functions.
+
+Two kinds of retry (STYLE.md): a short one inside a single call (tenacity, seconds, in
+:mod:`dhwatch.backends.http`) and a long one recorded in the ledger as
+``next_attempt_at`` so it survives restarts. This module decides the long one. The
+clock and the randomness come in as parameters so tests need neither sleeps nor seeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Capped exponential backoff with "full jitter" (AWS architecture blog, 2015).
+
+    ``delay(n)`` for the n-th retry (1-based) is uniform in ``[base*2**(n-1)/2, base*2**(n-1)]``,
+    capped at ``cap``. Half the window is kept as a floor so retries never bunch at zero.
+    """
+
+    base: float = 2.0
+    cap: float = 600.0
+
+    def delay(self, attempt: int, rand: float) -> float:
+        """Seconds to wait before retry number ``attempt``; ``rand`` is uniform in [0, 1)."""
+        attempt = max(1, attempt)
+        ceiling = min(self.cap, self.base * (2 ** min(attempt - 1, 30)))
+        return ceiling / 2 + (ceiling / 2) * rand
+
+
+@dataclass(frozen=True)
+class RetryDecision:
+    """What to do after a failed attempt."""
+
+    give_up: bool
+    next_attempt_at: float
+
+
+def after_failure(
+    *, attempts: int, max_attempts: int, now: float, backoff: Backoff, rand: float, retry_after: float | None = None
+) -> RetryDecision:
+    """Decide the next attempt after ``attempts`` failed ones (``attempts`` already counts this one).
+
+    A server's ``Retry-After`` is a floor, never shortened by our own schedule.
+    """
+    if attempts >= max_attempts:
+        return RetryDecision(give_up=True, next_attempt_at=now)
+    wait = backoff.delay(attempts, rand)
+    if retry_after is not None:
+        wait = max(wait, retry_after)
+    return RetryDecision(give_up=False, next_attempt_at=now + wait)
+
+
+def next_poll_delay(polls_so_far: int, interval: float, max_interval: float) -> float:
+    """How long until the next status poll: ``interval``, growing 1.5× per poll up to ``max_interval``.
+
+    Short jobs are noticed quickly; jobs that run for an hour cost a handful of requests.
+    """
+    return min(max_interval, interval * (1.5 ** min(polls_so_far, 60)))
+
+
+def job_timed_out(submitted_at: float, now: float, job_timeout: float) -> bool:
+    """True once a job has been in flight for longer than ``job_timeout`` seconds."""
+    return now - submitted_at > job_timeout

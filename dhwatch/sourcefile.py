@@ -1,0 +1,183 @@
+"""Reading inbox files without being tricked.
+
+The inbox is a share many people write to. A file is opened component by component from
+the inbox's own directory descriptor with ``O_NOFOLLOW`` at every step, and the opened
+descriptor is then checked: a regular file, one link, on the inbox's filesystem. Checking
+the descriptor rather than the path means a symlink swapped in after a check cannot be
+followed. FIFOs are opened with ``O_NONBLOCK`` so they cannot hang the daemon.
+
+Uploads stream through :func:`verified_chunks`, which recomputes the content hash while
+sending and raises :class:`SourceChanged` before the last byte if the content differs from
+what settled, so a file rewritten mid-upload never becomes a job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import stat
+from collections.abc import AsyncIterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+from dhwatch.audioformat import SNIFF_BYTES
+from dhwatch.errors import NotRegularFile, SourceChanged
+
+CHUNK = 1024 * 1024
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What must stay the same for a file to count as the same version."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+    device: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Identity:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+
+def describe_kind(mode: int) -> str:
+    """A plain word for what a non-regular inbox entry is."""
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device node"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a regular file"
+
+
+def open_no_follow(inbox: Path, rel_path: str, inbox_device: int | None = None) -> int:
+    """Open ``inbox/rel_path`` read-only without following any link; return a checked fd.
+
+    Raises :class:`NotRegularFile` (symlink anywhere on the path, FIFO, device, hard link,
+    another filesystem) or :class:`FileNotFoundError`.
+    """
+    parts = PurePosixPath(rel_path).parts
+    dir_fd = os.open(inbox, _DIR_FLAGS)
+    try:
+        if inbox_device is None:
+            inbox_device = os.fstat(dir_fd).st_dev
+        for part in parts[:-1]:
+            try:
+                next_fd = os.open(part, _DIR_FLAGS, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno in (20, 40):  # ENOTDIR, ELOOP: a link or a file where a folder should be
+                    raise NotRegularFile(f"the folder '{part}' on the way to this file is a symbolic link") from None
+                raise
+            os.close(dir_fd)
+            dir_fd = next_fd
+        try:
+            fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno == 40:  # ELOOP: the final component is a symlink
+                raise NotRegularFile("it is a symbolic link; dhwatch never follows links in the inbox") from None
+            if exc.errno == 6:  # ENXIO: a FIFO with no writer, opened non-blocking for... write only
+                raise NotRegularFile("it is a named pipe (FIFO)") from None
+            raise
+    finally:
+        os.close(dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(f"it is {describe_kind(st.st_mode)}, not a regular file")
+        if st.st_nlink != 1:
+            raise NotRegularFile(
+                f"it has {st.st_nlink} hard links; a hard-linked file may be someone else's file, so it is refused"
+            )
+        if st.st_dev != inbox_device:
+            raise NotRegularFile("it lives on another filesystem than the inbox (a mount point inside the inbox)")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextmanager
+def opened(inbox: Path, rel_path: str) -> Iterator[tuple[int, Identity]]:
+    """Context manager around :func:`open_no_follow` that yields ``(fd, identity)``."""
+    fd = open_no_follow(inbox, rel_path)
+    try:
+        yield fd, Identity.of(os.fstat(fd))
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """A settled file's identity, content hash and first bytes."""
+
+    identity: Identity
+    sha256: str
+    head: bytes
+
+
+def fingerprint(inbox: Path, rel_path: str) -> Fingerprint:
+    """Hash a file through a checked descriptor. Blocking: run it in a thread.
+
+    Raises :class:`SourceChanged` if the file changed while it was read.
+    """
+    with opened(inbox, rel_path) as (fd, before):
+        digest = hashlib.sha256()
+        head = b""
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            while chunk := f.read(CHUNK):
+                if len(head) < SNIFF_BYTES:
+                    head += chunk[: SNIFF_BYTES - len(head)]
+                digest.update(chunk)
+        after = Identity.of(os.fstat(fd))
+    if after != before:
+        raise SourceChanged("the file changed while it was being read")
+    return Fingerprint(before, digest.hexdigest(), head)
+
+
+async def verified_chunks(
+    inbox: Path, rel_path: str, expected_sha256: str, expected_size: int, *, key: str | None = None, chunk: int = CHUNK
+) -> AsyncIterator[bytes]:
+    """Yield a file's bytes for an upload, verifying size and hash before the final chunk.
+
+    The last chunk is held back until the whole content has been hashed, so a mismatch
+    aborts the request before the server has a complete body and no job is created.
+    """
+    try:
+        fd = await asyncio.to_thread(open_no_follow, inbox, rel_path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise SourceChanged("the file disappeared before it could be uploaded", key=key) from None
+    except NotRegularFile as exc:
+        raise SourceChanged(f"the file was replaced by something else: {exc}", key=key) from None
+    try:
+        digest = hashlib.sha256()
+        sent = 0
+        pending: bytes | None = None
+        while True:
+            data = await asyncio.to_thread(os.read, fd, chunk)
+            if not data:
+                break
+            digest.update(data)
+            sent += len(data)
+            if sent > expected_size:
+                break
+            if pending is not None:
+                yield pending
+            pending = data
+        if sent != expected_size or digest.hexdigest() != expected_sha256:
+            raise SourceChanged("the file changed while it was being uploaded", key=key)
+        if pending is not None:
+            yield pending
+    finally:
+        os.close(fd)
