@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -97,7 +97,10 @@ class LocalSettings(_Section):
 
 
 class Settings(BaseSettings):
-    """The whole configuration. Every key is documented in ``config.example.toml``."""
+    """The whole configuration. Every key is documented in ``config.example.toml``.
+
+    Relative folder paths are relative to the config file's folder.
+    """
 
     model_config = SettingsConfigDict(
         env_prefix="DHWATCH_",
@@ -139,6 +142,9 @@ class Settings(BaseSettings):
     deephearing: DeepHearingSettings = Field(default_factory=DeepHearingSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
 
+    #: relative paths are resolved against this folder (the config file's), else the CWD
+    _base_dir: ClassVar[Path | None] = None
+
     @model_validator(mode="after")
     def _folders(self) -> Settings:
         if self.on_success == "archive" and self.archive_dir is None:
@@ -149,7 +155,8 @@ class Settings(BaseSettings):
         named = {"inbox": self.inbox, "outbox": self.outbox, "failed_dir": self.failed_dir, "state_dir": self.state_dir}
         if self.archive_dir is not None:
             named["archive_dir"] = self.archive_dir
-        resolved = {k: Path(os.path.abspath(v)) for k, v in named.items()}
+        base = type(self)._base_dir or Path.cwd()
+        resolved = {k: Path(os.path.abspath(base / v)) for k, v in named.items()}
         for key, path in resolved.items():
             setattr(self, key, path)
         keys = list(resolved)
@@ -194,6 +201,8 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
         raise ConfigError(f"config file not found: {path}")
 
     class _FileSettings(Settings):
+        _base_dir = None if path is None else path.resolve().parent
+
         @classmethod
         def settings_customise_sources(
             cls,

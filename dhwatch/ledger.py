@@ -423,6 +423,21 @@ class Ledger:
         ).fetchone()
         return None if row is None else FileRow.from_sql(row)
 
+    def content_leader(self, sha256: str, backend: str, row_id: int) -> FileRow | None:
+        """The row a queued row with this content should follow instead of paying again.
+
+        A row whose job exists (in flight or done) is adopted; otherwise an earlier row with
+        the same content that is queued or uploading goes first and this one waits.
+        """
+        reusable = self.reusable_job(sha256, backend)
+        if reusable is not None:
+            return reusable
+        row = self._conn.execute(
+            "SELECT * FROM files WHERE sha256 = ? AND backend = ? AND id < ? AND state IN (?, ?) ORDER BY id LIMIT 1",
+            (sha256, backend, row_id, State.QUEUED.value, State.UPLOADING.value),
+        ).fetchone()
+        return None if row is None else FileRow.from_sql(row)
+
     def rows_for_job(self, job_id: str, state: State) -> list[FileRow]:
         rows = self._conn.execute("SELECT * FROM files WHERE job_id = ? AND state = ? ORDER BY id", (job_id, state.value))
         return [FileRow.from_sql(r) for r in rows]

@@ -83,7 +83,7 @@ class Uploader:
         ctx = self.ctx
         while not self._slots.locked() and ctx.paused is None:
             rows = [r for r in ctx.ledger.due(State.QUEUED, ctx.clock(), 200) if r.id not in self._busy]
-            batch = self._batch(rows)
+            batch = self._batch(self._without_duplicates(rows))
             if not batch:
                 return
             await self._slots.acquire()
@@ -92,6 +92,36 @@ class Uploader:
             task = asyncio.create_task(self._upload(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _without_duplicates(self, rows: list[FileRow]) -> list[FileRow]:
+        """Rows whose content is not already paid for or about to be.
+
+        A row with the content of an existing job adopts that job (SUBMITTED, no upload);
+        one whose twin is queued earlier or uploading waits for it.
+        """
+        ctx = self.ctx
+        now = ctx.clock()
+        fresh: list[FileRow] = []
+        seen: set[str] = set()
+        for row in rows:
+            leader = ctx.ledger.content_leader(row.sha256, row.backend, row.id)
+            if leader is not None and leader.job_id:
+                try:
+                    ctx.ledger.transition(
+                        row.id, State.QUEUED, State.SUBMITTED, now=now, durable=True, job_id=leader.job_id,
+                        adopted=1, submitted_at=now, next_attempt_at=now,
+                        detail=f"identical to row {leader.id}: reusing its job",
+                    )  # fmt: skip
+                    ctx.log.info("job_reused", file=row.rel_path, row=row.id, job=leader.job_id, reused_from=leader.id)
+                    ctx.kick("poll")
+                except TransitionConflict:
+                    pass
+            elif leader is not None or row.sha256 in seen:
+                ctx.ledger.update(row.id, State.QUEUED, now=now, next_attempt_at=now + _poll_interval(ctx))
+            else:
+                seen.add(row.sha256)
+                fresh.append(row)
+        return fresh
 
     def _batch(self, rows: list[FileRow]) -> list[FileRow]:
         """The next request's rows: small files together (up to ``batch_files``), a large one alone."""

@@ -1,0 +1,1 @@
+"""One module per ``dhwatch`` subcommand, each with ``register(sub)``."""
