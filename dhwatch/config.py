@@ -87,7 +87,8 @@ class DeepHearingSettings(KeyedSection):
 class LocalSettings(_Section):
     """``[local]``: the embedded offline denoiser."""
 
-    engine: str = "dfn3"
+    #: the denoising model (see docs/engine.md)
+    engine: str = "deepfilternet3"
     #: at most this much noise is removed, in dB (keeps some room tone); 100 = no limit
     atten_lim_db: float = Field(100.0, gt=0, le=100)
     #: worker processes; 0 = one per CPU core

@@ -13,7 +13,8 @@
     │   └── SourceChanged      the file changed or vanished while being read
     └── BackendError           the denoising service said no, or could not be reached
         ├── TransientError     try again later (network, 5xx, 429, timeouts)
-        ├── AuthError          the API key is refused: pause, it is not the file's fault
+        ├── BackendUnavailable every file would fail alike: pause, it is not the file's fault
+        │   └── AuthError      the API key is refused
         ├── InvalidFile        the service rejects this file
         ├── JobFailed          the service says the job failed
         ├── JobLost            the service (or a restarted local engine) no longer knows the job
@@ -111,7 +112,13 @@ class TransientError(BackendError):
         self.kind = kind
 
 
-class AuthError(BackendError):
+class BackendUnavailable(BackendError):
+    """Every file would fail the same way (a refused key, a broken engine): pause, keep the files."""
+
+    code = "BACKEND_UNAVAILABLE"
+
+
+class AuthError(BackendUnavailable):
     """The API key was refused. Every file would fail the same way, so work pauses."""
 
     code = "API_KEY_NOT_FOUND"

@@ -20,7 +20,7 @@ from dhwatch.backends.base import RemotePhase, RemoteStatus, Upload
 from dhwatch.context import Context
 from dhwatch.delivery import ensure_dir, free_name, fsync_dir, move_no_clobber, write_atomically, write_json_atomically
 from dhwatch.errors import (
-    AuthError, BackendError, InvalidFile, JobFailed, JobLost, ResultError, SourceChanged, TransientError,
+    BackendError, BackendUnavailable, InvalidFile, JobFailed, JobLost, ResultError, SourceChanged, TransientError,
     TransitionConflict,
 )  # fmt: skip
 from dhwatch.failures import build_error_report, render
@@ -202,9 +202,9 @@ class Uploader:
                 else:
                     self._requeue(row, counts=False, reason="another file in the same request was invalid")
             return
-        except AuthError as exc:
+        except BackendUnavailable as exc:
             for row in rows:
-                self._requeue(row, counts=False, reason="API key refused", delay=0.0)
+                self._requeue(row, counts=False, reason=str(exc), delay=0.0)
             ctx.pause(f"{exc} — files stay in the inbox and will be sent once the key works")
             return
         except TransientError as exc:
@@ -315,11 +315,11 @@ class Poller:
                 ctx.log.warning("job_lost", job=job_id, files=[r.rel_path for r in live], error=str(exc))
                 ctx.kick("upload")
                 return
-            except JobFailed as exc:
+            except (JobFailed, InvalidFile) as exc:
                 for row in live:
-                    self._try(lambda r=row: fail(ctx, r, State.SUBMITTED, "PROCESSING_FAILED", str(exc)))
+                    self._try(lambda r=row: fail(ctx, r, State.SUBMITTED, exc.code, str(exc)))
                 return
-            except AuthError as exc:
+            except BackendUnavailable as exc:
                 ctx.pause(f"{exc} — jobs already submitted are kept and followed once the key works")
                 self._reschedule(live, job_id, None)
                 return
@@ -413,10 +413,14 @@ class Fetcher:
         ctx = self.ctx
         status = RemoteStatus(RemotePhase.COMPLETE, row.remote_status or "completed", row.result_url, row.billed_seconds)
         t0 = time.monotonic()
+        rel = row.rel_path
+        suffix = ctx.backend.output_suffix(status)
+        if suffix and not rel.lower().endswith(suffix):
+            rel = str(PurePosixPath(rel).with_suffix(suffix))
         try:
             async with ctx.backend.open_result(row.job_id or "", status) as stream:
                 written = await write_atomically(
-                    ctx.settings.outbox, row.rel_path, stream, expected_length=stream.expected_length, row_id=row.id
+                    ctx.settings.outbox, rel, stream, expected_length=stream.expected_length, row_id=row.id
                 )
         except (ResultError, TransientError) as exc:
             ctx.log.warning("download_failed", file=row.rel_path, row=row.id, job=row.job_id, error=str(exc))

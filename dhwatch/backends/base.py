@@ -99,6 +99,10 @@ class Backend(Protocol):
         """Open the finished result for streaming. Raises :class:`ResultError` on 404 etc."""
         ...
 
+    def output_suffix(self, status: RemoteStatus) -> str | None:
+        """The output's extension when the backend had to change the container, else None."""
+        ...
+
     async def release(self, job_id: str) -> None:
         """The result is safely delivered: free whatever the backend keeps for it."""
         ...

@@ -229,6 +229,10 @@ class DeepHearingBackend:
         finally:
             await response.aclose()
 
+    def output_suffix(self, status: RemoteStatus) -> str | None:
+        """The service returns the input's container: the output keeps the input's name."""
+        return None
+
     async def release(self, job_id: str) -> None:
         """Nothing to free: the service keeps results on its side."""
 
