@@ -125,10 +125,13 @@ class FileRow:
 
     @classmethod
     def from_sql(cls, row: sqlite3.Row) -> FileRow:
-        data = {f.name: row[f.name] for f in fields(cls)}
+        data = {name: row[name] for name in _ROW_FIELDS}
         data["state"] = State(data["state"])
         data["rel_path"] = decode_path(data["rel_path"])
         return cls(**data)
+
+
+_ROW_FIELDS = tuple(f.name for f in fields(FileRow))
 
 
 @dataclass(frozen=True)
@@ -309,25 +312,37 @@ class Ledger:
         detail: str | None = None, **changes: Any,
     ) -> None:  # fmt: skip
         """Move a row ``expected → target`` atomically, or raise :class:`TransitionConflict`."""
+        self.transition_many([(row_id, changes)], expected, target, now=now, durable=durable, detail=detail)
+
+    def transition_many(
+        self, rows: Sequence[tuple[int, dict[str, Any]]], expected: State, target: State, *, now: float,
+        durable: bool = False, detail: str | None = None,
+    ) -> None:  # fmt: skip
+        """Move several rows ``expected → target`` in ONE transaction (one fsync for a whole batch).
+
+        All or nothing: if any row is not in ``expected``, none moves (TransitionConflict).
+        """
         if not can_transition(expected, target):
-            raise LedgerError(f"illegal transition {expected.value} → {target.value} (row {row_id})")
-        bad = set(changes) - _MUTABLE
-        if bad:
-            raise LedgerError(f"not settable: {sorted(bad)}")
-        if target in TERMINAL:
-            changes.setdefault("finished_at", now)
-        sets = ", ".join([f"{k} = ?" for k in changes] + ["state = ?", "updated_at = ?"])
-        params = (*changes.values(), target.value, now, row_id, expected.value)
+            raise LedgerError(f"illegal transition {expected.value} → {target.value}")
         with self._tx(durable=durable) as conn:
             conn.execute("BEGIN IMMEDIATE")
-            cur = conn.execute(f"UPDATE files SET {sets} WHERE id = ? AND state = ?", params)
-            if cur.rowcount != 1:
-                raise TransitionConflict(f"row {row_id} is not in state {expected.value}")
-            if expected != target or detail:
-                conn.execute(
-                    "INSERT INTO events (file_id, at, from_state, to_state, detail) VALUES (?, ?, ?, ?, ?)",
-                    (row_id, now, expected.value, target.value, detail),
-                )
+            for row_id, changes in rows:
+                bad = set(changes) - _MUTABLE
+                if bad:
+                    raise LedgerError(f"not settable: {sorted(bad)}")
+                changes = dict(changes)
+                if target in TERMINAL:
+                    changes.setdefault("finished_at", now)
+                sets = ", ".join([f"{k} = ?" for k in changes] + ["state = ?", "updated_at = ?"])
+                params = (*changes.values(), target.value, now, row_id, expected.value)
+                cur = conn.execute(f"UPDATE files SET {sets} WHERE id = ? AND state = ?", params)
+                if cur.rowcount != 1:
+                    raise TransitionConflict(f"row {row_id} is not in state {expected.value}")
+                if expected != target or detail:
+                    conn.execute(
+                        "INSERT INTO events (file_id, at, from_state, to_state, detail) VALUES (?, ?, ?, ?, ?)",
+                        (row_id, now, expected.value, target.value, detail),
+                    )
 
     def update(self, row_id: int, expected: State, *, now: float, **changes: Any) -> None:
         """Change fields of a row that must still be in ``expected`` (no history line).

@@ -82,8 +82,9 @@ class Uploader:
     async def _dispatch(self) -> None:
         ctx = self.ctx
         while not self._slots.locked() and ctx.paused is None:
-            rows = [r for r in ctx.ledger.due(State.QUEUED, ctx.clock(), 200) if r.id not in self._busy]
-            batch = self._batch(self._without_duplicates(rows))
+            want = 4 * ctx.backend.max_batch_files
+            rows = [r for r in ctx.ledger.due(State.QUEUED, ctx.clock(), want + len(self._busy)) if r.id not in self._busy]
+            batch = self._batch(self._without_duplicates(rows[:want]))
             if not batch:
                 return
             await self._slots.acquire()
@@ -146,16 +147,13 @@ class Uploader:
     async def _upload(self, batch: list[FileRow]) -> None:
         ctx = self.ctx
         try:
-            started: list[FileRow] = []
-            for row in batch:
-                try:
-                    # Durable before any byte leaves: a crash from here on means "send again".
-                    ctx.ledger.transition(row.id, State.QUEUED, State.UPLOADING, now=ctx.clock(), durable=True)
-                    started.append(row)
-                except TransitionConflict:
-                    continue
-            if started:
-                await self._send(started)
+            try:
+                # Durable before any byte leaves: a crash from here on means "send again".
+                ctx.ledger.transition_many([(r.id, {}) for r in batch], State.QUEUED, State.UPLOADING,
+                                           now=ctx.clock(), durable=True)
+            except TransitionConflict:
+                return
+            await self._send(batch)
         except Exception as exc:  # a bug must not kill the stage or lose rows
             ctx.log.exception("upload_crashed", error=str(exc))
             for row in batch:
@@ -218,12 +216,14 @@ class Uploader:
             return
         now = ctx.clock()
         first_poll = now + _poll_interval(ctx)
+        # The job ids cost money: one durable commit (fsync) records them all.
+        ctx.ledger.transition_many(
+            [(row.id, {"job_id": job_ids[key], "submitted_at": now, "polls": 0, "next_attempt_at": first_poll,
+                       "attempts": row.attempts + 1}) for key, row in by_key.items()],
+            State.UPLOADING, State.SUBMITTED, now=now, durable=True,
+        )  # fmt: skip
         for key, row in by_key.items():
             self._solo.discard(row.id)
-            ctx.ledger.transition(
-                row.id, State.UPLOADING, State.SUBMITTED, now=now, durable=True, job_id=job_ids[key],
-                submitted_at=now, polls=0, next_attempt_at=first_poll, attempts=row.attempts + 1,
-            )  # fmt: skip
             ctx.log.info(
                 "file_submitted", file=row.rel_path, row=row.id, job=job_ids[key], size=row.size,
                 batch=len(rows), seconds=round(time.monotonic() - t0, 3),
@@ -385,7 +385,8 @@ class Fetcher:
         ctx = self.ctx
         while True:
             ctx.beat("fetch")
-            for row in ctx.ledger.due(State.FETCHING, ctx.clock(), 64):
+            free = ctx.settings.download_concurrency - len(self._busy)
+            for row in ctx.ledger.due(State.FETCHING, ctx.clock(), free + len(self._busy)) if free > 0 else []:
                 if row.id in self._busy:
                     continue
                 if self._slots.locked():
@@ -493,10 +494,11 @@ class Finisher:
         ctx = self.ctx
         while True:
             ctx.beat("finish")
-            for row in ctx.ledger.in_state(State.DELIVERED, limit=200):
-                await self._guard(self.finish_delivered(row), row)
-            for row in ctx.ledger.in_state(State.FAILING, limit=200):
-                await self._guard(self.finish_failing(row), row)
+            steps = [self._guard(self.finish_delivered(r), r) for r in ctx.ledger.in_state(State.DELIVERED, limit=64)]
+            steps += [self._guard(self.finish_failing(r), r) for r in ctx.ledger.in_state(State.FAILING, limit=64)]
+            if steps:
+                await asyncio.gather(*steps)
+                continue
             await ctx.idle("finish", 1.0)
 
     async def _guard(self, step: Coroutine[Any, Any, None], row: FileRow) -> None:

@@ -1,0 +1,115 @@
+"""Shared by the benchmarks: folders, a config, the real daemon as a subprocess, its peak RSS."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+def write_config(root: Path, base_url: str, key: str, **top: Any) -> Path:
+    """A config under ``root`` for a benchmark daemon; ``top`` overrides top-level keys,
+    ``deephearing__x`` keys go to the [deephearing] section."""
+    section = {k.split("__", 1)[1]: v for k, v in top.items() if k.startswith("deephearing__")}
+    top = {k: v for k, v in top.items() if not k.startswith("deephearing__")}
+    base = {
+        "inbox": str(root / "inbox"), "outbox": str(root / "outbox"), "failed_dir": str(root / "failed"),
+        "archive_dir": str(root / "archive"), "state_dir": str(root / "state"), "backend": "deephearing",
+        "settle_seconds": 0.0, "log_format": "json", "log_level": "info",
+    }  # fmt: skip
+    base.update(top)
+    dh = {"base_url": base_url, "api_key": key, "poll_interval": 0.05, "poll_max_interval": 0.2, "read_timeout": 600}
+    dh.update(section)
+    lines = [f"{k} = {json.dumps(v)}" for k, v in base.items()] + ["[deephearing]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in dh.items()]
+    (root / "inbox").mkdir(parents=True, exist_ok=True)
+    path = root / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set size so far (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Daemon:
+    """``dhwatch run`` in a subprocess, counting log events as they arrive."""
+
+    def __init__(self, config: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dhwatch", "run", "--config", str(config)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        self.events: list[dict[str, Any]] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.events.append(json.loads(line))
+            except ValueError:
+                pass
+
+    def count(self, event: str) -> int:
+        return sum(1 for e in list(self.events) if e.get("event") == event)
+
+    def wait(self, event: str, n: int, timeout: float) -> float:
+        """Wait until ``n`` events named ``event`` arrived; returns the time it took."""
+        t0 = time.monotonic()
+        while self.count(event) < n:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}")
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"only {self.count(event)}/{n} {event} after {timeout}s")
+            time.sleep(0.02)
+        return time.monotonic() - t0
+
+    def peak_rss_mb(self) -> float:
+        return peak_rss_mb(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(20)
+        self._thread.join(5)
+
+
+def small_wav_bytes(seconds: float = 0.1, sr: int = 16000) -> bytes:
+    """A short real WAV file's bytes."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    t = np.arange(int(seconds * sr)) / sr
+    sf.write(buf, (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), sr, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def unique_copies(folder: Path, n: int, data: bytes, suffix: str = ".wav") -> None:
+    """``n`` files of distinct content (one trailing byte differs) so none is deduplicated."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"f{i:05d}{suffix}").write_bytes(data + i.to_bytes(4, "little"))
+
+
+def os_pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
