@@ -29,6 +29,8 @@ class Context:
     log: Any = field(default_factory=get_logger)
     #: why submitting is paused (bad key, ...), or None
     paused: str | None = None
+    #: inbox paths intake should look at again (a newer version appeared while one was in flight)
+    recheck: set[str] = field(default_factory=set)
     _wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
     _beats: dict[str, float] = field(default_factory=dict)
 
@@ -47,6 +49,11 @@ class Context:
         except TimeoutError:
             pass
         event.clear()
+
+    def look_again(self, rel_path: str) -> None:
+        """Ask intake to re-examine a path now instead of at the next full scan."""
+        self.recheck.add(rel_path)
+        self.kick("intake")
 
     def beat(self, stage: str) -> None:
         """A stage's loop went round: used for the systemd watchdog's health check."""

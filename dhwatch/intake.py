@@ -64,6 +64,8 @@ class Intake:
                     await self.full_scan()
                     self._next_scan = self.ctx.clock() + self.ctx.settings.rescan_interval
                 paths, dirs = self.watcher.hints.drain()
+                paths |= self.ctx.recheck
+                self.ctx.recheck = set()
                 for rel_dir in dirs:
                     await self._take_results(await asyncio.to_thread(list, scan(self.inbox, self.ctx.settings.extensions, rel_dir)))
                 for rel in paths:
@@ -79,10 +81,13 @@ class Intake:
                         await self._take_results([result])
                 await self._sweep()
                 self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=min(1.0, self.tracker.check_interval))
-                except TimeoutError:
-                    pass
+                kicked = self.ctx.wakeup("intake")
+                waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(kicked.wait())]
+                await asyncio.wait(waiters, timeout=min(1.0, self.tracker.check_interval),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                for w in waiters:
+                    w.cancel()
+                kicked.clear()
         finally:
             await asyncio.to_thread(self.watcher.stop)
 

@@ -183,9 +183,9 @@ class Uploader:
                 if exc.key in (None, key):
                     ctx.ledger.transition(row.id, State.UPLOADING, State.DISCARDED, now=ctx.clock(), detail=str(exc))
                     ctx.log.warning("upload_discarded", file=row.rel_path, row=row.id, reason=str(exc))
+                    ctx.look_again(row.rel_path)
                 else:
                     self._requeue(row, counts=False, reason="another file in the same request changed")
-            ctx.kick("intake")
             return
         except InvalidFile as exc:
             if len(rows) > 1 and exc.key is None:
@@ -519,6 +519,7 @@ class Finisher:
         if (st.st_size, st.st_mtime_ns, st.st_ino) != (row.size, row.mtime_ns, row.inode):
             self.ctx.log.warning("original_replaced", file=row.rel_path, row=row.id,
                                  note="a newer version is in the inbox; it is left for its own processing")
+            self.ctx.look_again(row.rel_path)
             return None
         return src
 

@@ -386,3 +386,19 @@ def test_kill9_during_download(folders: Folders, emulator: DeepHearingEmulator, 
     assert _no_temp_files(folders)
     assert len(emulator.jobs) == 1
     assert sf.info(folders.outbox / "a.wav").frames == sf.info(folders.archive / "a.wav").frames
+
+
+def test_file_rewritten_after_queueing_sends_the_new_content(folders: Folders, emulator: DeepHearingEmulator,
+                                                             daemons) -> None:
+    """A file rewritten after it settled is never sent as the old version: the new content is processed."""
+    emulator.set_keys({"not-yet"})
+    make_audio(folders.inbox / "a.wav", seed=1)
+    d = daemons(write_config(folders, base_url=emulator.base_url))
+    d.wait_event("submitting_paused")
+    make_audio(folders.inbox / "a.wav", seed=2, seconds=0.7)  # rewritten while waiting
+    new_sha = sha(folders.inbox / "a.wav")
+    emulator.set_keys({API_KEY})
+    d.wait_event("file_done", timeout=30)
+    assert [j.sha256 for j in emulator.jobs] == [new_sha]
+    assert sha(folders.archive / "a.wav") == new_sha
+    assert d.events("upload_discarded")
