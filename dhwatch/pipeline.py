@@ -16,6 +16,7 @@ from collections.abc import Coroutine
 from typing import Any
 from pathlib import Path, PurePosixPath
 
+from dhwatch import crashpoints
 from dhwatch.backends.base import RemotePhase, RemoteStatus, Upload
 from dhwatch.context import Context
 from dhwatch.delivery import ensure_dir, free_name, fsync_dir, move_no_clobber, write_atomically, write_json_atomically
@@ -36,13 +37,11 @@ def _backoff(ctx: Context) -> Backoff:
 
 
 def _poll_interval(ctx: Context) -> float:
-    s = ctx.settings
-    return s.local.poll_interval if s.backend == "local" else s.deephearing.poll_interval
+    return ctx.settings.backend_section().poll_interval
 
 
 def _poll_max_interval(ctx: Context) -> float:
-    s = ctx.settings
-    return max(_poll_interval(ctx), s.local.poll_interval * 4 if s.backend == "local" else s.deephearing.poll_max_interval)
+    return max(_poll_interval(ctx), ctx.settings.backend_section().poll_max_interval)
 
 
 async def _sleep_until_due(ctx: Context, stage: str, states: tuple[State, ...]) -> None:
@@ -153,6 +152,7 @@ class Uploader:
                                            now=ctx.clock(), durable=True)
             except TransitionConflict:
                 return
+            crashpoints.reached("before_upload")
             await self._send(batch)
         except Exception as exc:  # a bug must not kill the stage or lose rows
             ctx.log.exception("upload_crashed", error=str(exc))
@@ -214,6 +214,7 @@ class Uploader:
             for row in rows:
                 self._requeue(row, counts=True, reason=str(exc))
             return
+        crashpoints.reached("after_upload_response")
         now = ctx.clock()
         first_poll = now + _poll_interval(ctx)
         # The job ids cost money: one durable commit (fsync) records them all.
@@ -222,6 +223,7 @@ class Uploader:
                        "attempts": row.attempts + 1}) for key, row in by_key.items()],
             State.UPLOADING, State.SUBMITTED, now=now, durable=True,
         )  # fmt: skip
+        crashpoints.reached("after_submitted")
         for key, row in by_key.items():
             self._solo.discard(row.id)
             ctx.log.info(
@@ -434,6 +436,7 @@ class Fetcher:
             ctx.log.error("outbox_write_failed", file=row.rel_path, row=row.id, error=str(exc))
             self._retry(row, f"cannot write to the outbox: {exc}", counts=False)
             return
+        crashpoints.reached("after_output_renamed")
         ctx.ledger.transition(
             row.id, State.FETCHING, State.DELIVERED, now=ctx.clock(), durable=True,
             output_path=str(written.path), fetch_attempts=row.fetch_attempts + 1,
@@ -525,6 +528,7 @@ class Finisher:
 
     async def finish_delivered(self, row: FileRow) -> None:
         ctx = self.ctx
+        crashpoints.reached("after_delivered")
         mode = ctx.settings.on_success
         src = self._source_if_same(row) if mode != "keep" else None
         archived: Path | None = None
@@ -532,6 +536,7 @@ class Finisher:
             archived = await asyncio.to_thread(move_no_clobber, src, ctx.settings.archive_dir, row.rel_path)
         elif src is not None and mode == "delete":
             await asyncio.to_thread(_unlink_durably, src)
+        crashpoints.reached("after_original_handled")
         now = ctx.clock()
         ctx.ledger.transition(row.id, State.DELIVERED, State.DONE, now=now,
                               detail="original kept" if mode == "keep" else f"original {mode}d")
@@ -561,6 +566,7 @@ class Finisher:
         else:
             ours = self._source_if_same(row) is not None
         moved = await asyncio.to_thread(_move_failed, src, dest, ours)
+        crashpoints.reached("after_failed_moved")
         if not moved and ours:
             ctx.log.error("cannot_move_failed_file", file=row.rel_path, row=row.id,
                           note="left in the inbox; its report is in the failed folder")

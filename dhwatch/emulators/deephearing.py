@@ -184,6 +184,20 @@ def attenuate(src: Path, dst_dir: Path, filename: str) -> ProcessedFile:
 # --------------------------------------------------------------------------- jobs
 
 
+def decodable(path: Path) -> None:
+    """The emulator's check of an upload: a container libsndfile reads must have a readable header.
+
+    Like the real service ("something wrong with the file"), a broken file is refused at
+    upload with INVALID_FILE instead of becoming a job. m4a/AAC pass (libsndfile cannot read them).
+    """
+    with open(path, "rb") as f:
+        container = sniff(f.read(SNIFF_BYTES))
+    if container in ("wav", "flac", "ogg"):
+        info = sf.info(str(path))
+        if info.frames <= 0 or info.samplerate <= 0:
+            raise ValueError("no audio frames")
+
+
 def new_job_id() -> str:
     """A job id as DeepHearing makes them: URL-safe base64 of a uuid4, unpadded (22 chars)."""
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
@@ -516,6 +530,9 @@ class DeepHearingEmulator:
         slow_seconds: float = 2.0,
         status_wait: float = 5.0,
         clock: Callable[[], float] = time.time,
+        workers: int = 2,
+        validator: Callable[[Path], None] | None = None,
+        failed_word: str | None = None,
     ) -> None:
         methods = tuple(m.upper() for m in status_methods)
         if not methods or not set(methods) <= {"GET", "POST"}:
@@ -531,6 +548,12 @@ class DeepHearingEmulator:
         self.retry_after = retry_after
         self.slow_seconds = slow_seconds
         self.status_wait = status_wait
+        #: processor threads (``dhwatch serve``: one per engine worker)
+        self.workers = workers
+        #: called on each uploaded file before a job is created; raising makes it INVALID_FILE
+        self.validator = validator if validator is not None else decodable
+        #: the job_status reported when processing failed (None: the job stays unfinished, as documented)
+        self.failed_word = failed_word
         self._clock = clock
         self._lock = threading.Lock()
         self._keys: frozenset[str] = frozenset()
@@ -575,7 +598,7 @@ class DeepHearingEmulator:
         )
         for sub in ("spool", "jobs"):
             (self._workdir / sub).mkdir(parents=True, exist_ok=True)
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deephearing-processor")
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="deephearing-processor")
         try:
             self.storage.start()
             self.api.start()
@@ -718,6 +741,14 @@ class DeepHearingEmulator:
             if isinstance(exc, _FormRejected):
                 raise RequestRejected(exc.response) from exc
             raise
+        if self.validator is not None:
+            for part in form.files:
+                try:
+                    self.validator(part.path)
+                except Exception as exc:  # noqa: BLE001 - any refusal means "not audio we can process"
+                    logger.info("upload %r refused: %s", part.file_name, exc)
+                    form.discard()
+                    raise RequestRejected(_invalid_file().response) from exc
         stuck = request.fault is not None and request.fault.label == "stuck"
         jobs = [self._create_job(part, uid, stuck) for part in form.files]
         return Response.json(200, {job.field_name: job.job_id for job in jobs})
@@ -789,6 +820,8 @@ class DeepHearingEmulator:
     def _job_status(self, job: _Job) -> tuple[str, float]:
         """The job_status word now, and when (seconds after creation) that phase began."""
         final = len(PHASES)
+        if job.error is not None and self.failed_word is not None:
+            return self.failed_word, self._clock() - job.created
         if job.stuck:
             index, since = 2, 0.5 * self.processing_seconds
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import struct
 import re
 import signal
 import socket
@@ -482,7 +483,9 @@ def test_200_mb_upload_is_streamed_not_buffered(tmp_path: Path) -> None:
     """A 200 MB chunked upload is parsed to disk with under 50 MB of RSS growth and hashed correctly."""
     size = 200 * 1024 * 1024
     piece = np.random.default_rng(1).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
-    header = b"RIFF" + (size - 8).to_bytes(4, "little") + b"WAVEfmt " + bytes(32)
+    fmt = struct.pack("<HHIIHH", 1, 2, 48000, 48000 * 4, 4, 16)  # PCM, stereo, 48 kHz, 16-bit
+    header = (b"RIFF" + (size - 8).to_bytes(4, "little") + b"WAVEfmt " + len(fmt).to_bytes(4, "little") + fmt
+              + b"data" + (size - 44).to_bytes(4, "little"))
     boundary = "big-b0undary"
     digest = hashlib.sha256()
 
