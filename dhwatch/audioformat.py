@@ -21,6 +21,13 @@ EXTENSIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: ISO-BMFF major brands of audio files (HEIC photos and QuickTime movies share the box format)
+_AUDIO_BRANDS = frozenset({b"M4A ", b"M4B ", b"M4P ", b"mp41", b"mp42", b"isom", b"iso2", b"iso5", b"iso6",
+                           b"dash", b"3gp4", b"3gp5", b"3gp6", b"3g2a", b"F4A ", b"F4B "})
+#: byte-order marks of text files, which can look like an MPEG frame sync
+_TEXT_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\xef\xbb\xbf")
+
+
 def sniff(head: bytes) -> str | None:
     """Return the container name for these leading bytes, or None if it is not audio we know."""
     if len(head) >= 12 and head[:4] in (b"RIFF", b"RIFX", b"RF64") and head[8:12] == b"WAVE":
@@ -31,8 +38,10 @@ def sniff(head: bytes) -> str | None:
         return "ogg"
     if head[:3] == b"ID3":
         return "mp3"
-    if len(head) >= 12 and head[4:8] == b"ftyp":
+    if len(head) >= 12 and head[4:8] == b"ftyp" and head[8:12] in _AUDIO_BRANDS:
         return "mp4"
+    if head.startswith(_TEXT_BOMS):
+        return None
     if len(head) >= 2 and head[0] == 0xFF:
         second = head[1]
         if second & 0xF6 == 0xF0:  # ADTS: sync 12 bits, layer 00

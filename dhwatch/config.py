@@ -84,6 +84,20 @@ class DeepHearingSettings(KeyedSection):
         return self
 
 
+class HuaweiSettings(KeyedSection):
+    """``[huawei]``: Huawei Cloud MetaStudio audio assessment, for ``quality = "huawei"``.
+
+    ``api_key`` here is the IAM token sent as ``X-Auth-Token``.
+    """
+
+    credential_name: str = "huawei-iam-token"
+    endpoint: str = "https://metastudio.cn-north-4.myhuaweicloud.com"
+    project_id: str = ""
+    language: Literal["EN", "CN"] = "EN"
+    #: how long an assessment may take before the report is given up (seconds)
+    deadline: float = Field(600.0, gt=0)
+
+
 class LocalSettings(_Section):
     """``[local]``: the embedded offline denoiser."""
 
@@ -95,6 +109,43 @@ class LocalSettings(_Section):
     workers: int = Field(0, ge=0)
     job_timeout: float = Field(6 * 3600.0, gt=0)
     poll_interval: float = Field(0.5, gt=0)
+
+    @property
+    def poll_max_interval(self) -> float:
+        """Local jobs are checked in memory: the check may slow down to four times poll_interval."""
+        return self.poll_interval * 4
+
+
+class DeepAffectsSettings(KeyedSection):
+    """``[deepaffects]``: the DeepAffects async denoise API, results by webhook (polling as fallback)."""
+
+    credential_name: str = "deepaffects-api-key"
+    base_url: str = "https://proxy.api.deepaffects.com"
+    #: where the callback listener binds; the service must reach it through public_url
+    listen_host: str = "0.0.0.0"
+    #: 0 = any free port (tests only: the URL then changes at every start)
+    listen_port: int = Field(8787, ge=0, le=65535)
+    #: the URL the service calls back, up to (not including) ``/callbacks/...``; "" = built from the listen address
+    public_url: str = ""
+    #: how often the pipeline asks about a job: answered from local state, no request
+    poll_interval: float = Field(2.0, gt=0)
+    poll_max_interval: float = Field(10.0, gt=0)
+    #: a job with no callback is polled at the service this often (the vendor discourages polling)
+    fallback_poll_interval: float = Field(60.0, gt=0)
+    job_timeout: float = Field(3600.0, gt=0)
+    language_code: str = "en-US"
+    connect_timeout: float = Field(10.0, gt=0)
+    read_timeout: float = Field(120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _urls(self) -> DeepAffectsSettings:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        self.base_url = self.base_url.rstrip("/")
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            raise ValueError("public_url must start with http:// or https://")
+        self.public_url = self.public_url.rstrip("/")
+        return self
 
 
 class Settings(BaseSettings):
@@ -116,7 +167,7 @@ class Settings(BaseSettings):
     archive_dir: Path | None = None
     state_dir: Path
     on_success: Literal["archive", "delete", "keep"] = "archive"
-    backend: Literal["deephearing", "local"] = "deephearing"
+    backend: Literal["deephearing", "local", "deepaffects"] = "deephearing"
     settle_seconds: float = Field(5.0, ge=0)
     extensions: list[str] = Field(default_factory=lambda: list(DEFAULT_EXTENSIONS))
 
@@ -137,11 +188,18 @@ class Settings(BaseSettings):
     #: files larger than this are failed before they cost anything
     max_file_bytes: int = Field(8 * 1024**3, ge=1)
 
+    #: per-file quality report beside each output (``<output>.quality.json``): "local", "huawei" or "off"
+    quality: Literal["local", "huawei", "off"] = "local"
+    #: include DNSMOS (a fixed ~1 s per file) in local reports
+    quality_dnsmos: bool = True
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
     deephearing: DeepHearingSettings = Field(default_factory=DeepHearingSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
+    deepaffects: DeepAffectsSettings = Field(default_factory=DeepAffectsSettings)
+    huawei: HuaweiSettings = Field(default_factory=HuaweiSettings)
 
     #: relative paths are resolved against this folder (the config file's), else the CWD
     _base_dir: ClassVar[Path | None] = None
@@ -160,6 +218,9 @@ class Settings(BaseSettings):
         resolved = {k: Path(os.path.abspath(base / v)) for k, v in named.items()}
         for key, path in resolved.items():
             setattr(self, key, path)
+        for section in self.keyed_sections():
+            if section.api_key_file is not None:
+                section.api_key_file = Path(os.path.abspath(base / section.api_key_file))
         keys = list(resolved)
         for i, a in enumerate(keys):
             for b in keys[i + 1 :]:
@@ -168,14 +229,23 @@ class Settings(BaseSettings):
                     raise ValueError(f"{a} and {b} must be separate folders, not one inside the other ({pa}, {pb})")
         return self
 
+    def backend_section(self) -> DeepHearingSettings | LocalSettings | DeepAffectsSettings:
+        """The selected backend's section (each has poll_interval, poll_max_interval, job_timeout)."""
+        section: DeepHearingSettings | LocalSettings | DeepAffectsSettings = getattr(self, self.backend)
+        return section
+
     @property
     def job_timeout(self) -> float:
         """The deadline of the selected backend's jobs."""
-        return self.local.job_timeout if self.backend == "local" else self.deephearing.job_timeout
+        return self.backend_section().job_timeout
+
+    def keyed_sections(self) -> list[KeyedSection]:
+        """Every section that holds a credential."""
+        return [self.deephearing, self.deepaffects, self.huawei]
 
     def secrets(self) -> list[str]:
         """Every secret this configuration can resolve, for log redaction."""
-        found = [self.deephearing.resolve_api_key()]
+        found = [section.resolve_api_key() for section in self.keyed_sections()]
         return [s for s in found if s]
 
 
@@ -229,22 +299,46 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
 
 def require_api_key(settings: Settings) -> None:
     """Fail at start (naming the keys) when the selected backend needs a key and has none."""
-    if settings.backend == "deephearing" and not settings.deephearing.resolve_api_key():
+    section = settings.backend_section()
+    if isinstance(section, KeyedSection) and not section.resolve_api_key():
+        name = settings.backend
         raise ConfigError(
-            "deephearing.api_key: no API key configured. Set deephearing.api_key, "
-            "deephearing.api_key_file, DHWATCH_DEEPHEARING__API_KEY, or the systemd credential "
-            "'deephearing-api-key' (LoadCredential=)."
+            f"{name}.api_key: no API key configured. Set {name}.api_key, "
+            f"{name}.api_key_file, DHWATCH_{name.upper()}__API_KEY, or the systemd credential "
+            f"'{section.credential_name}' (LoadCredential=)."
         )
+
+
+def require_quality_settings(settings: Settings) -> None:
+    """``quality = "huawei"`` needs a project and a token; say which key is missing."""
+    if settings.quality != "huawei":
+        return
+    if not settings.huawei.project_id:
+        raise ConfigError("huawei.project_id: required when quality = \"huawei\"")
+    if not settings.huawei.resolve_api_key():
+        raise ConfigError(
+            "huawei.api_key: no IAM token configured (huawei.api_key, huawei.api_key_file, "
+            "or the systemd credential 'huawei-iam-token')"
+        )
+
+
+def _file_contains(path: Path, text: str) -> bool:
+    try:
+        return text in path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
 
 
 def world_readable_secret_files(settings: Settings, config_path: Path | None) -> list[Path]:
     """Files holding a key that other users may read (worth a warning at start)."""
     found: list[Path] = []
     candidates: list[Path] = []
-    if config_path is not None and settings.deephearing.api_key is not None:
-        candidates.append(config_path)
-    if settings.deephearing.api_key_file is not None:
-        candidates.append(settings.deephearing.api_key_file)
+    for section in settings.keyed_sections():
+        key = section.api_key.get_secret_value().strip() if section.api_key is not None else ""
+        if config_path is not None and key and config_path not in candidates and _file_contains(config_path, key):
+            candidates.append(config_path)
+        if section.api_key_file is not None:
+            candidates.append(section.api_key_file)
     for p in candidates:
         try:
             if p.stat().st_mode & (stat.S_IROTH | stat.S_IWOTH):

@@ -14,13 +14,15 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from dhwatch.audioformat import SNIFF_BYTES, sniff
 from dhwatch.errors import ResultError
-from dhwatch.naming import is_temp_name, numbered_alternative, temp_name
+from dhwatch.naming import is_temp_name, numbered_alternative, safe_relpath, temp_name
+from dhwatch.sourcefile import open_parent
 
 
 def fsync_dir(path: Path) -> None:
@@ -62,7 +64,7 @@ async def write_atomically(
 
     A broken result (short, empty, not audio) never replaces anything; the temp file is removed.
     """
-    rel = PurePosixPath(rel_path)
+    rel = safe_relpath(rel_path)
     folder = await asyncio.to_thread(ensure_dir, root, rel.parent)
     final = folder / rel.name
     tmp = folder / temp_name(rel.name, row_id)
@@ -128,7 +130,7 @@ def move_no_clobber(src: Path, dest_root: Path, rel_path: str) -> Path:
 
     Works across filesystems (copy, fsync, then unlink); returns where it went.
     """
-    rel = PurePosixPath(rel_path)
+    rel = safe_relpath(rel_path)
     folder = ensure_dir(dest_root, rel.parent)
     dest = free_name(folder, rel.name)
     try:
@@ -148,6 +150,62 @@ def move_no_clobber(src: Path, dest_root: Path, rel_path: str) -> Path:
     fsync_dir(folder)
     fsync_dir(src.parent)
     return dest
+
+
+def move_from_inbox(inbox: Path, rel_path: str, dest_root: Path, *, dest: Path | None = None) -> Path:
+    """Move the inbox entry ``rel_path`` to ``dest`` (or a free name under ``dest_root``).
+
+    The rename goes through a descriptor of the entry's folder opened without following
+    links, so a folder swapped for a symlink cannot make it move someone else's file; the
+    entry itself (even a symlink or FIFO) is moved, never followed or opened. Across
+    filesystems a regular file or symlink is copied, fsynced, then unlinked.
+    """
+    rel = safe_relpath(rel_path)
+    dir_fd = open_parent(inbox, rel_path)
+    try:
+        if dest is None:
+            dest = free_name(ensure_dir(dest_root, rel.parent), rel.name)
+        try:
+            os.rename(rel.name, dest, src_dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            _copy_across(dir_fd, rel.name, dest)
+            os.unlink(rel.name, dir_fd=dir_fd)
+        fsync_dir(dest.parent)
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return dest
+
+
+def remove_from_inbox(inbox: Path, rel_path: str) -> None:
+    """Delete the inbox entry ``rel_path`` (never through a symlinked folder), durably."""
+    dir_fd = open_parent(inbox, rel_path)
+    try:
+        os.unlink(PurePosixPath(rel_path).name, dir_fd=dir_fd)
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _copy_across(dir_fd: int, name: str, dest: Path) -> None:
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    tmp = dest.with_name(temp_name(dest.name, os.getpid()))
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(name, dir_fd=dir_fd), tmp)
+    elif stat.S_ISREG(st.st_mode):
+        src_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            with open(tmp, "wb") as out, os.fdopen(os.dup(src_fd), "rb") as src:
+                shutil.copyfileobj(src, out, 1024 * 1024)
+                out.flush()
+                os.fsync(out.fileno())
+        finally:
+            os.close(src_fd)
+    else:
+        raise OSError(errno.EXDEV, "a FIFO or device cannot be moved to another filesystem")
+    os.rename(tmp, dest)
 
 
 def write_json_atomically(path: Path, text: str) -> None:

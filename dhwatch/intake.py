@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 from pathlib import Path
 
 from dhwatch.audioformat import sniff
@@ -73,7 +74,7 @@ class Intake:
                     if st is None:
                         self.tracker.forget(rel)
                         continue
-                    if os.path.isdir(self.inbox / rel) and not os.path.islink(self.inbox / rel):
+                    if stat.S_ISDIR(st.st_mode):
                         await self._take_results(await asyncio.to_thread(list, scan(self.inbox, self.ctx.settings.extensions, rel)))
                         continue
                     result = classify(rel, st, self.ctx.settings.extensions)
@@ -121,7 +122,11 @@ class Intake:
             self.tracker.observe(rel, Identity.of(result.st), now)
 
     def _is_finished_version(self, rel: str, st: os.stat_result) -> bool:
-        done = self._finished.get(rel)
+        """Still the version that was already finished (kept, or could not be moved away)?
+
+        The full scan caches every finished version; a path seen between scans is looked up.
+        """
+        done = self._finished.get(rel) if rel in self._finished else self.ctx.ledger.finished_version(rel)
         return done is not None and done.same_file(st.st_size, st.st_mtime_ns, st.st_ino)
 
     async def _sweep(self) -> None:
@@ -185,7 +190,7 @@ class Intake:
             rel_path=rel, size=ident.size, mtime_ns=ident.mtime_ns, inode=ident.inode, device=ident.device,
             sha256=fp.sha256, backend=settings.backend, now=now,
         )  # fmt: skip
-        done = self._finished.get(rel) or ctx.ledger.finished_versions().get(rel)
+        done = ctx.ledger.finished_version(rel)
         if done is not None and done.state is State.DONE and done.sha256 == fp.sha256 and settings.on_success == "keep":
             ctx.ledger.update(done.id, State.DONE, now=now, size=ident.size, mtime_ns=ident.mtime_ns, inode=ident.inode)
             self._finished[rel] = FinishedVersion(done.id, ident.size, ident.mtime_ns, ident.inode, done.sha256, done.state)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
+import urllib.parse
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -79,6 +80,13 @@ MIGRATIONS: tuple[str, ...] = (
         value TEXT NOT NULL
     );
     """,
+    # 2: quality reports, and where the original was archived (the report's "before")
+    """
+    ALTER TABLE files ADD COLUMN archived_path TEXT;
+    ALTER TABLE files ADD COLUMN quality_status TEXT;
+    ALTER TABLE files ADD COLUMN quality TEXT;
+    CREATE INDEX files_quality ON files(quality_status) WHERE quality_status IS NOT NULL;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -87,7 +95,7 @@ _MUTABLE = frozenset(
     {
         "job_id", "remote_status", "result_url", "attempts", "fetch_attempts", "polls", "next_attempt_at",
         "submitted_at", "billed_seconds", "output_path", "failed_path", "error_code", "error_message",
-        "adopted", "finished_at", "size", "mtime_ns", "inode", "device",
+        "adopted", "finished_at", "size", "mtime_ns", "inode", "device", "archived_path", "quality_status", "quality",
     }
 )  # fmt: skip
 
@@ -122,6 +130,10 @@ class FileRow:
     created_at: float
     updated_at: float
     finished_at: float | None
+    archived_path: str | None = None
+    #: None (reports off), "pending", "done" or "failed"
+    quality_status: str | None = None
+    quality: str | None = None  #: the report, as JSON
 
     @classmethod
     def from_sql(cls, row: sqlite3.Row) -> FileRow:
@@ -220,7 +232,9 @@ class Ledger:
                 )
             if not create or readonly:
                 raise LedgerError(f"no ledger at {path}: has the daemon ever run with this state_dir?")
-        uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+        # Percent-encode: a state_dir named "Studio #2" must not be cut at the "#".
+        uri = f"file:{urllib.parse.quote(str(path.resolve()))}" + ("?mode=ro" if readonly else "")
+        conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=10.0)
             conn.row_factory = sqlite3.Row
@@ -228,25 +242,52 @@ class Ledger:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
-            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            # quick_check reads the whole file: worth it for the daemon, too slow for `status`.
+            check = "ok" if readonly else conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise LedgerCorrupt(_corrupt_message(path, check))
+            ledger = cls(conn, path)
+            ledger._check_version()
+            if not readonly:
+                ledger._check_identity(id_path)
+                ledger._migrate()
+                ledger._stamp(id_path)
         except sqlite3.DatabaseError as exc:
+            if conn is not None:
+                conn.close()
             raise LedgerCorrupt(_corrupt_message(path, str(exc))) from None
-        if check != "ok":
-            conn.close()
-            raise LedgerCorrupt(_corrupt_message(path, check))
-        ledger = cls(conn, path)
-        if not readonly:
-            ledger._migrate()
-            ledger._stamp(id_path)
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
         return ledger
 
-    def _migrate(self) -> None:
+    def _check_version(self) -> None:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise LedgerCorrupt(
                 f"the ledger {self.path} has schema version {version}, newer than this dhwatch "
                 f"understands ({SCHEMA_VERSION}); upgrade dhwatch or restore a backup"
             )
+
+    def _check_identity(self, id_path: Path) -> None:
+        """Refuse a ledger that is not the one this state_dir had (truncated, emptied, swapped)."""
+        try:
+            expected = id_path.read_text().strip()
+        except FileNotFoundError:
+            return
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        actual = self.get_flag("ledger_id") if version > 0 else None
+        if actual != expected:
+            raise LedgerCorrupt(
+                f"the ledger {self.path} is not the one this state_dir had ({id_path} says {expected}, "
+                f"the ledger says {actual or 'nothing: it is empty'}). Starting on it would process "
+                "(and bill) every file again. Restore the ledger from backup, or, to really start "
+                f"afresh, delete {id_path} (see the README, 'Recovering the ledger')."
+            )
+
+    def _migrate(self) -> None:
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
         for number in range(version, SCHEMA_VERSION):
             with self._tx(durable=True) as conn:
                 conn.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[number]}; PRAGMA user_version={number + 1};")
@@ -429,6 +470,15 @@ class Ledger:
         )
         return {decode_path(r[1]): FinishedVersion(r[0], r[2], r[3], r[4], r[5], State(r[6])) for r in rows}
 
+    def finished_version(self, rel_path: str) -> FinishedVersion | None:
+        """The latest done or failed version of one path (an indexed lookup)."""
+        r = self._conn.execute(
+            "SELECT id, size, mtime_ns, inode, sha256, state FROM files WHERE rel_path = ? AND state IN (?, ?) "
+            "ORDER BY id DESC LIMIT 1",
+            (encode_path(rel_path), State.DONE.value, State.FAILED.value),
+        ).fetchone()
+        return None if r is None else FinishedVersion(r[0], r[1], r[2], r[3], r[4], State(r[5]))
+
     def reusable_job(self, sha256: str, backend: str) -> FileRow | None:
         """The latest row with this content whose job is in flight or done (to avoid paying twice)."""
         row = self._conn.execute(
@@ -452,6 +502,14 @@ class Ledger:
             (sha256, backend, row_id, State.QUEUED.value, State.UPLOADING.value),
         ).fetchone()
         return None if row is None else FileRow.from_sql(row)
+
+    def quality_pending(self, limit: int) -> list[FileRow]:
+        """Finished rows whose quality report is still to be made."""
+        rows = self._conn.execute(
+            "SELECT * FROM files WHERE quality_status = 'pending' AND state = ? ORDER BY id LIMIT ?",
+            (State.DONE.value, limit),
+        )
+        return [FileRow.from_sql(r) for r in rows]
 
     def rows_for_job(self, job_id: str, state: State) -> list[FileRow]:
         rows = self._conn.execute("SELECT * FROM files WHERE job_id = ? AND state = ? ORDER BY id", (job_id, state.value))

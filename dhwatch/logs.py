@@ -24,7 +24,7 @@ _SECRETS_LOCK = threading.Lock()
 #: query parameters that carry credentials in some APIs
 _SECRET_QUERY = re.compile(r"(?i)\b(apikey|api_key|key|token|sig|signature|x-auth-token)=([^&\s\"']+)")
 #: C0/C1 controls and Unicode bidi/format characters that can reorder or hide text
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+_UNSAFE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
 
 REDACTED = "***"
 
@@ -66,15 +66,27 @@ def redact_secrets(_logger: Any, _name: str, event: MutableMapping[str, Any]) ->
 
 
 def escape_text(text: str) -> str:
-    """Show control and bidi characters as ``\\xNN``/``\\uNNNN`` escapes."""
+    """Show control, line-separator and bidi characters as ``\\xNN``/``\\uNNNN`` escapes.
+
+    A backslash is doubled, so a name holding a real newline and one holding the two
+    characters ``\\n`` never print the same.
+    """
     return _UNSAFE.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)
+
+
+def _printable(value: str) -> str:
+    """Undecodable bytes (surrogate escapes) and lone surrogates as ``\\xNN`` escapes, never an error."""
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def escape_control_chars(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: every string value prints on one line, unambiguously."""
     for key, value in list(event.items()):
         if isinstance(value, str):
-            event[key] = escape_text(value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+            event[key] = _printable(escape_text(value))
     return event
 
 

@@ -38,14 +38,16 @@ def is_ignored_dir(name: str) -> bool:
 
 
 def safe_relpath(rel: str) -> PurePosixPath:
-    """Validate a path relative to the inbox: no absolute paths, no ``..``, no empty parts.
+    """Validate a path relative to a folder: no absolute paths, no ``..``, ``.`` or empty parts.
 
-    Raises ValueError otherwise. Every path stored in the ledger went through here.
+    Raises ValueError otherwise. Every path the daemon writes under the outbox, archive or
+    failed folder goes through here (:mod:`dhwatch.delivery`), so nothing can steer a
+    write outside them.
     """
-    path = PurePosixPath(rel)
-    if path.is_absolute() or not path.parts or any(p in ("", ".", "..") for p in path.parts):
+    raw_parts = rel.split("/")  # before PurePosixPath folds "a//b" and "./b" away
+    if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in raw_parts) or "\0" in rel:
         raise ValueError(f"not a safe relative path: {rel!r}")
-    return path
+    return PurePosixPath(rel)
 
 
 def temp_name(final_name: str, row_id: int) -> str:

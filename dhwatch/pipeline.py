@@ -19,7 +19,9 @@ from pathlib import Path, PurePosixPath
 from dhwatch import crashpoints
 from dhwatch.backends.base import RemotePhase, RemoteStatus, Upload
 from dhwatch.context import Context
-from dhwatch.delivery import ensure_dir, free_name, fsync_dir, move_no_clobber, write_atomically, write_json_atomically
+from dhwatch.delivery import (
+    ensure_dir, free_name, move_from_inbox, remove_from_inbox, write_atomically, write_json_atomically,
+)  # fmt: skip
 from dhwatch.errors import (
     BackendError, BackendUnavailable, InvalidFile, JobFailed, JobLost, ResultError, SourceChanged, TransientError,
     TransitionConflict,
@@ -30,6 +32,7 @@ from dhwatch.naming import error_file_name
 from dhwatch.policy import Backoff, after_failure, job_timed_out, next_poll_delay
 from dhwatch.sourcefile import Identity
 from dhwatch.states import State
+from dhwatch.watcher import lstat_rel
 
 
 def _backoff(ctx: Context) -> Backoff:
@@ -515,9 +518,8 @@ class Finisher:
     def _source_if_same(self, row: FileRow) -> Path | None:
         """The inbox file, if it is still the version this row is about (never a newer one)."""
         src = self.ctx.settings.inbox / row.rel_path
-        try:
-            st = os.lstat(src)
-        except (FileNotFoundError, NotADirectoryError):
+        st = lstat_rel(self.ctx.settings.inbox, row.rel_path)
+        if st is None:
             return None
         if (st.st_size, st.st_mtime_ns, st.st_ino) != (row.size, row.mtime_ns, row.inode):
             self.ctx.log.warning("original_replaced", file=row.rel_path, row=row.id,
@@ -532,10 +534,11 @@ class Finisher:
         mode = ctx.settings.on_success
         src = self._source_if_same(row) if mode != "keep" else None
         archived: Path | None = None
+        inbox = ctx.settings.inbox
         if src is not None and mode == "archive" and ctx.settings.archive_dir is not None:
-            archived = await asyncio.to_thread(move_no_clobber, src, ctx.settings.archive_dir, row.rel_path)
+            archived = await asyncio.to_thread(move_from_inbox, inbox, row.rel_path, ctx.settings.archive_dir)
         elif src is not None and mode == "delete":
-            await asyncio.to_thread(_unlink_durably, src)
+            await asyncio.to_thread(remove_from_inbox, inbox, row.rel_path)
         crashpoints.reached("after_original_handled")
         now = ctx.clock()
         ctx.ledger.transition(row.id, State.DELIVERED, State.DONE, now=now,
@@ -560,12 +563,11 @@ class Finisher:
             # finds the file and writes its report beside it.
             dest = await asyncio.to_thread(_failed_destination, failed_root, row.rel_path)
             ctx.ledger.update(row.id, State.FAILING, now=ctx.clock(), failed_path=str(dest))
-        src = ctx.settings.inbox / row.rel_path
         if row.error_code == "NOT_REGULAR_FILE":
-            ours = _entry_unchanged(src, row)
+            ours = _entry_unchanged(ctx.settings.inbox, row)
         else:
             ours = self._source_if_same(row) is not None
-        moved = await asyncio.to_thread(_move_failed, src, dest, ours)
+        moved = await asyncio.to_thread(_move_failed, ctx.settings.inbox, row.rel_path, dest, ours)
         crashpoints.reached("after_failed_moved")
         if not moved and ours:
             ctx.log.error("cannot_move_failed_file", file=row.rel_path, row=row.id,
@@ -585,41 +587,30 @@ class Finisher:
         )  # fmt: skip
 
 
-def _unlink_durably(path: Path) -> None:
-    os.unlink(path)
-    fsync_dir(path.parent)
-
-
 def _failed_destination(failed_root: Path, rel_path: str) -> Path:
     rel = PurePosixPath(rel_path)
     return free_name(ensure_dir(failed_root, rel.parent), rel.name)
 
 
-def _move_failed(src: Path, dest: Path, ours: bool) -> bool:
+def _move_failed(inbox: Path, rel_path: str, dest: Path, ours: bool) -> bool:
     """Move a failed original to ``dest``; True if it is there (now or from before a crash).
 
-    ``rename`` never follows a link or opens a FIFO. Across filesystems a regular file is
-    copied; anything else stays where it is (the report still says why).
+    The entry is renamed, never followed or opened (a FIFO cannot block it). One that
+    cannot be moved (a FIFO onto another filesystem) stays; the report still says why.
     """
     if os.path.lexists(dest):
         return True
     if not ours:
         return False
     try:
-        os.rename(src, dest)
+        move_from_inbox(inbox, rel_path, dest.parent, dest=dest)
     except OSError:
-        if not os.path.isfile(src) or os.path.islink(src):
-            return False
-        moved = move_no_clobber(src, dest.parent, dest.name)
-        return moved == dest
-    fsync_dir(dest.parent)
-    fsync_dir(src.parent)
+        return False
     return True
 
 
-def _entry_unchanged(src: Path, row: FileRow) -> bool:
-    try:
-        st = os.lstat(src)
-    except (FileNotFoundError, NotADirectoryError):
+def _entry_unchanged(inbox: Path, row: FileRow) -> bool:
+    st = lstat_rel(inbox, row.rel_path)
+    if st is None:
         return False
     return Identity.of(st) == Identity(row.size, row.mtime_ns, row.inode, row.device)

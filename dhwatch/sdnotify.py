@@ -33,7 +33,9 @@ class Notifier:
         """Send ``KEY=value`` lines; returns False (never raises) when nobody listens."""
         if self._address is None:
             return False
-        message = "\n".join(fields).encode("utf-8", "replace")
+        # One field per line: a newline inside a value (an API error quoted in a pause
+        # reason) must not become a second field such as READY=1 or WATCHDOG=1.
+        message = "\n".join(" ".join(f.splitlines()) for f in fields).encode("utf-8", "replace")
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
                 sock.connect(self._address)

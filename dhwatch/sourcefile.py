@@ -61,18 +61,16 @@ def describe_kind(mode: int) -> str:
     return "not a regular file"
 
 
-def open_no_follow(inbox: Path, rel_path: str, inbox_device: int | None = None) -> int:
-    """Open ``inbox/rel_path`` read-only without following any link; return a checked fd.
+def open_parent(inbox: Path, rel_path: str) -> int:
+    """A descriptor of ``rel_path``'s folder, reached without following any link.
 
-    Raises :class:`NotRegularFile` (symlink anywhere on the path, FIFO, device, hard link,
-    another filesystem) or :class:`FileNotFoundError`.
+    Renames and unlinks of inbox entries go through it (``src_dir_fd``), so a folder
+    swapped for a symlink cannot redirect them outside the inbox. Raises
+    :class:`NotRegularFile` when a folder on the way is a link.
     """
-    parts = PurePosixPath(rel_path).parts
     dir_fd = os.open(inbox, _DIR_FLAGS)
     try:
-        if inbox_device is None:
-            inbox_device = os.fstat(dir_fd).st_dev
-        for part in parts[:-1]:
+        for part in PurePosixPath(rel_path).parts[:-1]:
             try:
                 next_fd = os.open(part, _DIR_FLAGS, dir_fd=dir_fd)
             except OSError as exc:
@@ -81,6 +79,23 @@ def open_no_follow(inbox: Path, rel_path: str, inbox_device: int | None = None) 
                 raise
             os.close(dir_fd)
             dir_fd = next_fd
+    except BaseException:
+        os.close(dir_fd)
+        raise
+    return dir_fd
+
+
+def open_no_follow(inbox: Path, rel_path: str, inbox_device: int | None = None) -> int:
+    """Open ``inbox/rel_path`` read-only without following any link; return a checked fd.
+
+    Raises :class:`NotRegularFile` (symlink anywhere on the path, FIFO, device, hard link,
+    another filesystem) or :class:`FileNotFoundError`.
+    """
+    parts = PurePosixPath(rel_path).parts
+    if inbox_device is None:
+        inbox_device = os.stat(inbox).st_dev
+    dir_fd = open_parent(inbox, rel_path)
+    try:
         try:
             fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=dir_fd)
         except OSError as exc:

@@ -13,6 +13,7 @@ durable. The diagram (kept true by ``tests/unit/test_states.py``)::
                   ▼               ▼          ▼              ▼
                FAILING ◄──────────┴──────────┴──────────────┘ ──► FAILED
                   │
+   QUEUED ──► SUBMITTED             (identical content already has a job: adopt it, pay nothing)
    QUEUED/UPLOADING ──► DISCARDED   (changed while uploading: a new version row follows)
    QUEUED/UPLOADING ──► VANISHED    (deleted from the inbox before anything was paid)
    SUBMITTED/FETCHING ──► QUEUED    (the backend lost the job, e.g. local engine restart)

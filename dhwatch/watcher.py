@@ -18,7 +18,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserver
+from watchdog.observers.polling import PollingObserverVFS
 
 from dhwatch.naming import is_audio_name, is_ignored_dir, is_ignored_name
 from dhwatch.sourcefile import describe_kind
@@ -69,8 +69,11 @@ def classify(rel_path: str, st: os.stat_result, extensions: list[str]) -> ScanRe
 def scan(inbox: Path, extensions: list[str], under: str = "") -> Iterator[ScanResult]:
     """Walk the inbox (or a subfolder) without following links, yielding what it finds.
 
-    Iterative and streaming: a folder of 100,000 files is never held as a list.
+    Iterative and streaming: a folder of 100,000 files is never held as a list. A
+    ``under`` reached through a symlinked folder yields nothing.
     """
+    if under and not real_folder(inbox, under):
+        return
     stack = [under]
     while stack:
         rel_dir = stack.pop()
@@ -94,8 +97,24 @@ def scan(inbox: Path, extensions: list[str], under: str = "") -> Iterator[ScanRe
             continue
 
 
+def real_folder(inbox: Path, rel_dir: str) -> bool:
+    """True when every component of ``inbox/rel_dir`` is a real folder, not a link to one."""
+    current = inbox
+    for part in rel_dir.split("/"):
+        current = current / part
+        try:
+            if not stat.S_ISDIR(os.lstat(current).st_mode):
+                return False
+        except OSError:
+            return False
+    return True
+
+
 def lstat_rel(inbox: Path, rel_path: str) -> os.stat_result | None:
-    """``lstat`` of an inbox path, or None if it is gone."""
+    """``lstat`` of an inbox path, or None if it is gone or lies behind a symlinked folder."""
+    parent = rel_path.rpartition("/")[0]
+    if parent and not real_folder(inbox, parent):
+        return None
     try:
         return os.lstat(inbox / rel_path)
     except (FileNotFoundError, NotADirectoryError):
@@ -157,7 +176,10 @@ class InboxWatcher:
                 return "inotify"
             except OSError as exc:
                 self.fallback_reason = f"inotify unavailable ({exc}); using polling"
-        self._observer = self._start(PollingObserver(timeout=self._poll_interval))
+        # lstat, not stat: the snapshot must never walk into a symlinked folder
+        self._observer = self._start(
+            PollingObserverVFS(stat=os.lstat, listdir=os.scandir, polling_interval=self._poll_interval)
+        )
         return "polling"
 
     def _start(self, observer: BaseObserver) -> BaseObserver:

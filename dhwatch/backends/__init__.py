@@ -16,4 +16,9 @@ def create_backend(settings: Settings) -> Backend:
         from dhwatch.backends.local import LocalBackend
 
         return LocalBackend(settings)
+    if settings.backend == "deepaffects":
+        from dhwatch.backends.deepaffects import DeepAffectsBackend
+
+        da = settings.deepaffects
+        return DeepAffectsBackend(da, settings.inbox, settings.state_dir, da.resolve_api_key)
     raise ValueError(f"backend: unknown backend {settings.backend!r}")

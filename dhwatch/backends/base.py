@@ -16,12 +16,13 @@ Lifecycle of one job, as the pipeline drives it::
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import BinaryIO, ClassVar, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,18 @@ class ResultStream(Protocol):
     expected_length: int | None
 
     def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+
+class FileResult:
+    """A :class:`ResultStream` over a result a backend keeps in a local file (local engine, webhook store)."""
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self._f = f
+        self.expected_length: int | None = size
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+        while chunk := await asyncio.to_thread(self._f.read, 1024 * 1024):
+            yield chunk
 
 
 @runtime_checkable

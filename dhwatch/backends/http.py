@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -21,8 +22,12 @@ from dhwatch.errors import TransientError
 
 T = TypeVar("T")
 
+_DELTA_SECONDS = re.compile(r"^[0-9]{1,10}(\.[0-9]{1,6})?$")
+
 #: longest server-requested wait the short retry sits through; longer ones go to the ledger
 MAX_SHORT_WAIT = 30.0
+#: a Retry-After longer than this is taken as this: a broken server must not park a file for ever
+MAX_RETRY_AFTER = 3600.0
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -30,15 +35,13 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    if _DELTA_SECONDS.match(value):  # RFC 9110 digits (fractions tolerated); never "inf", "1e9", "-5"
+        return min(float(value), MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return min(MAX_RETRY_AFTER, max(0.0, when.timestamp() - (time.time() if now is None else now)))
 
 
 def transient_from_response(response: httpx.Response) -> TransientError | None:

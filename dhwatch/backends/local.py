@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from dhwatch.backends.base import RemotePhase, RemoteStatus, Upload
+from dhwatch.backends.base import FileResult, RemotePhase, RemoteStatus, Upload
 from dhwatch.config import Settings
 from dhwatch.errors import BackendUnavailable, ConfigError, InvalidFile, JobFailed, JobLost, ResultError
 from dhwatch.sourcefile import verified_chunks
@@ -145,7 +145,7 @@ class LocalBackend:
         return None
 
     @asynccontextmanager
-    async def open_result(self, job_id: str, status: RemoteStatus) -> AsyncIterator[_LocalResult]:
+    async def open_result(self, job_id: str, status: RemoteStatus) -> AsyncIterator[FileResult]:
         job = self._jobs.get(job_id)
         if job is None or not job.task.done() or job.task.exception() is not None:
             raise JobLost(f"the local engine has no finished result for job {job_id}")
@@ -155,7 +155,7 @@ class LocalBackend:
         except OSError as exc:
             raise ResultError(f"the local result is missing: {exc}") from None
         try:
-            yield _LocalResult(f, os.fstat(f.fileno()).st_size)
+            yield FileResult(f, os.fstat(f.fileno()).st_size)
         finally:
             f.close()
 
@@ -172,15 +172,3 @@ class LocalBackend:
             job.task.cancel()
         await self._pool.aclose()
         await asyncio.gather(*(j.task for j in self._jobs.values()), return_exceptions=True)
-
-
-class _LocalResult:
-    """A finished output file, streamed like a download."""
-
-    def __init__(self, f: object, size: int) -> None:
-        self._f = f
-        self.expected_length: int | None = size
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
-        while chunk := await asyncio.to_thread(self._f.read, 1024 * 1024):  # type: ignore[attr-defined]
-            yield chunk

@@ -8,4 +8,5 @@ code paths the real services would.
 - :mod:`dhwatch.emulators.httpserver` — the shared plumbing: threaded HTTP/1.1 server,
   request log, fault plan.
 - :mod:`dhwatch.emulators.deephearing` — the DeepHearing API plus its result-storage origin.
+- :mod:`dhwatch.emulators.deepaffects` — the DeepAffects async denoise API, calling webhooks back.
 """

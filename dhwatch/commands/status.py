@@ -1,0 +1,191 @@
+"""``dhwatch status``: is it running, is it paused and why, what is where, what it cost.
+
+For the sysadmin at a terminal and for scripts (``--json``). It only reads: the lock is
+probed without being taken (:func:`dhwatch.queries.probe_daemon`) and the ledger is
+opened read-only, so it is safe to run every few seconds beside the daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+import time
+from typing import TYPE_CHECKING, Any
+
+from dhwatch.cli import EXIT_OK, add_command
+from dhwatch.commands import _format as fmt
+
+if TYPE_CHECKING:
+    from dhwatch.queries import DaemonProbe, StatusSnapshot
+
+#: states shown on the counts line even when 0 (the rest only when there are some)
+_ALWAYS_SHOWN = ("queued", "submitted", "done", "failed")
+
+JSON_SHAPE = """
+JSON output (--json), times in UTC ISO 8601:
+  {
+    "generated_at": "2024-05-01T12:00:00Z",
+    "state_dir": "/var/lib/dhwatch",
+    "daemon": {"running": true, "pid": 1234, "detail": null},  # running null: cannot tell
+    "paused": false,
+    "paused_reason": null,                       # why submitting is paused, when it is
+    "counts": {"queued": 12, "uploading": 0, "submitted": 3, "fetching": 1,
+               "delivered": 0, "done": 9870, "failing": 0, "failed": 41,
+               "discarded": 2, "vanished": 5},
+    "total": 9934,
+    "in_flight": {"total": 4, "oldest": [      # since: submitted (or upload began)
+      {"id": 9921, "path": "sub/take1.wav", "state": "submitted", "job_id": "...",
+       "remote_status": "processing", "since": "...", "seconds": 724.0,
+       "submitted_at": "...", "attempts": 1, "polls": 5}]},
+    "failures": {"total": 41, "recent": [
+      {"id": 9919, "path": "sub/x.wav", "state": "failed", "error_code": "INVALID_FILE",
+       "error_message": "...", "failed_at": "...", "failed_path": "/srv/failed/sub/x.wav",
+       "attempts": 1}]},
+    "billed_seconds": {"today": 3723.0, "total": 1234567.0, "today_since": "..."}
+  }
+"""
+
+
+def snapshot_json(probe: DaemonProbe, snap: StatusSnapshot, *, state_dir: str, now: float) -> dict[str, Any]:
+    """The ``--json`` document (its shape is documented in :data:`JSON_SHAPE` and the help)."""
+    return {
+        "generated_at": fmt.iso(now),
+        "state_dir": state_dir,
+        "daemon": {"running": probe.running, "pid": probe.pid, "detail": probe.detail},
+        "paused": snap.paused is not None,
+        "paused_reason": snap.paused,
+        "counts": {s.value: n for s, n in snap.counts.items()},
+        "total": snap.total,
+        "in_flight": {
+            "total": snap.in_flight_total,
+            "oldest": [
+                {
+                    "id": f.row.id,
+                    "path": fmt.path_text(f.row.rel_path),
+                    "state": f.row.state.value,
+                    "job_id": f.row.job_id,
+                    "remote_status": f.row.remote_status,
+                    "since": fmt.iso(f.since),
+                    "seconds": round(max(0.0, now - f.since), 3),
+                    "submitted_at": fmt.iso(f.row.submitted_at),
+                    "attempts": f.row.attempts,
+                    "polls": f.row.polls,
+                }
+                for f in snap.in_flight
+            ],
+        },
+        "failures": {
+            "total": snap.failed_total,
+            "recent": [
+                {
+                    "id": r.id,
+                    "path": fmt.path_text(r.rel_path),
+                    "state": r.state.value,
+                    "error_code": r.error_code,
+                    "error_message": r.error_message,
+                    "failed_at": fmt.iso(r.finished_at or r.updated_at),
+                    "failed_path": r.failed_path,
+                    "attempts": r.attempts,
+                }
+                for r in snap.failures
+            ],
+        },
+        "billed_seconds": {
+            "today": round(snap.billed_today, 3),
+            "total": round(snap.billed_total, 3),
+            "today_since": fmt.iso(snap.day_start),
+        },
+    }
+
+
+def daemon_text(probe: DaemonProbe) -> str:
+    """``running (pid 1234)``, ``not running``, or ``unknown (why)``."""
+    if probe.running is None:
+        return f"unknown ({probe.detail})"
+    if probe.running:
+        return f"running (pid {probe.pid})" if probe.pid else "running"
+    return f"not running ({probe.detail})" if probe.detail else "not running"
+
+
+def _shown(shown: int, total: int, which: str) -> str:
+    """`` (the 5 latest)`` when only some are listed, `` (latest first)`` for all, nothing for none."""
+    if not shown:
+        return ""
+    return f" (the {shown} {which})" if shown < total else f" ({which} first)"
+
+
+def snapshot_text(probe: DaemonProbe, snap: StatusSnapshot, *, state_dir: str, now: float) -> list[str]:
+    """The human-readable report, one fact per line, the most urgent first."""
+    lines = [f"daemon:  {daemon_text(probe)}; state_dir {state_dir}"]
+    if snap.paused is not None:
+        lines.append(f"PAUSED:  submitting is paused: {fmt.one_line(snap.paused, 300)}")
+    counts = {s.value: n for s, n in snap.counts.items()}
+    lines.append(f"files:   {fmt.counts_line(counts, list(counts), _ALWAYS_SHOWN)} ({snap.total:,} in all)")
+    lines.append(f"billed:  today {fmt.billed(snap.billed_today)}; in all {fmt.billed(snap.billed_total)}")
+    if snap.in_flight_total:
+        shown = _shown(len(snap.in_flight), snap.in_flight_total, "longest")
+        lines += ["", f"in flight: {snap.in_flight_total:,}{shown}"]
+        table = [["STATE", "FOR", "FILE", "JOB", "REMOTE"]]
+        for f in snap.in_flight:
+            remote = ", ".join(x for x in (f.row.remote_status, f"{f.row.polls} polls" if f.row.polls else "") if x)
+            table.append([f.row.state.value, fmt.duration(now - f.since), fmt.path_text(f.row.rel_path),
+                          f.row.job_id or "-", remote])
+        lines += fmt.columns(table, indent="  ") if snap.in_flight else []
+    if snap.failed_total:
+        shown = _shown(len(snap.failures), snap.failed_total, "latest")
+        lines += ["", f"failures: {snap.failed_total:,}{shown}; 'dhwatch jobs --state failed' lists them all"]
+        table = [["WHEN", "FILE", "CODE", "REASON"]]
+        for r in snap.failures:
+            table.append([fmt.local_time(r.finished_at or r.updated_at, now), fmt.path_text(r.rel_path),
+                          r.error_code or "-", fmt.one_line(r.error_message, 90)])
+        lines += fmt.columns(table, indent="  ") if snap.failures else []
+    return lines
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dhwatch.config import load_settings
+    from dhwatch.queries import connect_readonly, probe_daemon, status_snapshot
+
+    settings = load_settings(args.config)
+    now = time.time()
+    probe = probe_daemon(settings.state_dir)
+    conn = connect_readonly(settings.state_dir)
+    try:
+        snap = status_snapshot(
+            conn, day_start=fmt.local_midnight(now), in_flight_limit=args.in_flight, failure_limit=args.failures
+        )
+    finally:
+        conn.close()
+    if args.json:
+        fmt.emit_json(snapshot_json(probe, snap, state_dir=str(settings.state_dir), now=now))
+    else:
+        print("\n".join(snapshot_text(probe, snap, state_dir=str(settings.state_dir), now=now)))
+    return EXIT_OK
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = add_command(
+        sub, "status", "is it running, paused, busy, failing; what it cost today",
+        textwrap.dedent("""
+        Show whether the daemon is running, whether submitting is paused and why (a refused
+        API key, a budget, a full disk), how many files are in each state, what is in flight
+        and for how long, the latest failures with their reasons, and the billed seconds
+        today (since local midnight) and in all.
+
+        It only reads: the ledger is opened read-only and the daemon's lock is tested, never
+        taken. Safe to run at any time, with or without the daemon. Exit status 0, or 2 when
+        the config or the ledger cannot be read.
+        """) + JSON_SHAPE,
+        """
+        dhwatch status
+        dhwatch status --config /etc/dhwatch/config.toml --failures 20
+        dhwatch status --json | jq '.counts.failed'
+        watch -n 5 dhwatch status
+        """,
+        cmd_status,
+    )
+    fmt.add_config_argument(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts (shape above)")
+    parser.add_argument("--failures", type=int, default=5, metavar="N", help="show the latest N failures (default: 5)")
+    parser.add_argument("--in-flight", type=int, default=10, metavar="N",
+                        help="show the N files in flight longest (default: 10)")

@@ -1,0 +1,88 @@
+"""``backend = "local"``: the embedded denoiser through the same daemon, ledger and folders."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+import numpy as np
+import soundfile as sf
+
+from tests.conftest import Folders, make_audio, wait_for, write_config
+
+
+def _states(folders: Folders) -> dict[str, str]:
+    conn = sqlite3.connect(f"file:{folders.state / 'ledger.sqlite3'}?mode=ro", uri=True, timeout=5)
+    try:
+        return {r[0]: r[1] for r in conn.execute("SELECT rel_path, state FROM files ORDER BY id")}
+    finally:
+        conn.close()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_local_backend_end_to_end(folders: Folders, daemons) -> None:
+    """Each format comes out denoised with its rate, channels, length and sample format kept."""
+    files = {
+        "a.wav": dict(sr=48000, channels=1),
+        "sub/b.flac": dict(sr=44100, channels=2),
+        "c.ogg": dict(sr=16000, channels=1),
+    }
+    for rel, kw in files.items():
+        make_audio(folders.inbox / rel, seconds=1.0, **kw)
+    infos = {rel: sf.info(folders.inbox / rel) for rel in files}
+    d = daemons(write_config(folders, backend="local", api_key=None, local="workers = 2"))
+    d.wait_event("file_done", count=len(files), timeout=180)
+    assert folders.files(folders.outbox) == sorted(files)
+    for rel, before in infos.items():
+        after = sf.info(folders.outbox / rel)
+        assert (after.samplerate, after.channels, after.format, after.subtype) == (
+            before.samplerate, before.channels, before.format, before.subtype)
+        if before.format != "OGG":  # lossy codecs pad; PCM lengths must match exactly
+            assert after.frames == before.frames
+    assert folders.files(folders.archive) == sorted(files)
+
+
+def test_local_backend_removes_noise(folders: Folders, daemons) -> None:
+    """White noise added to a tone is clearly reduced in the output."""
+    sr = 48000
+    rng = np.random.default_rng(3)
+    noise = 0.05 * rng.standard_normal(sr * 2)
+    sf.write(folders.inbox / "noise.wav", noise.astype(np.float32), sr, subtype="PCM_16")
+    d = daemons(write_config(folders, backend="local", api_key=None))
+    d.wait_event("file_done", timeout=120)
+    out, _ = sf.read(folders.outbox / "noise.wav")
+    assert np.sqrt(np.mean(out[sr // 2:] ** 2)) < 0.5 * np.sqrt(np.mean(noise[sr // 2:] ** 2))
+
+
+def test_local_job_redone_after_kill9(folders: Folders, daemons) -> None:
+    """kill -9 while the local engine works: after restart the file is processed again and delivered once."""
+    make_audio(folders.inbox / "long.wav", seconds=20.0, sr=48000)
+    cfg = write_config(folders, backend="local", api_key=None, local="workers = 1")
+    d = daemons(cfg)
+    wait_for(lambda: _states(folders).get("long.wav") == "submitted", timeout=60, what="job running")
+    assert d.proc is not None
+    workers = wait_for(lambda: _children(d.proc.pid), timeout=30, what="a worker process")
+    d.kill()
+    # the worker dies with the daemon: no orphan keeps a core busy on an abandoned job
+    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in workers), timeout=10,
+             what="the orphaned worker to die")
+    d2 = daemons(cfg)
+    d2.wait_event("file_done", timeout=180)
+    assert d2.events("job_lost")
+    assert folders.files(folders.outbox) == ["long.wav"]
+    assert not any(".dhwatch-" in f for f in folders.files(folders.outbox))
+    assert not list((folders.state / "local-jobs").iterdir())

@@ -1,0 +1,60 @@
+"""``dhwatch serve`` (the local engine behind the DeepHearing protocol) with the real daemon."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import soundfile as sf
+
+from tests.conftest import Folders, make_audio, write_config
+
+SERVE_KEY = "studio-key-1"
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[str]:
+    """A running ``dhwatch serve``; yields its base URL."""
+    keys = tmp_path / "serve.keys"
+    keys.write_text(f"# studio keys\n{SERVE_KEY}\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dhwatch", "serve", "--keys-file", str(keys), "--port", "0", "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = re.search(r"API on (http://\S+),", line)
+    assert match, line
+    try:
+        yield match.group(1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+
+
+def test_daemon_against_serve(folders: Folders, serve: str, daemons) -> None:
+    """A daemon with backend "deephearing" pointed at `dhwatch serve` gets really denoised files back."""
+    src = make_audio(folders.inbox / "room" / "take.wav", seconds=1.5, sr=44100, channels=2)
+    info = sf.info(src)
+    d = daemons(write_config(folders, base_url=serve, api_key=SERVE_KEY))
+    d.wait_event("file_done", timeout=120)
+    out = sf.info(folders.outbox / "room" / "take.wav")
+    assert (out.samplerate, out.channels, out.frames, out.subtype) == (info.samplerate, info.channels, info.frames,
+                                                                       info.subtype)
+
+
+def test_serve_refuses_bad_key_and_undecodable_audio(serve: str, tmp_path: Path) -> None:
+    """serve answers API_KEY_NOT_FOUND for a wrong key and INVALID_FILE for a broken file with an audio header."""
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 40)
+    with httpx.Client(base_url=serve, timeout=30) as client:
+        r = client.post("/enhance", headers={"Authorization": "wrong"}, files={"f": broken.open("rb")})
+        assert r.json()["error"]["code"] == "API_KEY_NOT_FOUND"
+        r = client.post("/enhance", headers={"Authorization": SERVE_KEY}, files={"f": broken.open("rb")})
+        assert r.json()["error"]["code"] == "INVALID_FILE"
