@@ -13,7 +13,7 @@ import signal
 from pathlib import Path
 
 from dhwatch.backends import create_backend
-from dhwatch.config import Settings, require_api_key, world_readable_secret_files
+from dhwatch.config import Settings, require_api_key, require_quality_settings, world_readable_secret_files
 from dhwatch.context import Context
 from dhwatch.delivery import remove_temp_files
 from dhwatch.errors import DhwatchError
@@ -21,6 +21,7 @@ from dhwatch.intake import Intake
 from dhwatch.ledger import Ledger, StateDirLock
 from dhwatch.logs import get_logger, register_secret
 from dhwatch.pipeline import Fetcher, Finisher, Poller, Uploader
+from dhwatch.reporting import Reporter
 from dhwatch.sdnotify import Notifier
 from dhwatch.states import State
 
@@ -88,6 +89,7 @@ async def run_daemon(settings: Settings, config_path: Path | None = None) -> int
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
     log = get_logger()
     require_api_key(settings)
+    require_quality_settings(settings)
     for secret in settings.secrets():
         register_secret(secret)
     for path in world_readable_secret_files(settings, config_path):
@@ -121,13 +123,15 @@ async def run_daemon(settings: Settings, config_path: Path | None = None) -> int
             except DhwatchError:
                 log.error("submitting_paused", reason=paused, files_are_safe=True)
         intake = Intake(ctx)
-        uploader, poller, fetcher, finisher = Uploader(ctx), Poller(ctx), Fetcher(ctx), Finisher(ctx)
+        reporter = Reporter(ctx)
+        uploader, poller, fetcher, finisher = Uploader(ctx), Poller(ctx), Fetcher(ctx), Finisher(ctx, reporter)
         tasks = {
             asyncio.create_task(intake.run(), name="intake"),
             asyncio.create_task(uploader.run(), name="upload"),
             asyncio.create_task(poller.run(), name="poll"),
             asyncio.create_task(fetcher.run(), name="fetch"),
             asyncio.create_task(finisher.run(), name="finish"),
+            asyncio.create_task(reporter.run(), name="report"),
             asyncio.create_task(_notify_loop(ctx, notifier), name="notify"),
             asyncio.create_task(_auth_loop(ctx), name="auth"),
         }
@@ -144,7 +148,7 @@ async def run_daemon(settings: Settings, config_path: Path | None = None) -> int
             t.cancel()
         stopper.cancel()
         await asyncio.wait_for(
-            asyncio.gather(uploader.aclose(), fetcher.aclose(), *tasks, return_exceptions=True),
+            asyncio.gather(uploader.aclose(), fetcher.aclose(), reporter.aclose(), *tasks, return_exceptions=True),
             timeout=STOP_GRACE_SECONDS,
         )
         recovered_now = ledger.recover(ctx.clock())

@@ -30,6 +30,7 @@ from dhwatch.failures import build_error_report, render
 from dhwatch.ledger import FileRow
 from dhwatch.naming import error_file_name
 from dhwatch.policy import Backoff, after_failure, job_timed_out, next_poll_delay
+from dhwatch.reporting import Reporter
 from dhwatch.sourcefile import Identity
 from dhwatch.states import State
 from dhwatch.watcher import lstat_rel
@@ -493,8 +494,9 @@ class Finisher:
     ledger writes stay on the event loop.
     """
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, reporter: Reporter | None = None) -> None:
         self.ctx = ctx
+        self.reporter = reporter
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -535,14 +537,23 @@ class Finisher:
         src = self._source_if_same(row) if mode != "keep" else None
         archived: Path | None = None
         inbox = ctx.settings.inbox
+        report_later = self.reporter is not None and self.reporter.enabled
         if src is not None and mode == "archive" and ctx.settings.archive_dir is not None:
             archived = await asyncio.to_thread(move_from_inbox, inbox, row.rel_path, ctx.settings.archive_dir)
         elif src is not None and mode == "delete":
+            if report_later and self.reporter is not None:
+                await self.reporter.report(row, original=src)  # the last chance to measure the original
+                report_later = False
             await asyncio.to_thread(remove_from_inbox, inbox, row.rel_path)
         crashpoints.reached("after_original_handled")
         now = ctx.clock()
+        extra: dict[str, object] = {"archived_path": None if archived is None else str(archived)}
+        if report_later:
+            extra["quality_status"] = "pending"
         ctx.ledger.transition(row.id, State.DELIVERED, State.DONE, now=now,
-                              detail="original kept" if mode == "keep" else f"original {mode}d")
+                              detail="original kept" if mode == "keep" else f"original {mode}d", **extra)
+        if report_later:
+            ctx.kick("report")
         if row.job_id and not ctx.ledger.rows_for_job(row.job_id, State.FETCHING) \
                 and not ctx.ledger.rows_for_job(row.job_id, State.SUBMITTED):
             await ctx.backend.release(row.job_id)

@@ -126,6 +126,7 @@ retry_max_seconds = 1.0
 auth_recheck_interval = 0.5
 log_format = "json"
 log_level = "debug"
+quality = "off"
 """
     dh = f"""
 base_url = "{base_url}"

@@ -1,0 +1,107 @@
+"""The quality report stage: ``<output>.quality.json`` for every finished file.
+
+It runs after a file is DONE, off the critical path: the cleaned file is already in the
+outbox and the original archived, so a slow assessment never holds a file back. The
+"before" side is measured on the original where it now lives (the archive, or the inbox
+with ``on_success = "keep"``). With ``on_success = "delete"`` there is no original left
+afterwards, so that one report is made by the finisher just before the delete.
+
+One report at a time, in a worker thread (the analysis releases the GIL in numpy/ONNX).
+A report that cannot be made is logged and marked failed; it never fails the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from dhwatch.context import Context
+from dhwatch.errors import DhwatchError
+from dhwatch.ledger import FileRow
+from dhwatch.states import State
+
+
+class Reporter:
+    """Makes the quality report of each finished file."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._client: Any = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.ctx.settings.quality != "off"
+
+    async def run(self) -> None:
+        ctx = self.ctx
+        while True:
+            ctx.beat("report")
+            rows = ctx.ledger.quality_pending(8) if self.enabled else []
+            for row in rows:
+                await self.report(row, original=_original_of(row, ctx))
+            if not rows:
+                await ctx.idle("report", 5.0)
+
+    async def report(self, row: FileRow, original: Path | None) -> None:
+        """Build, write and record one report; failures are logged, never raised."""
+        ctx = self.ctx
+        if not row.output_path:
+            return
+        output = Path(row.output_path)
+        async with self._lock:
+            try:
+                report = await self._build(original, output)
+                from dhwatch.quality import report_path_for, write_report
+
+                target = report_path_for(output)
+                await asyncio.to_thread(write_report, report, target)
+            except (DhwatchError, OSError) as exc:
+                ctx.log.warning("quality_report_failed", file=row.rel_path, row=row.id, error=str(exc))
+                self._record(row, "failed", None)
+                return
+        self._record(row, "done", report.to_json())
+        ctx.log.info("quality_report", file=row.rel_path, row=row.id, report=str(target),
+                     problems=report.problems(), suggestion=report.suggestion)
+
+    async def _build(self, original: Path | None, output: Path) -> Any:
+        settings = self.ctx.settings
+        if settings.quality == "huawei":
+            return await self._metastudio().assess(output, input_path=original)
+        from dhwatch.quality import AnalysisOptions, build_report
+
+        options = AnalysisOptions(dnsmos=settings.quality_dnsmos)
+        return await asyncio.to_thread(build_report, original, output, options=options)
+
+    def _metastudio(self) -> Any:
+        if self._client is None:
+            from dhwatch.quality.metastudio import MetaStudioClient
+
+            h = self.ctx.settings.huawei
+            self._client = MetaStudioClient(
+                endpoint=h.endpoint, project_id=h.project_id, token=h.resolve_api_key, language=h.language,
+                deadline=h.deadline,
+            )
+        return self._client
+
+    def _record(self, row: FileRow, status: str, report_json: str | None) -> None:
+        ctx = self.ctx
+        try:
+            current = ctx.ledger.get(row.id)
+            ctx.ledger.update(row.id, current.state, now=ctx.clock(), quality_status=status, quality=report_json)
+        except DhwatchError as exc:
+            ctx.log.warning("quality_record_failed", row=row.id, error=str(exc))
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+
+def _original_of(row: FileRow, ctx: Context) -> Path | None:
+    """Where the original is now: archived, or kept in the inbox."""
+    if row.archived_path:
+        return Path(row.archived_path)
+    if ctx.settings.on_success == "keep" and row.state is State.DONE:
+        return ctx.settings.inbox / row.rel_path
+    return None

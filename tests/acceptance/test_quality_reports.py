@@ -1,0 +1,69 @@
+"""Quality reports through the real daemon: one ``<output>.quality.json`` per finished file."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from dhwatch.emulators.deephearing import DeepHearingEmulator
+from dhwatch.emulators.metastudio import MetaStudioEmulator
+from tests.conftest import Folders, make_audio, write_config
+
+METRICS = {"snr", "noise_floor", "reverb", "loudness", "true_peak", "speech_ratio"}
+
+
+def _ledger_quality(folders: Folders) -> dict[str, tuple[str, str | None]]:
+    conn = sqlite3.connect(f"file:{folders.state / 'ledger.sqlite3'}?mode=ro", uri=True, timeout=5)
+    try:
+        return {r[0]: (r[1], r[2]) for r in conn.execute("SELECT rel_path, quality_status, quality FROM files")}
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("mode", ["archive", "delete", "keep"])
+def test_every_finished_file_gets_a_report(folders: Folders, emulator: DeepHearingEmulator, daemons,
+                                           mode: str) -> None:
+    """Each output gets a report beside it with before/after values, also kept in the ledger."""
+    make_audio(folders.inbox / "a.wav", seconds=2.0)
+    make_audio(folders.inbox / "s" / "b.flac", seconds=2.0, seed=1)
+    cfg = write_config(folders, base_url=emulator.base_url,
+                       extra=f'quality = "local"\nquality_dnsmos = false\non_success = "{mode}"')
+    d = daemons(cfg)
+    d.wait_event("quality_report", count=2, timeout=60)
+    for rel in ("a.wav", "s/b.flac"):
+        report = json.loads((folders.outbox / f"{rel}.quality.json").read_text())
+        assert METRICS <= set(report["metrics"])
+        loud = report["metrics"]["loudness"]
+        assert loud["actual"]["after"] is not None
+        assert loud["actual"]["before"] is not None  # the original was measured too
+        assert loud["status"] in (-1, 0, 1)
+        assert report["suggestion"]
+        status, stored = _ledger_quality(folders)[rel]
+        assert status == "done" and json.loads(stored or "{}")["metrics"].keys() == report["metrics"].keys()
+
+
+def test_report_can_be_turned_off(folders: Folders, emulator: DeepHearingEmulator, daemons) -> None:
+    """quality = "off" writes no report."""
+    make_audio(folders.inbox / "a.wav")
+    d = daemons(write_config(folders, base_url=emulator.base_url, extra='quality = "off"'))
+    d.wait_event("file_done")
+    assert folders.files(folders.outbox) == ["a.wav"]
+
+
+def test_huawei_reports_through_metastudio(folders: Folders, emulator: DeepHearingEmulator, daemons) -> None:
+    """quality = "huawei" gets the assessment from MetaStudio (emulated) and writes the same report shape."""
+    with MetaStudioEmulator(tokens={"iam-token-xyz"}, project_id="proj1") as ms:
+        make_audio(folders.inbox / "a.wav", seconds=2.0)
+        cfg = write_config(folders, base_url=emulator.base_url, extra='quality = "huawei"')
+        section = f'[huawei]\nendpoint = "{ms.endpoint}"\nproject_id = "proj1"\napi_key = "iam-token-xyz"\n'
+        cfg.write_text(cfg.read_text() + section)
+        d = daemons(cfg)
+        d.wait_event("quality_report", timeout=60)
+        report = json.loads((folders.outbox / "a.wav.quality.json").read_text())
+        assert report["source"] == "huawei"
+        assert "snr" in report["metrics"]
+        assert not ms.leaked_credentials
+        d.stop()
+        assert "iam-token-xyz" not in d.output()
