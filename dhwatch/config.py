@@ -188,6 +188,11 @@ class Settings(BaseSettings):
     #: files larger than this are failed before they cost anything
     max_file_bytes: int = Field(8 * 1024**3, ge=1)
 
+    #: a cost guard: billed seconds allowed per day (local time); 0 = no limit
+    daily_budget_seconds: float = Field(0.0, ge=0)
+    #: "host:port" for Prometheus /metrics and /healthz; empty = off
+    metrics_address: str = ""
+
     #: per-file quality report beside each output (``<output>.quality.json``): "local", "huawei" or "off"
     quality: Literal["local", "huawei", "off"] = "local"
     #: include DNSMOS (a fixed ~1 s per file) in local reports

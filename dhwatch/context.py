@@ -13,6 +13,7 @@ from dhwatch.backends.base import Backend
 from dhwatch.config import Settings
 from dhwatch.ledger import Ledger
 from dhwatch.logs import get_logger
+from dhwatch.metrics import Metrics
 
 STAGES = ("intake", "upload", "poll", "fetch", "finish")
 
@@ -27,8 +28,11 @@ class Context:
     clock: Callable[[], float] = time.time
     rand: Callable[[], float] = random.random
     log: Any = field(default_factory=get_logger)
-    #: why submitting is paused (bad key, ...), or None
+    #: why submitting is paused (bad key, budget, ...), or None
     paused: str | None = None
+    #: what kind of pause: "auth" (re-checked with the backend) or "budget" (lifts at midnight)
+    paused_kind: str | None = None
+    metrics: Metrics = field(default_factory=Metrics)
     #: inbox paths intake should look at again (a newer version appeared while one was in flight)
     recheck: set[str] = field(default_factory=set)
     _wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
@@ -64,15 +68,22 @@ class Context:
         now = time.monotonic()
         return [s for s, t in self._beats.items() if now - t > max_age]
 
-    def pause(self, reason: str) -> None:
+    def pause(self, reason: str, kind: str = "auth") -> None:
+        """Stop submitting (files stay where they are) and say why, loudly and in the ledger."""
         if self.paused != reason:
             self.paused = reason
+            self.paused_kind = kind
             self.ledger.set_flag("paused", reason)
-            self.log.error("submitting_paused", reason=reason, files_are_safe=True)
+            self.ledger.set_flag("paused_kind", kind)
+            self.metrics.paused.set(1)
+            self.log.error("submitting_paused", reason=reason, kind=kind, files_are_safe=True)
 
     def resume(self) -> None:
         if self.paused is not None:
             self.log.warning("submitting_resumed", was=self.paused)
             self.paused = None
+            self.paused_kind = None
             self.ledger.set_flag("paused", None)
+            self.ledger.set_flag("paused_kind", None)
+            self.metrics.paused.set(0)
             self.kick("upload")

@@ -13,6 +13,7 @@ import signal
 from pathlib import Path
 
 from dhwatch.backends import create_backend
+from dhwatch.backends.http import add_retry_listener
 from dhwatch.config import Settings, require_api_key, require_quality_settings, world_readable_secret_files
 from dhwatch.context import Context
 from dhwatch.delivery import remove_temp_files
@@ -20,6 +21,7 @@ from dhwatch.errors import DhwatchError
 from dhwatch.intake import Intake
 from dhwatch.ledger import Ledger, StateDirLock
 from dhwatch.logs import get_logger, register_secret
+from dhwatch.metrics import serve as metrics_serve
 from dhwatch.pipeline import Fetcher, Finisher, Poller, Uploader
 from dhwatch.reporting import Reporter
 from dhwatch.sdnotify import Notifier
@@ -56,9 +58,20 @@ def status_line(ctx: Context) -> str:
     return line
 
 
+def health(ctx: Context) -> tuple[int, dict[str, object]]:
+    """What /healthz answers: 503 when a stage's loop has stopped going round."""
+    stale = ctx.stale_stages(60.0)
+    if stale:
+        return 503, {"status": "stalled", "stages": stale}
+    if ctx.paused:
+        return 200, {"status": "paused", "reason": ctx.paused}
+    return 200, {"status": "ok"}
+
+
 async def _notify_loop(ctx: Context, notifier: Notifier) -> None:
     interval = notifier.watchdog_interval or 5.0
     while True:
+        ctx.metrics.set_counts(ctx.ledger.counts())
         notifier.status(status_line(ctx))
         stale = ctx.stale_stages(max(30.0, interval * 4))
         if notifier.watchdog_interval is not None and not stale:
@@ -73,7 +86,7 @@ async def _auth_loop(ctx: Context) -> None:
     while True:
         await asyncio.sleep(min(ctx.settings.auth_recheck_interval, 5.0) if ctx.paused is None
                             else ctx.settings.auth_recheck_interval)
-        if ctx.paused is None:
+        if ctx.paused is None or ctx.paused_kind == "budget":
             continue
         for secret in ctx.settings.secrets():
             register_secret(secret)
@@ -101,6 +114,7 @@ async def run_daemon(settings: Settings, config_path: Path | None = None) -> int
     ledger = Ledger.open(settings.state_dir)
     backend = create_backend(settings)
     ctx = Context(settings=settings, ledger=ledger, backend=backend, log=log)
+    add_retry_listener(lambda kind: ctx.metrics.retries.labels(kind).inc())
     notifier = Notifier()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -114,9 +128,15 @@ async def run_daemon(settings: Settings, config_path: Path | None = None) -> int
         paused = ledger.get_flag("paused")
         if paused:
             ctx.paused = paused
+            ctx.paused_kind = ledger.get_flag("paused_kind") or "auth"
+            ctx.metrics.paused.set(1)
+        server = None
+        if settings.metrics_address:
+            server = await metrics_serve(settings.metrics_address, ctx.metrics, lambda: health(ctx))
+            log.info("metrics_listening", address=settings.metrics_address)
         log.info("started", backend=settings.backend, inbox=str(settings.inbox), outbox=str(settings.outbox),
                  recovered=recovered, temp_files_removed=removed, paused=paused, pid=os.getpid())
-        if paused:
+        if paused and ctx.paused_kind != "budget":
             try:
                 await backend.check_auth()
                 ctx.resume()
@@ -151,6 +171,8 @@ async def run_daemon(settings: Settings, config_path: Path | None = None) -> int
             asyncio.gather(uploader.aclose(), fetcher.aclose(), reporter.aclose(), *tasks, return_exceptions=True),
             timeout=STOP_GRACE_SECONDS,
         )
+        if server is not None:
+            server.close()
         recovered_now = ledger.recover(ctx.clock())
         log.info("stopped", requeued_uploads=recovered_now.get("uploading", 0))
         return 1 if crashed else 0

@@ -87,6 +87,10 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE files ADD COLUMN quality TEXT;
     CREATE INDEX files_quality ON files(quality_status) WHERE quality_status IS NOT NULL;
     """,
+    # 3: billed seconds since a time (the daily budget, `dhwatch status`) without a full scan
+    """
+    CREATE INDEX files_billed ON files(submitted_at, billed_seconds) WHERE billed_seconds IS NOT NULL AND adopted = 0;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -29,7 +29,7 @@ from dhwatch.errors import (
 from dhwatch.failures import build_error_report, render
 from dhwatch.ledger import FileRow
 from dhwatch.naming import error_file_name
-from dhwatch.policy import Backoff, after_failure, job_timed_out, next_poll_delay
+from dhwatch.policy import Backoff, after_failure, day_start, job_timed_out, next_poll_delay, over_budget
 from dhwatch.reporting import Reporter
 from dhwatch.sourcefile import Identity
 from dhwatch.states import State
@@ -78,7 +78,7 @@ class Uploader:
         ctx = self.ctx
         while True:
             ctx.beat("upload")
-            if ctx.paused is None:
+            if not self._over_budget() and ctx.paused is None:
                 await self._dispatch()
             await _sleep_until_due(ctx, "upload", (State.QUEUED,))
 
@@ -96,6 +96,25 @@ class Uploader:
             task = asyncio.create_task(self._upload(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _over_budget(self) -> bool:
+        """The cost guard: pause submitting once today's billed seconds reach the budget.
+
+        Checked against what the backend has billed so far; jobs already in flight when the
+        budget is reached still finish. The pause lifts by itself after local midnight.
+        """
+        ctx = self.ctx
+        budget = ctx.settings.daily_budget_seconds
+        if budget <= 0:
+            return False
+        billed = ctx.ledger.billed_seconds(since=day_start(ctx.clock()))
+        if over_budget(billed, budget):
+            ctx.pause(f"the daily budget of {budget:g} billed seconds is reached ({billed:g} s billed today); "
+                      "submitting resumes after midnight or when daily_budget_seconds is raised", kind="budget")
+            return True
+        if ctx.paused_kind == "budget":
+            ctx.resume()
+        return False
 
     def _without_duplicates(self, rows: list[FileRow]) -> list[FileRow]:
         """Rows whose content is not already paid for or about to be.
@@ -181,7 +200,8 @@ class Uploader:
         by_key = {u.key: row for u, row in zip(uploads, rows, strict=True)}
         t0 = time.monotonic()
         try:
-            job_ids = await ctx.backend.submit(uploads)
+            with ctx.metrics.api_latency.labels("submit").time():
+                job_ids = await ctx.backend.submit(uploads)
         except SourceChanged as exc:
             for key, row in by_key.items():
                 if exc.key in (None, key):
@@ -210,6 +230,7 @@ class Uploader:
             ctx.pause(f"{exc} — files stay in the inbox and will be sent once the key works")
             return
         except TransientError as exc:
+            ctx.metrics.retries.labels(exc.kind).inc()
             ctx.log.warning("upload_failed", files=[r.rel_path for r in rows], kind=exc.kind, error=str(exc))
             for row in rows:
                 self._requeue(row, counts=exc.counts, reason=str(exc), retry_after=exc.retry_after)
@@ -219,6 +240,7 @@ class Uploader:
                 self._requeue(row, counts=True, reason=str(exc))
             return
         crashpoints.reached("after_upload_response")
+        ctx.metrics.bytes_up.inc(sum(r.size for r in rows))
         now = ctx.clock()
         first_poll = now + _poll_interval(ctx)
         # The job ids cost money: one durable commit (fsync) records them all.
@@ -311,7 +333,8 @@ class Poller:
             if not live:
                 return
             try:
-                status = await ctx.backend.status(job_id)
+                with ctx.metrics.api_latency.labels("status").time():
+                    status = await ctx.backend.status(job_id)
             except JobLost as exc:
                 for row in live:
                     self._try(lambda r=row: ctx.ledger.transition(
@@ -330,6 +353,7 @@ class Poller:
                 self._reschedule(live, job_id, None)
                 return
             except BackendError as exc:
+                ctx.metrics.retries.labels(getattr(exc, "kind", "poll")).inc()
                 ctx.log.info("poll_failed", job=job_id, error=str(exc))
                 self._reschedule(live, job_id, None)
                 return
@@ -339,6 +363,8 @@ class Poller:
         ctx = self.ctx
         now = ctx.clock()
         if status.phase is RemotePhase.COMPLETE:
+            if status.billed_seconds and any(not r.adopted for r in rows):
+                ctx.metrics.billed.inc(status.billed_seconds)
             for row in rows:
                 self._try(lambda r=row: ctx.ledger.transition(
                     r.id, State.SUBMITTED, State.FETCHING, now=now, detail=f"job {status.raw_status}",
@@ -425,11 +451,13 @@ class Fetcher:
         if suffix and not rel.lower().endswith(suffix):
             rel = str(PurePosixPath(rel).with_suffix(suffix))
         try:
-            async with ctx.backend.open_result(row.job_id or "", status) as stream:
-                written = await write_atomically(
-                    ctx.settings.outbox, rel, stream, expected_length=stream.expected_length, row_id=row.id
-                )
+            with ctx.metrics.api_latency.labels("result").time():
+                async with ctx.backend.open_result(row.job_id or "", status) as stream:
+                    written = await write_atomically(
+                        ctx.settings.outbox, rel, stream, expected_length=stream.expected_length, row_id=row.id
+                    )
         except (ResultError, TransientError) as exc:
+            ctx.metrics.retries.labels("download").inc()
             ctx.log.warning("download_failed", file=row.rel_path, row=row.id, job=row.job_id, error=str(exc))
             self._retry(row, str(exc), counts=True)
             return
@@ -445,6 +473,7 @@ class Fetcher:
             row.id, State.FETCHING, State.DELIVERED, now=ctx.clock(), durable=True,
             output_path=str(written.path), fetch_attempts=row.fetch_attempts + 1,
         )  # fmt: skip
+        ctx.metrics.bytes_down.inc(written.size)
         ctx.log.info("file_delivered", file=row.rel_path, row=row.id, job=row.job_id, bytes=written.size,
                      seconds=round(time.monotonic() - t0, 3))
         ctx.kick("finish")
@@ -552,6 +581,7 @@ class Finisher:
             extra["quality_status"] = "pending"
         ctx.ledger.transition(row.id, State.DELIVERED, State.DONE, now=now,
                               detail="original kept" if mode == "keep" else f"original {mode}d", **extra)
+        ctx.metrics.finished.labels("done").inc()
         if report_later:
             ctx.kick("report")
         if row.job_id and not ctx.ledger.rows_for_job(row.job_id, State.FETCHING) \
@@ -592,6 +622,7 @@ class Finisher:
         report_path = dest.with_name(error_file_name(dest.name))
         await asyncio.to_thread(write_json_atomically, report_path, render(report))
         ctx.ledger.transition(row.id, State.FAILING, State.FAILED, now=now, failed_path=str(dest) if moved else None)
+        ctx.metrics.finished.labels("failed").inc()
         ctx.log.warning(
             "file_failed", file=row.rel_path, row=row.id, job=row.job_id, code=fresh.error_code,
             reason=fresh.error_message, error_file=str(report_path), attempts=fresh.attempts,

@@ -8,6 +8,7 @@ clock and the randomness come in as parameters so tests need neither sleeps nor 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 
@@ -58,6 +59,17 @@ def next_poll_delay(polls_so_far: int, interval: float, max_interval: float) -> 
     Short jobs are noticed quickly; jobs that run for an hour cost a handful of requests.
     """
     return min(max_interval, interval * (1.5 ** min(polls_so_far, 60)))
+
+
+def day_start(now: float) -> float:
+    """Local midnight before ``now`` (epoch seconds): where the daily budget starts."""
+    t = time.localtime(now)
+    return time.mktime((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0, 0, 0, -1))
+
+
+def over_budget(billed_today: float, budget: float) -> bool:
+    """True when a daily budget is set and today's billed seconds reached it."""
+    return budget > 0 and billed_today >= budget
 
 
 def job_timed_out(submitted_at: float, now: float, job_timeout: float) -> bool:

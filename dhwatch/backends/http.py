@@ -76,6 +76,22 @@ def _wait(state: RetryCallState) -> float:
     return wait
 
 
+#: told the kind of every fault the short retry absorbs (the daemon counts them as metrics)
+_retry_listeners: list[Callable[[str], None]] = []
+
+
+def add_retry_listener(listener: Callable[[str], None]) -> None:
+    """Be told ``kind`` each time a short retry is about to happen."""
+    _retry_listeners.append(listener)
+
+
+def _before_sleep(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    kind = exc.kind if isinstance(exc, TransientError) else "error"
+    for listener in list(_retry_listeners):
+        listener(kind)
+
+
 def _short_enough(exc: BaseException) -> bool:
     return isinstance(exc, TransientError) and (exc.retry_after is None or exc.retry_after <= MAX_SHORT_WAIT)
 
@@ -89,6 +105,7 @@ async def with_short_retries(call: Callable[[], Awaitable[T]], *, attempts: int 
         stop=stop_after_attempt(attempts),
         wait=_wait,
         retry=retry_if_exception(_short_enough),
+        before_sleep=_before_sleep,
         reraise=True,
     )
     async for attempt in retrying:

@@ -1,0 +1,871 @@
+"""DeepAffects async denoise: the upload streamed as JSON, results by webhook, polling as the fallback.
+
+Wire protocol (``shared/API-NOTES.md`` §2)::
+
+    POST {base}/audio/generic/api/v1/async/denoise?apikey=..&webhook=..&request_id=..
+         {"encoding": "WAV", "sampleRate": 16000, "languageCode": "en-US", "content": "<base64>"}
+         -> {"request_id": "...", "api": "..."}
+    GET  {base}/transaction/generic/api/v1/async/status?apikey=..&request_id=..
+         -> {"status": "Running" | "Completed" | "Failed", "response": {"request_id": .., "response": {<Audio>}}}
+    POST <webhook>   the service delivers the finished job (the status answer's shape)
+
+Our ``request_id`` (a fresh uuid per file, kept across the short retries of one submit) is
+the job id. The webhook URL carries it and a per-job secret,
+``{public_url}/callbacks/<request_id>/<hmac(callback key, request_id)>``, so a callback is
+accepted only for a request we issued and are still waiting for; the callback key lives in
+``state_dir`` so URLs handed out before a restart stay valid after it.
+
+The callback listener (:mod:`dhwatch.backends.webhook`) runs on the daemon's event loop,
+started by the first ``submit``/``status``. It streams the result's base64 straight to a
+file (never the whole body in memory), stores it atomically and answers 202. ``status()``
+is what the pipeline calls every ``poll_interval``: it answers from that store without any
+request, and asks the service only when ``fallback_poll_interval`` has passed for a job
+(the vendor says polling is not for production). Whichever comes first, the result file is
+written once (``link`` refuses a second one), and ``status()`` then says COMPLETE, which the
+pipeline turns into its single compare-and-set SUBMITTED → FETCHING.
+
+Delivery promise: callbacks may come late, twice, or never; a late or missing one costs a
+poll, a second one costs nothing.
+
+The API key travels in the query string: it is registered for log redaction, never put in
+an exception message, and URLs are never formatted into logs.
+
+What lives under ``state_dir/deepaffects/``::
+
+    callback.key          the HMAC key that signs callback URLs (0600)
+    pending/<id>.json     a job we wait for: written before its submit, removed by release()
+    results/<id>[.ext]    its stored result (an extension only when the service changed the
+                          container); results/<id>.failed: the service's reason for a failure
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import socket
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO, ClassVar
+from urllib.parse import urlsplit
+
+import httpx
+
+from dhwatch.audioformat import SNIFF_BYTES, sniff
+from dhwatch.backends.audiojson import Base64Decoder, JsonScanner, JsonStreamError, audio_json_body, audio_json_parts
+from dhwatch.backends.base import FileResult, RemotePhase, RemoteStatus, Upload
+from dhwatch.backends.http import transient_from_exception, transient_from_response, with_short_retries
+from dhwatch.backends.webhook import CallbackAnswer, CallbackRequest, WebhookServer
+from dhwatch.config import DeepAffectsSettings
+from dhwatch.delivery import fsync_dir
+from dhwatch.errors import (
+    AuthError, BackendUnavailable, InvalidFile, JobFailed, JobLost, NotRegularFile, ResultError, SourceChanged,
+    TransientError,
+)  # fmt: skip
+from dhwatch.logs import get_logger, redact_text, register_secret
+from dhwatch.sourcefile import open_no_follow, verified_chunks
+
+DENOISE_PATH = "/audio/generic/api/v1/async/denoise"
+STATUS_PATH = "/transaction/generic/api/v1/async/status"
+#: our folder under state_dir
+STATE_SUBDIR = "deepaffects"
+#: the ``encoding`` word sent for each sniffed container
+ENCODINGS: dict[str, str] = {"wav": "WAV", "flac": "FLAC", "mp3": "MP3", "ogg": "OGG", "mp4": "M4A", "aac": "AAC"}
+#: the extension a result gets when the service returned another container than it was sent
+SUFFIXES: dict[str, str] = {"wav": ".wav", "flac": ".flac", "mp3": ".mp3", "ogg": ".ogg", "mp4": ".m4a", "aac": ".aac"}
+#: pending jobs and stored results older than job_timeout plus this are swept at start
+RETENTION_SECONDS = 7 * 86400
+#: keys whose value explains a failure, most specific first
+_REASON_KEYS = ("error", "message", "reason", "detail", "description", "faultstring", "msg", "error_msg")
+#: request ids go into URLs and file names: only what a uuid or the vendor's ids need
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_CALLBACK_PATH = re.compile(r"/callbacks/(?P<id>[A-Za-z0-9_-]{1,128})/(?P<token>[^/]{0,128})$")
+#: after the callback address could not be bound, submits fail fast for this long before a new try
+LISTEN_RETRY_SECONDS = 10.0
+#: ids of finished jobs remembered, so a late duplicate callback is answered 200 rather than refused
+RELEASED_REMEMBERED = 10_000
+#: decoded bytes buffered before a write to disk
+_FLUSH_BYTES = 1024 * 1024
+
+KeyProvider = Callable[[], "str | None"]
+
+
+class _RedactingFilter(logging.Filter):
+    """httpx logs request URLs (``apikey=`` included) at INFO: scrub them if anyone turns that on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact_text(record.getMessage())
+        record.args = None
+        return True
+
+
+def _guard_http_logs() -> None:
+    for name in ("httpx", "httpcore"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _RedactingFilter) for f in target.filters):
+            target.addFilter(_RedactingFilter())
+
+
+# ====================================================================== the store
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A job we are waiting for, as recorded before its upload."""
+
+    container: str | None  #: what we sent (sniffed), to tell whether the result changed it
+    submitted_at: float  #: epoch seconds (survives restarts, unlike the monotonic clock)
+
+
+@dataclass
+class Absorbed:
+    """What one status answer or callback said, once read to the end."""
+
+    status: str  #: the service's word ("" when the document has none)
+    reason: str | None  #: why it failed, when it says so
+    has_content: bool  #: it carried audio
+    stored: Path | None = None  #: where the result is now (ours or an earlier copy)
+    duplicate: bool = False  #: the result had already been stored: this copy was dropped
+
+    @property
+    def failed(self) -> bool:
+        return self.status.strip().lower() == "failed"
+
+
+class DocumentRefused(Exception):
+    """A callback or status answer that must not be stored (wrong request id, not audio)."""
+
+
+class _Spool:
+    """A hidden temp file receiving decoded result bytes, written to disk in ~1 MB steps."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: BinaryIO | None = None
+        self._buffer: list[bytes] = []
+        self.buffered = 0
+        self.size = 0
+        self.head = b""
+
+    def add(self, data: bytes) -> None:
+        if not data:
+            return
+        if len(self.head) < SNIFF_BYTES:
+            self.head += data[: SNIFF_BYTES - len(self.head)]
+        self._buffer.append(data)
+        self.buffered += len(data)
+        self.size += len(data)
+
+    async def flush(self) -> None:
+        if not self._buffer:
+            return
+        data, self._buffer, self.buffered = b"".join(self._buffer), [], 0
+        if self._file is None:
+            self._file = await asyncio.to_thread(open, self.path, "wb")
+        await asyncio.to_thread(self._file.write, data)
+
+    async def finish(self) -> None:
+        """Everything on disk, fsynced, closed."""
+        await self.flush()
+        f, self._file = self._file, None
+        if f is not None:
+            await asyncio.to_thread(_fsync_close, f)
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _fsync_close(f: BinaryIO) -> None:
+    try:
+        f.flush()
+        os.fsync(f.fileno())
+    finally:
+        f.close()
+
+
+def _link_once(tmp: Path, final: Path) -> bool:
+    """Give ``tmp`` the name ``final`` unless that exists; True if this call created it."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        return False
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+    fsync_dir(final.parent)
+    return True
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class ResultStore:
+    """What the backend keeps on disk so that callbacks, polls and restarts agree.
+
+    Blocking file work runs in threads; the in-memory index is touched only on the event
+    loop, so ``status()`` is a dictionary lookup.
+    """
+
+    def __init__(self, root: Path, *, retention: float, wall: Callable[[], float] = time.time) -> None:
+        self.root = root
+        self.pending_dir = root / "pending"
+        self.results_dir = root / "results"
+        for folder in (root, self.pending_dir, self.results_dir):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._wall = wall
+        self._key = self._load_key()
+        self._results: dict[str, Path] = {}
+        self._failures: dict[str, str] = {}
+        self._lock = asyncio.Lock()
+        self._sweep(retention)
+
+    # ----------------------------------------------------------------- secrets
+
+    def _load_key(self) -> bytes:
+        path = self.root / "callback.key"
+        try:
+            text = path.read_text(encoding="ascii").strip()
+            key = bytes.fromhex(text)
+            if len(key) >= 32:
+                return key
+        except (OSError, ValueError):
+            pass
+        key = secrets.token_bytes(32)
+        tmp = path.with_name(f".tmp-callback.key-{uuid.uuid4().hex}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(key.hex() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(self.root)
+        return key
+
+    def token(self, request_id: str) -> str:
+        """The secret part of a job's callback URL."""
+        return hmac.new(self._key, request_id.encode("ascii"), hashlib.sha256).hexdigest()
+
+    # ----------------------------------------------------------------- pending jobs
+
+    def _pending_path(self, request_id: str) -> Path:
+        return self.pending_dir / f"{request_id}.json"
+
+    async def add_pending(self, request_id: str, pending: Pending) -> None:
+        text = json.dumps({"container": pending.container, "submitted_at": pending.submitted_at})
+        await asyncio.to_thread(_write_atomically, self._pending_path(request_id), text)
+
+    def pending(self, request_id: str) -> Pending | None:
+        """The record of a job we wait for, or None (never submitted, or released)."""
+        try:
+            data = json.loads(self._pending_path(request_id).read_text(encoding="utf-8"))
+            return Pending(data.get("container"), float(data["submitted_at"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    async def rename_pending(self, old: str, new: str) -> None:
+        await asyncio.to_thread(os.replace, self._pending_path(old), self._pending_path(new))
+
+    async def drop_pending(self, request_id: str) -> None:
+        await asyncio.to_thread(_unlink_quietly, self._pending_path(request_id))
+
+    # ----------------------------------------------------------------- results
+
+    def result(self, job_id: str) -> Path | None:
+        """The stored result of a job, if one is stored."""
+        return self._results.get(job_id)
+
+    def failure(self, job_id: str) -> str | None:
+        """The service's reason, if it reported the job failed."""
+        return self._failures.get(job_id)
+
+    async def record_failure(self, job_id: str, reason: str) -> None:
+        path = self.results_dir / f"{job_id}.failed"
+        await asyncio.to_thread(_write_atomically, path, json.dumps({"reason": reason}))
+        self._failures[job_id] = reason
+
+    async def absorb(self, job_id: str, chunks: AsyncIterable[bytes], pending: Pending | None) -> Absorbed:
+        """Read one status answer or callback to the end; store its audio once.
+
+        Raises :class:`JsonStreamError` (broken or cut-short document, bad base64) or
+        :class:`DocumentRefused`; nothing is stored then.
+        """
+        spool = _Spool(self.results_dir / f".tmp-{job_id}-{uuid.uuid4().hex}")
+        decoder = Base64Decoder(spool.add)
+        scanner = JsonScanner("content", decoder.feed)
+        try:
+            async for data in chunks:
+                scanner.feed(data)
+                if spool.buffered >= _FLUSH_BYTES:
+                    await spool.flush()
+            scanner.close()
+            decoder.close()
+            said_id = scanner.first("request_id")
+            if isinstance(said_id, str) and said_id and said_id != job_id:
+                raise DocumentRefused("it is about another request_id than the one in its URL")
+            status = scanner.first("status")
+            doc = Absorbed(
+                status=status if isinstance(status, str) else "",
+                reason=_reason_in(scanner),
+                has_content=scanner.streamed is not None,
+            )
+            if doc.failed or not doc.has_content:
+                return doc
+            if spool.size == 0:
+                raise DocumentRefused("its audio content is empty")
+            container = sniff(spool.head)
+            if container is None:
+                raise DocumentRefused("its content is not audio in a format we know")
+            await spool.finish()
+            same = pending is None or pending.container in (None, container)
+            final = self.results_dir / (job_id + ("" if same else SUFFIXES[container]))
+            async with self._lock:
+                existing = self._results.get(job_id)
+                if existing is not None:
+                    doc.stored, doc.duplicate = existing, True
+                    return doc
+                created = await asyncio.to_thread(_link_once, spool.path, final)
+                self._results[job_id] = final
+                doc.stored, doc.duplicate = final, not created
+            return doc
+        finally:
+            spool.discard()
+
+    async def forget(self, job_id: str) -> None:
+        """Delete everything kept for a job."""
+        paths = [self._pending_path(job_id), self.results_dir / f"{job_id}.failed"]
+        stored = self._results.pop(job_id, None)
+        if stored is not None:
+            paths.append(stored)
+        self._failures.pop(job_id, None)
+        await asyncio.to_thread(lambda: [_unlink_quietly(p) for p in paths])
+
+    # ----------------------------------------------------------------- start-up
+
+    def _sweep(self, retention: float) -> None:
+        """Index what a previous run stored; drop temp files and anything past ``retention``."""
+        cutoff = self._wall() - retention
+        for entry in os.scandir(self.pending_dir):
+            if entry.name.startswith(".tmp-") or entry.stat().st_mtime < cutoff:
+                _unlink_quietly(Path(entry.path))
+        for entry in os.scandir(self.results_dir):
+            path = Path(entry.path)
+            if entry.name.startswith(".tmp-") or entry.stat().st_mtime < cutoff:
+                _unlink_quietly(path)
+                continue
+            job_id, _, ext = entry.name.partition(".")
+            if not _ID.match(job_id):
+                continue
+            if ext == "failed":
+                try:
+                    self._failures[job_id] = str(json.loads(path.read_text(encoding="utf-8"))["reason"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    _unlink_quietly(path)
+            else:
+                self._results[job_id] = path
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _reason_in(scanner: JsonScanner) -> str | None:
+    for key in _REASON_KEYS:
+        value = scanner.first(key)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    return None
+
+
+# ====================================================================== reading the upload's header
+
+
+def probe_upload(inbox: Path, rel_path: str, key: str | None = None) -> tuple[str, int]:
+    """``(container, sample rate)`` of an inbox file, read through a no-follow descriptor.
+
+    The engine's ``probe`` opens by path; here the file is opened the way the upload
+    opens it, so what is described is what is sent (the upload verifies the hash too).
+    Blocking: run it in a thread. Raises :class:`InvalidFile` or :class:`SourceChanged`.
+    """
+    try:
+        fd = open_no_follow(inbox, rel_path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise SourceChanged("the file disappeared before it could be uploaded", key=key) from None
+    except NotRegularFile as exc:
+        raise SourceChanged(f"the file was replaced by something else: {exc}", key=key) from None
+    with os.fdopen(fd, "rb") as f:
+        container = sniff(f.read(SNIFF_BYTES))
+        if container is None:
+            raise InvalidFile("the file is not audio: its first bytes match no audio format", key=key)
+        rate = None
+        if container not in ("mp4", "aac"):
+            f.seek(0)
+            rate = _rate_by_sndfile(f)
+        if rate is None:
+            f.seek(0)
+            rate = _rate_by_ffmpeg(f)
+    if not rate:
+        raise InvalidFile("the audio header cannot be read (no sample rate found): the file may be damaged", key=key)
+    return container, rate
+
+
+def _rate_by_sndfile(f: BinaryIO) -> int | None:
+    import soundfile as sf
+
+    try:
+        return int(sf.info(f).samplerate) or None
+    except Exception:  # noqa: BLE001 - libsndfile raises several types for "cannot read"
+        return None
+
+
+def _rate_by_ffmpeg(f: BinaryIO) -> int | None:
+    import av
+
+    try:
+        with av.open(f, mode="r") as container:
+            streams = container.streams.audio
+            if not streams:
+                return None
+            return int(streams[0].rate or streams[0].codec_context.sample_rate or 0) or None
+    except Exception:  # noqa: BLE001 - FFmpeg errors come in many types
+        return None
+
+
+# ====================================================================== the backend
+
+
+class DeepAffectsBackend:
+    """:class:`~dhwatch.backends.base.Backend` for the DeepAffects async denoise API."""
+
+    name: ClassVar[str] = "deepaffects"
+    #: one JSON document per file: no batching
+    max_batch_files = 1
+
+    def __init__(
+        self,
+        settings: DeepAffectsSettings,
+        inbox: Path,
+        state_dir: Path,
+        key_provider: KeyProvider,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        short_retries: int = 3,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._settings = settings
+        self._inbox = inbox
+        self._key_provider = key_provider
+        self._short_retries = short_retries
+        self._clock = clock
+        self._wall = wall
+        self._rand = rand
+        self._store = ResultStore(
+            state_dir / STATE_SUBDIR, retention=settings.job_timeout + RETENTION_SECONDS, wall=wall
+        )
+        #: when the service may next be asked about a job (monotonic); absent: not asked yet in this run
+        self._next_poll: dict[str, float] = {}
+        #: jobs released lately: a late duplicate callback for them is answered politely
+        self._released: OrderedDict[str, None] = OrderedDict()
+        self._listener: WebhookServer | None = None
+        self._listen_lock = asyncio.Lock()
+        self._public_url = ""
+        self._listen_warned = False
+        #: after a failed bind, the error is repeated (not retried) until this time (monotonic)
+        self._listen_retry_at = 0.0
+        self._listen_error: str | None = None
+        self._log = get_logger(backend="deepaffects")
+        timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
+        limits = httpx.Limits(max_connections=16, max_keepalive_connections=8)
+        self._api = httpx.AsyncClient(base_url=settings.base_url, timeout=timeout, limits=limits, transport=transport)
+        _guard_http_logs()
+
+    # ------------------------------------------------------------------ helpers
+    def _key(self) -> str:
+        key = self._key_provider()
+        if not key:
+            raise AuthError("no DeepAffects API key is configured")
+        register_secret(key)
+        return key
+
+    @property
+    def callback_base_url(self) -> str:
+        """Where the service is told to call back (``{public_url}``); empty until listening."""
+        return self._public_url
+
+    def callback_url(self, request_id: str) -> str:
+        """The webhook URL for one job: its id and its secret."""
+        return f"{self._public_url}/callbacks/{request_id}/{self._store.token(request_id)}"
+
+    async def _ensure_listening(self) -> None:
+        """Start the callback listener once; BackendUnavailable if the address cannot be used."""
+        if self._listener is not None:
+            return
+        async with self._listen_lock:
+            if self._listener is not None:
+                return
+            if self._listen_error is not None and self._clock() < self._listen_retry_at:
+                raise BackendUnavailable(self._listen_error)
+            s = self._settings
+            server = WebhookServer(s.listen_host, s.listen_port, self._on_callback, io_timeout=s.read_timeout)
+            try:
+                await server.start()
+            except OSError as exc:
+                self._listen_retry_at = self._clock() + LISTEN_RETRY_SECONDS
+                self._listen_error = (
+                    f"cannot listen for DeepAffects callbacks on {s.listen_host}:{s.listen_port} "
+                    f"({exc.strerror or exc}); check deepaffects.listen_host and listen_port"
+                )
+                raise BackendUnavailable(self._listen_error) from None
+            self._listener, self._listen_error = server, None
+            self._public_url = s.public_url or _default_public_url(s.listen_host, server.port)
+            self._log.info("callback_listening", address=f"{s.listen_host}:{server.port}",
+                           public_url=self._public_url)  # fmt: skip
+
+    async def _send(self, method: str, path: str, params: Mapping[str, str], **kwargs: Any) -> httpx.Response:
+        """One request, streamed; transport failures become TransientError (no URL in them)."""
+        try:
+            request = self._api.build_request(method, path, params=params, **kwargs)
+            return await self._api.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise transient_from_exception(exc) from None
+
+    def _raise_for(self, response: httpx.Response, text: str, *, context: str, key: str | None = None) -> None:
+        """Turn a non-2xx answer into the named error for it."""
+        code = response.status_code
+        said = f" ({text})" if text else ""
+        if code in (401, 403):
+            raise AuthError(f"DeepAffects refused the API key (HTTP {code}){said}")
+        if context == "upload" and code in (400, 413, 415, 422):
+            raise InvalidFile(f"DeepAffects rejected the file (HTTP {code}){said}", key=key)
+        transient = transient_from_response(response)
+        if transient is not None:
+            raise transient
+        raise TransientError(f"{context}: DeepAffects answered HTTP {code}{said}", kind=f"http_{code}")
+
+    # ------------------------------------------------------------------ submit
+    async def submit(self, uploads: Sequence[Upload]) -> Mapping[str, str]:
+        if len(uploads) != 1:
+            raise ValueError("the DeepAffects backend takes one file per submit (max_batch_files = 1)")
+        upload = uploads[0]
+        key = self._key()
+        await self._ensure_listening()
+        container, rate = await asyncio.to_thread(probe_upload, self._inbox, upload.rel_path, upload.key)
+        fields = {"encoding": ENCODINGS[container], "sampleRate": rate, "languageCode": self._settings.language_code}
+        head, tail, length = audio_json_parts(fields, upload.size)
+        request_id = uuid.uuid4().hex
+        params = {"apikey": key, "webhook": self.callback_url(request_id), "request_id": request_id}
+        await self._store.add_pending(request_id, Pending(container, self._wall()))
+
+        async def once() -> str:
+            chunks = verified_chunks(self._inbox, upload.rel_path, upload.sha256, upload.size, key=upload.key)
+            response = await self._send(
+                "POST", DENOISE_PATH, params, content=audio_json_body(head, chunks, tail),
+                headers={"Content-Type": "application/json", "Content-Length": str(length)},
+            )  # fmt: skip
+            try:
+                if response.status_code >= 300:
+                    self._raise_for(response, await _error_text(response), context="upload", key=upload.key)
+                answer = await _small_json(response)
+            finally:
+                await response.aclose()
+            said = answer.get("request_id") if isinstance(answer, dict) else None
+            if not isinstance(said, str) or not _ID.match(said):
+                raise TransientError("the upload answer has no valid request_id", kind="bad_answer")
+            return said
+
+        try:
+            job_id = await with_short_retries(once, attempts=self._short_retries)
+        except BaseException:
+            await asyncio.shield(self._store.drop_pending(request_id))
+            raise
+        if job_id != request_id:
+            # Callbacks carry our id and will be refused; polling still finds the job by theirs.
+            self._log.warning("request_id_not_kept", sent=request_id, job=job_id,
+                              note="callbacks cannot be matched; this job is followed by polling")  # fmt: skip
+            await self._store.rename_pending(request_id, job_id)
+        self._next_poll[job_id] = self._clock() + self._settings.fallback_poll_interval
+        return {upload.key: job_id}
+
+    # ------------------------------------------------------------------ status
+    async def status(self, job_id: str) -> RemoteStatus:
+        if not _ID.match(job_id):
+            raise JobLost(f"not a DeepAffects request id: {job_id!r}")
+        try:
+            await self._ensure_listening()
+        except BackendUnavailable as exc:
+            if not self._listen_warned:  # polling still works: keep following the jobs
+                self._listen_warned = True
+                self._log.error("callback_listener_unavailable", error=str(exc), fallback="polling only")
+        reason = self._store.failure(job_id)
+        if reason is not None:
+            await self._forget(job_id)
+            raise JobFailed(f"DeepAffects reports that processing failed: {reason}")
+        if self._store.result(job_id) is not None:
+            return self._complete(job_id)
+        now = self._clock()
+        due = self._next_poll.get(job_id)
+        if due is None:
+            # First look in this run (a restart): callbacks may have been missed while we were
+            # down, so ask soon; spread over the interval so a big backlog is not one burst.
+            due = self._next_poll[job_id] = now + self._rand() * self._settings.fallback_poll_interval
+        if now < due:
+            return RemoteStatus(RemotePhase.RUNNING, "Running", message="waiting for the callback")
+        self._next_poll[job_id] = now + self._settings.fallback_poll_interval
+        return await self._poll(job_id)
+
+    def _complete(self, job_id: str) -> RemoteStatus:
+        path = self._store.result(job_id)
+        assert path is not None
+        return RemoteStatus(RemotePhase.COMPLETE, "Completed", path.as_uri())
+
+    async def _poll(self, job_id: str) -> RemoteStatus:
+        """Ask the service about a job; a Completed answer's audio is stored on the way."""
+        key = self._key()
+        pending = self._store.pending(job_id)
+
+        async def once() -> Absorbed:
+            response = await self._send("GET", STATUS_PATH, {"apikey": key, "request_id": job_id})
+            try:
+                if response.status_code == 404:
+                    raise JobLost(f"DeepAffects does not know request {job_id}")
+                if response.status_code >= 300:
+                    self._raise_for(response, await _error_text(response), context="status")
+                try:
+                    return await self._store.absorb(job_id, response.aiter_bytes(), pending)
+                except httpx.HTTPError as exc:
+                    raise transient_from_exception(exc) from None
+                except JsonStreamError as exc:
+                    raise TransientError(f"the status answer for job {job_id} was broken: {exc}",
+                                         kind="bad_answer") from None  # fmt: skip
+            finally:
+                await response.aclose()
+
+        try:
+            doc = await with_short_retries(once, attempts=self._short_retries)
+        except DocumentRefused as exc:
+            await self._forget(job_id)
+            raise JobFailed(f"DeepAffects finished job {job_id}, but its answer is unusable: {exc}") from None
+        except JobLost:
+            await self._forget(job_id)
+            raise
+        found = doc.stored is not None and not doc.duplicate
+        (self._log.info if found else self._log.debug)("fallback_poll", job=job_id, status=doc.status or "(none)",
+                                                       stored=found)  # fmt: skip
+        return await self._conclude(job_id, doc)
+
+    async def _conclude(self, job_id: str, doc: Absorbed) -> RemoteStatus:
+        if doc.failed:
+            await self._forget(job_id)
+            raise JobFailed(f"DeepAffects reports that processing failed: {_clean(doc.reason) or 'no reason given'}")
+        if self._store.result(job_id) is not None:
+            return self._complete(job_id)
+        word = doc.status or "(none)"
+        if word.lower() == "completed":
+            return RemoteStatus(RemotePhase.RUNNING, word, message="completed, but the answer carried no audio yet")
+        return RemoteStatus(RemotePhase.RUNNING, word, known=word.lower() == "running")
+
+    # ------------------------------------------------------------------ callbacks
+    async def _on_callback(self, request: CallbackRequest) -> CallbackAnswer:
+        """Accept the service's callback for a job we wait for; refuse anything else."""
+        found = _CALLBACK_PATH.search(request.path)
+        if found is None:
+            return self._refuse(request, 404, "not_a_callback_url", None)
+        job_id, token = found["id"], found["token"]
+        if request.method != "POST":
+            return self._refuse(request, 405, "method_not_allowed", job_id)
+        if not hmac.compare_digest(token.encode(), self._store.token(job_id).encode()):
+            return self._refuse(request, 403, "bad_secret", job_id)
+        if self._store.result(job_id) is not None or self._store.failure(job_id) is not None \
+                or job_id in self._released:  # fmt: skip
+            self._log.info("callback_duplicate", job=job_id, peer=request.peer)
+            return CallbackAnswer(200, {"status": "already received"})
+        pending = self._store.pending(job_id)
+        if pending is None:
+            return self._refuse(request, 404, "unknown_request", job_id)
+        if self._wall() - pending.submitted_at > self._settings.job_timeout:
+            await self._store.drop_pending(job_id)
+            return self._refuse(request, 410, "past_job_timeout", job_id)
+        t0 = time.monotonic()
+        try:
+            doc = await self._store.absorb(job_id, request.body, pending)
+        except (JsonStreamError, DocumentRefused) as exc:
+            self._next_poll[job_id] = self._clock()  # the status endpoint may have a good copy
+            return self._refuse(request, 400, "bad_body", job_id, detail=str(exc))
+        seconds = round(time.monotonic() - t0, 3)
+        if doc.failed:
+            reason = _clean(doc.reason) or "no reason given"
+            await self._store.record_failure(job_id, reason)
+            self._log.warning("callback_received", job=job_id, outcome="failed", reason=reason, seconds=seconds)
+            return CallbackAnswer(202, {"status": "accepted"})
+        if doc.stored is None:
+            self._log.warning("callback_without_result", job=job_id, status=doc.status or "(none)")
+            return CallbackAnswer(400, {"error": "the callback carries no result"})
+        if doc.duplicate:
+            self._log.info("callback_duplicate", job=job_id, peer=request.peer)
+            return CallbackAnswer(200, {"status": "already received"})
+        self._log.info("callback_received", job=job_id, outcome="result_stored", seconds=seconds,
+                       bytes=doc.stored.stat().st_size)  # fmt: skip
+        return CallbackAnswer(202, {"status": "accepted"})
+
+    def _refuse(self, request: CallbackRequest, status: int, reason: str, job_id: str | None,
+                detail: str | None = None) -> CallbackAnswer:  # fmt: skip
+        """Log a refused callback (never its secret) and answer it."""
+        self._log.warning("callback_rejected", reason=reason, job=job_id, peer=request.peer, status=status,
+                          method=request.method, **({"detail": detail} if detail else {}))  # fmt: skip
+        return CallbackAnswer(status, {"error": reason})
+
+    # ------------------------------------------------------------------ result
+    @asynccontextmanager
+    async def open_result(self, job_id: str, status: RemoteStatus) -> AsyncIterator[FileResult]:
+        path = self._store.result(job_id)
+        if path is None:
+            # The stored copy is gone (state_dir restored from a backup?): the status
+            # endpoint carries the audio again. The job itself is never resubmitted here.
+            try:
+                await self._poll(job_id)
+            except (TransientError, JobFailed, AuthError) as exc:
+                raise ResultError(f"the result of job {job_id} is not stored and could not be fetched again: {exc}") \
+                    from None  # fmt: skip
+            path = self._store.result(job_id)
+            if path is None:
+                raise ResultError(f"the result of job {job_id} is not stored and the service no longer has it")
+        try:
+            f = await asyncio.to_thread(open, path, "rb")
+        except OSError as exc:
+            raise ResultError(f"the stored result of job {job_id} cannot be read: {exc.strerror}") from None
+        try:
+            yield FileResult(f, os.fstat(f.fileno()).st_size)
+        finally:
+            f.close()
+
+    def output_suffix(self, status: RemoteStatus) -> str | None:
+        """The stored result has an extension only when the service changed the container."""
+        if status.result_url and status.result_url.startswith("file:"):
+            return PurePosixPath(urlsplit(status.result_url).path).suffix.lower() or None
+        return None
+
+    async def release(self, job_id: str) -> None:
+        """The result is in the outbox: delete the stored copy and stop waiting for callbacks."""
+        await self._forget(job_id)
+
+    async def _forget(self, job_id: str) -> None:
+        """Stop waiting for a job; a late copy of its callback is then answered as a duplicate."""
+        self._next_poll.pop(job_id, None)
+        await self._store.forget(job_id)
+        self._released[job_id] = None
+        while len(self._released) > RELEASED_REMEMBERED:
+            self._released.popitem(last=False)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def check_auth(self) -> None:
+        """Probe the key with a status request for a request id that cannot exist."""
+        response = await self._send("GET", STATUS_PATH, {"apikey": self._key(), "request_id": "dhwatch-key-check"})
+        try:
+            if response.status_code in (401, 403):
+                raise AuthError(f"DeepAffects refused the API key ({await _error_text(response) or response.status_code})")
+            transient = transient_from_response(response)
+            if transient is not None:
+                raise transient
+        finally:
+            await response.aclose()
+
+    async def aclose(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.aclose()
+        await self._api.aclose()
+
+
+# ====================================================================== small helpers
+
+
+def _default_public_url(host: str, port: int) -> str:
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def _clean(text: str | None, limit: int = 300) -> str:
+    """A service-supplied sentence made safe for logs and error files."""
+    if not text:
+        return ""
+    text = redact_text(" ".join(text.split()))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+async def _read_limited(response: httpx.Response, limit: int) -> bytes:
+    data = bytearray()
+    async for chunk in response.aiter_bytes():
+        data += chunk
+        if len(data) > limit:
+            break
+    return bytes(data[:limit])
+
+
+async def _error_text(response: httpx.Response) -> str:
+    """The service's own words from an error answer (JSON or text), short and redacted."""
+    try:
+        raw = await _read_limited(response, 64 * 1024)
+    except httpx.HTTPError:
+        return ""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return _clean(raw.decode("utf-8", "replace"), 200)
+    if isinstance(body, dict):
+        fault = body.get("fault")
+        if isinstance(fault, dict) and isinstance(fault.get("faultstring"), str):
+            return _clean(fault["faultstring"], 200)
+        for key in _REASON_KEYS:
+            value = body.get(key)
+            if isinstance(value, dict):
+                value = value.get("message") or value.get("msg")
+            if isinstance(value, str) and value.strip():
+                return _clean(value, 200)
+    return _clean(raw.decode("utf-8", "replace"), 200)
+
+
+async def _small_json(response: httpx.Response) -> Any:
+    """A short JSON answer; TransientError if it is not JSON."""
+    try:
+        raw = await _read_limited(response, 1024 * 1024)
+    except httpx.HTTPError as exc:
+        raise transient_from_exception(exc) from None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise TransientError("the upload answer was not JSON", kind="bad_answer") from None
