@@ -25,7 +25,7 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
 
 
 #: modules under dhwatch.commands; each has ``register(sub)`` adding its subcommand(s)
-COMMAND_MODULES = ("run", "emulate", "serve", "status", "jobs", "retry", "check")
+COMMAND_MODULES = ("run", "emulate", "serve", "status", "jobs", "retry", "check", "process")
 
 
 def add_command(

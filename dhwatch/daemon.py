@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from dhwatch.backends import create_backend
@@ -98,8 +99,28 @@ async def _auth_loop(ctx: Context) -> None:
         ctx.resume()
 
 
-async def run_daemon(settings: Settings, config_path: Path | None = None) -> int:
-    """Run until SIGTERM/SIGINT. Returns the process exit code."""
+async def _drained(ctx: Context, intake: Intake, progress: Callable[[dict[str, int]], None] | None) -> None:
+    """Burst mode: return once the inbox was scanned and every file is finished."""
+    while True:
+        await asyncio.sleep(0.2)
+        if progress is not None:
+            progress(ctx.ledger.counts())
+        if intake.idle and not ctx.ledger.busy():
+            return
+
+
+async def run_daemon(
+    settings: Settings,
+    config_path: Path | None = None,
+    *,
+    burst: bool = False,
+    progress: Callable[[dict[str, int]], None] | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT (or, with ``burst``, until every file is finished).
+
+    Returns the process exit code. Burst mode is ``dhwatch process``: the same pipeline,
+    draining a prepared inbox once.
+    """
     log = get_logger()
     require_api_key(settings)
     require_quality_settings(settings)
@@ -157,12 +178,15 @@ async def run_daemon(settings: Settings, config_path: Path | None = None) -> int
         }
         notifier.ready(status_line(ctx))
         stopper = asyncio.create_task(stop.wait())
+        if burst:
+            tasks.add(asyncio.create_task(_drained(ctx, intake, progress), name="drained"))
         done, _ = await asyncio.wait(tasks | {stopper}, return_when=asyncio.FIRST_COMPLETED)
         crashed = [t for t in done if t is not stopper and not t.cancelled() and t.exception() is not None]
+        drained = any(t.get_name() == "drained" for t in done)
         for t in crashed:
             exc = t.exception()
             log.error("stage_crashed", stage=t.get_name(), error=f"{type(exc).__name__}: {exc}")
-        log.info("stopping", reason="stage crashed" if crashed else "signal")
+        log.info("stopping", reason="stage crashed" if crashed else "drained" if drained else "signal")
         notifier.stopping()
         for t in tasks:
             t.cancel()

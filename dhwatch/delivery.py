@@ -171,7 +171,11 @@ def move_from_inbox(inbox: Path, rel_path: str, dest_root: Path, *, dest: Path |
             if exc.errno != errno.EXDEV:
                 raise
             _copy_across(dir_fd, rel.name, dest)
-            os.unlink(rel.name, dir_fd=dir_fd)
+            try:
+                os.unlink(rel.name, dir_fd=dir_fd)
+            except OSError:
+                os.unlink(dest)  # never leave a second copy behind when the original stays
+                raise
         fsync_dir(dest.parent)
         os.fsync(dir_fd)
     finally:

@@ -11,6 +11,7 @@ costs anything.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import stat
 from pathlib import Path
@@ -23,6 +24,9 @@ from dhwatch.settle import SettleTracker
 from dhwatch.sourcefile import Fingerprint, Identity, fingerprint
 from dhwatch.states import State
 from dhwatch.watcher import Found, InboxWatcher, Refused, ScanResult, Skipped, classify, lstat_rel, scan
+
+
+_SCAN_BATCH = 2000
 
 
 class Intake:
@@ -44,6 +48,8 @@ class Intake:
         self._finished: dict[str, FinishedVersion] = {}
         self._logged_skips: set[str] = set()
         self._next_scan = 0.0
+        #: the first full scan has run (burst mode waits for it before calling the inbox drained)
+        self.scanned = False
 
     @property
     def inbox(self) -> Path:
@@ -64,18 +70,19 @@ class Intake:
                 if now >= self._next_scan:
                     await self.full_scan()
                     self._next_scan = self.ctx.clock() + self.ctx.settings.rescan_interval
+                    self.scanned = True
                 paths, dirs = self.watcher.hints.drain()
                 paths |= self.ctx.recheck
                 self.ctx.recheck = set()
                 for rel_dir in dirs:
-                    await self._take_results(await asyncio.to_thread(list, scan(self.inbox, self.ctx.settings.extensions, rel_dir)))
+                    await self._scan(rel_dir)
                 for rel in paths:
                     st = lstat_rel(self.inbox, rel)
                     if st is None:
                         self.tracker.forget(rel)
                         continue
                     if stat.S_ISDIR(st.st_mode):
-                        await self._take_results(await asyncio.to_thread(list, scan(self.inbox, self.ctx.settings.extensions, rel)))
+                        await self._scan(rel)
                         continue
                     result = classify(rel, st, self.ctx.settings.extensions)
                     if result is not None:
@@ -92,12 +99,30 @@ class Intake:
         finally:
             await asyncio.to_thread(self.watcher.stop)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing waiting to settle or being hashed (the ledger says the rest)."""
+        return self.scanned and not len(self.tracker) and not self._hashing
+
     async def full_scan(self) -> None:
         """Look at every file in the inbox (at start, and every ``rescan_interval``)."""
         self._finished = self.ctx.ledger.finished_versions()
-        results = await asyncio.to_thread(list, scan(self.inbox, self.ctx.settings.extensions))
-        await self._take_results(results)
-        self.ctx.log.debug("scan_done", entries=len(results), candidates=len(self.tracker))
+        entries = await self._scan("")
+        self.ctx.log.debug("scan_done", entries=entries, candidates=len(self.tracker))
+
+    async def _scan(self, under: str) -> int:
+        """Walk (part of) the inbox in a thread, a batch at a time; returns how many entries.
+
+        Batches keep memory flat for 100,000 files and let the stage's heartbeat go on, so
+        a scan of a huge, slow network share never looks like a stalled daemon to systemd.
+        """
+        walker = scan(self.inbox, self.ctx.settings.extensions, under)
+        total = 0
+        while batch := await asyncio.to_thread(lambda: list(itertools.islice(walker, _SCAN_BATCH))):
+            self.ctx.beat("intake")
+            total += len(batch)
+            await self._take_results(batch)
+        return total
 
     # ------------------------------------------------------------------ observing
     async def _take_results(self, results: list[ScanResult]) -> None:

@@ -525,6 +525,15 @@ class Ledger:
         )
         return [Event(r[0], r[1], r[2], r[3]) for r in rows]
 
+    def busy(self) -> bool:
+        """Any row not finished yet, or a quality report still to make?"""
+        marks = ", ".join("?" for _ in ACTIVE)
+        row = self._conn.execute(
+            f"SELECT EXISTS(SELECT 1 FROM files WHERE state IN ({marks}) OR quality_status = 'pending')",
+            tuple(s.value for s in ACTIVE),
+        ).fetchone()
+        return bool(row[0])
+
     def counts(self) -> dict[str, int]:
         rows = self._conn.execute("SELECT state, COUNT(*) FROM files GROUP BY state")
         return {r[0]: r[1] for r in rows}
@@ -553,6 +562,7 @@ class Ledger:
 def _corrupt_message(path: Path, detail: str) -> str:
     return (
         f"the ledger {path} is damaged ({detail}). dhwatch will not start on it: an empty or "
-        "partial ledger would process and bill files again. Restore it from backup (see the README, "
-        "'Recovering the ledger'), or move it aside to start afresh."
+        "partial ledger would process and bill files again. Restore it from backup, or, to start "
+        f"afresh, move it aside AND delete {path.parent / LEDGER_ID_NAME} (see the README, "
+        "'Recovering the ledger')."
     )

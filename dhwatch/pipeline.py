@@ -526,13 +526,20 @@ class Finisher:
     def __init__(self, ctx: Context, reporter: Reporter | None = None) -> None:
         self.ctx = ctx
         self.reporter = reporter
+        #: row id → (failures so far, monotonic time of the next try): a folder that cannot be
+        #: written must cost a log line now and then, not a core
+        self._blocked: dict[int, tuple[int, float]] = {}
 
     async def run(self) -> None:
         ctx = self.ctx
         while True:
             ctx.beat("finish")
-            steps = [self._guard(self.finish_delivered(r), r) for r in ctx.ledger.in_state(State.DELIVERED, limit=64)]
-            steps += [self._guard(self.finish_failing(r), r) for r in ctx.ledger.in_state(State.FAILING, limit=64)]
+            now = time.monotonic()
+            ready = lambda r: self._blocked.get(r.id, (0, 0.0))[1] <= now  # noqa: E731
+            steps = [self._guard(self.finish_delivered(r), r)
+                     for r in ctx.ledger.in_state(State.DELIVERED, limit=64) if ready(r)]
+            steps += [self._guard(self.finish_failing(r), r)
+                      for r in ctx.ledger.in_state(State.FAILING, limit=64) if ready(r)]
             if steps:
                 await asyncio.gather(*steps)
                 continue
@@ -541,10 +548,15 @@ class Finisher:
     async def _guard(self, step: Coroutine[Any, Any, None], row: FileRow) -> None:
         try:
             await step
+            self._blocked.pop(row.id, None)
         except TransitionConflict:
             pass
         except OSError as exc:
-            self.ctx.log.error("finish_failed", file=row.rel_path, row=row.id, error=str(exc))
+            failures = self._blocked.get(row.id, (0, 0.0))[0] + 1
+            delay = min(300.0, 2.0 ** min(failures, 10))
+            self._blocked[row.id] = (failures, time.monotonic() + delay)
+            self.ctx.log.error("finish_failed", file=row.rel_path, row=row.id, error=str(exc),
+                               retry_in_seconds=delay, failures=failures)
 
     def _source_if_same(self, row: FileRow) -> Path | None:
         """The inbox file, if it is still the version this row is about (never a newer one)."""

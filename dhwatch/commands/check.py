@@ -89,7 +89,7 @@ def check_secrets(settings: Settings, config_path: Path) -> Iterator[Finding]:
     """The API key: there when the backend needs one, and not readable by everyone."""
     from dhwatch.config import require_api_key, world_readable_secret_files
 
-    if settings.backend == "deephearing":
+    if settings.backend != "local":
         try:
             require_api_key(settings)
         except ConfigError as exc:
@@ -284,7 +284,7 @@ async def _check_api(settings: Settings, timeout: float) -> Finding:
     from dhwatch.backends import create_backend
     from dhwatch.errors import AuthError
 
-    url = settings.deephearing.base_url
+    url = getattr(settings.backend_section(), "base_url", settings.backend)
     backend = create_backend(settings)
     t0 = time.monotonic()
     try:
@@ -325,7 +325,8 @@ def check_backend(settings: Settings, timeout: float) -> Finding:
     """The API answers and accepts the key, or the local engine loads."""
     if settings.backend == "local":
         return check_local_engine(settings)
-    if not settings.deephearing.resolve_api_key():
+    section = settings.backend_section()
+    if hasattr(section, "resolve_api_key") and not section.resolve_api_key():
         return _fail("api", "not checked: no API key")
     return asyncio.run(_check_api(settings, timeout))
 

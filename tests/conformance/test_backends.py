@@ -66,7 +66,30 @@ def _local() -> Iterator[Subject]:
     )
 
 
-SUBJECTS: dict[str, Callable[[], Iterator[Subject]]] = {"deephearing": _deephearing, "local": _local}
+def _deepaffects() -> Iterator[Subject]:
+    from dhwatch.emulators.deepaffects import DeepAffectsEmulator
+    from tests.acceptance.test_deepaffects_daemon import KEY, deepaffects_config
+
+    with DeepAffectsEmulator(keys={KEY}) as emu:
+        yield Subject(
+            name="deepaffects",
+            # a short fallback poll so a lost callback is recovered within the test's time
+            config=lambda f: deepaffects_config(f, emu, fallback=1.0),
+            jobs=lambda: len(emu.jobs),
+            reject_next=broken_wav,
+            faults={
+                kind: (lambda k=kind, r=route: emu.inject(k, r, count=2 if k not in ("lost", "late", "duplicate")
+                                                          else 1))
+                for kind, route in [("503", "denoise"), ("429", "status"), ("reset", "denoise"),
+                                    ("drop", "denoise"), ("lost", "denoise"), ("duplicate", "denoise"),
+                                    ("late", "denoise")]
+            },
+        )
+
+
+SUBJECTS: dict[str, Callable[[], Iterator[Subject]]] = {
+    "deephearing": _deephearing, "local": _local, "deepaffects": _deepaffects,
+}
 
 
 @pytest.fixture(params=sorted(SUBJECTS))
