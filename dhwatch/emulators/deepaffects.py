@@ -45,9 +45,6 @@ import itertools
 import json
 import logging
 import re
-import shutil
-import signal
-import sys
 import tempfile
 import threading
 import time
@@ -57,7 +54,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from types import FrameType, TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -69,6 +65,8 @@ from dhwatch.backends.audiojson import Base64Decoder, JsonScanner, JsonStreamErr
 from dhwatch.emulators.deephearing import ProcessedFile, Processor, attenuate
 from dhwatch.emulators.httpserver import (
     EmulatorServer,
+    EmulatorService,
+    serve_until_signal,
     Fault,
     FaultPlan,
     Request,
@@ -296,7 +294,7 @@ class _Timers:
 # --------------------------------------------------------------------------- the emulator
 
 
-class DeepAffectsEmulator:
+class DeepAffectsEmulator(EmulatorService):
     """The DeepAffects async API on one local server, calling back over real HTTP.
 
     Knobs: ``keys`` (rotate with :meth:`set_keys`), ``processing_seconds``, ``processor``,
@@ -305,6 +303,9 @@ class DeepAffectsEmulator:
     connection, a timeout, a 5xx or 429), ``callback_timeout``, ``retry_after`` and
     ``slow_seconds`` (for the transient faults).
     """
+
+    workdir_prefix = "dhwatch-da-"
+    worker_name = "deepaffects-processor"
 
     def __init__(
         self,
@@ -339,10 +340,6 @@ class DeepAffectsEmulator:
         self._keys: frozenset[str] = frozenset(keys)
         self._jobs: dict[str, _Job] = {}
         self._callbacks: list[CallbackRecord] = []
-        self._own_workdir = workdir is None
-        self._workdir_arg = workdir
-        self._workdir: Path | None = None
-        self._executor: ThreadPoolExecutor | None = None
         self._senders: ThreadPoolExecutor | None = None
         self._timers: _Timers | None = None
         self._http: httpx.Client | None = None
@@ -357,52 +354,27 @@ class DeepAffectsEmulator:
             faults=self.faults,
             error_response=_server_error,
         )
+        super().__init__([self.api], workdir=workdir, workers=2)
 
     # ----------------------------------------------------------------- lifecycle
 
-    def start(self) -> DeepAffectsEmulator:
-        """Start the server, the processing and callback threads; return self."""
-        if self._workdir is not None:
-            raise RuntimeError("emulator already started")
-        self._workdir = Path(tempfile.mkdtemp(prefix="dhwatch-da-")) if self._workdir_arg is None else self._workdir_arg
-        for sub in ("spool", "jobs"):
-            (self._workdir / sub).mkdir(parents=True, exist_ok=True)
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deepaffects-processor")
+    def _start_extra(self) -> None:
+        """The callback senders, their HTTP client and the timers for late callbacks."""
         self._senders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="deepaffects-callback")
         self._http = httpx.Client(timeout=self.callback_timeout)
         self._timers = _Timers("deepaffects-timers")
         self._timers.start()
-        try:
-            self.api.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
-    def stop(self) -> None:
-        """Stop serving and calling back; remove a temporary workdir. Idempotent."""
-        self.api.stop()
+    def _stop_extra(self) -> None:
         if self._timers is not None:
             self._timers.stop()
             self._timers = None
-        for pool in (self._executor, self._senders):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-        self._executor = self._senders = None
+        if self._senders is not None:
+            self._senders.shutdown(wait=True, cancel_futures=True)
+            self._senders = None
         if self._http is not None:
             self._http.close()
             self._http = None
-        if self._own_workdir and self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-        self._workdir = None
-
-    def __enter__(self) -> DeepAffectsEmulator:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # ----------------------------------------------------------------- introspection
 
@@ -766,27 +738,10 @@ def run(args: argparse.Namespace) -> int:
     for spec in args.fault_rate:
         kind, _, value = spec.partition("=")
         emulator.set_fault_rate(kind, float(value))
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        try:
-            emulator.start()
-        except OSError as exc:
-            print(f"deepaffects emulator: cannot listen: {exc}", file=sys.stderr)
-            return 1
-        print(f"DeepAffects emulator on {emulator.base_url} (set [deepaffects] base_url to it)")
-        print(f"API key: {', '.join(keys)}", flush=True)
-        while not stop.wait(0.5):
-            pass
-    finally:
-        emulator.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0
+    return serve_until_signal(emulator, "DeepAffects emulator", lambda: [
+        f"DeepAffects emulator on {emulator.base_url} (set [deepaffects] base_url to it)",
+        f"API key: {', '.join(keys)}",
+    ])
 
 
 if __name__ == "__main__":  # python -m dhwatch.emulators.deepaffects

@@ -35,28 +35,25 @@ import logging
 import os
 import secrets
 import shutil
-import signal
-import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from types import FrameType, TracebackType
 from typing import IO, Any
 from urllib.parse import quote
 
-import soundfile as sf
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from dhwatch.audioformat import SNIFF_BYTES, sniff
 from dhwatch.emulators.httpserver import (
     EmulatorServer,
+    EmulatorService,
+    serve_until_signal,
     Fault,
     FaultPlan,
     Request,
@@ -152,6 +149,8 @@ def attenuate(src: Path, dst_dir: Path, filename: str) -> ProcessedFile:
     channels and length, streamed block by block so big files stay off the heap. What
     libsndfile cannot decode (m4a/AAC) is copied through and bills 0 seconds.
     """
+    import soundfile as sf  # lazy: `dhwatch --help` and `dhwatch status` need not load numpy
+
     dst = dst_dir / filename
     try:
         info = sf.info(str(src))
@@ -190,6 +189,8 @@ def decodable(path: Path) -> None:
     Like the real service ("something wrong with the file"), a broken file is refused at
     upload with INVALID_FILE instead of becoming a job. m4a/AAC pass (libsndfile cannot read them).
     """
+    import soundfile as sf  # lazy: `dhwatch --help` and `dhwatch status` need not load numpy
+
     with open(path, "rb") as f:
         container = sniff(f.read(SNIFF_BYTES))
     if container in ("wav", "flac", "ogg"):
@@ -500,7 +501,8 @@ class _FormReader:
 # --------------------------------------------------------------------------- the emulator
 
 
-class DeepHearingEmulator:
+class DeepHearingEmulator(EmulatorService):
+
     """The DeepHearing API and its storage origin, as two local servers sharing one job table.
 
     Knobs: ``keys`` (registered API keys; rotate with :meth:`set_keys`), ``processing_seconds``,
@@ -511,6 +513,9 @@ class DeepHearingEmulator:
     a status request waits for a job that is due but still processing before it reports
     ``post-processing``), ``clock`` (epoch seconds; pass a fake one to test progression).
     """
+
+    workdir_prefix = "dhwatch-emu-"
+    worker_name = "deephearing-processor"
 
     def __init__(
         self,
@@ -562,10 +567,6 @@ class DeepHearingEmulator:
         self._jobs: dict[str, _Job] = {}
         self._files_received = 0
         self._secret = secrets.token_bytes(32)
-        self._own_workdir = workdir is None
-        self._workdir_arg = workdir
-        self._workdir: Path | None = None
-        self._executor: ThreadPoolExecutor | None = None
         self.api = EmulatorServer(
             "deephearing-api",
             [
@@ -586,45 +587,9 @@ class DeepHearingEmulator:
             faults=self.faults,
             error_response=_storage_error,
         )
+        super().__init__([self.storage, self.api], workdir=workdir, workers=workers)
 
     # ----------------------------------------------------------------- lifecycle
-
-    def start(self) -> DeepHearingEmulator:
-        """Start both origins and the processing worker; return self."""
-        if self._workdir is not None:
-            raise RuntimeError("emulator already started")
-        self._workdir = (
-            Path(tempfile.mkdtemp(prefix="dhwatch-emu-")) if self._workdir_arg is None else self._workdir_arg
-        )
-        for sub in ("spool", "jobs"):
-            (self._workdir / sub).mkdir(parents=True, exist_ok=True)
-        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="deephearing-processor")
-        try:
-            self.storage.start()
-            self.api.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        """Stop both servers, finish or cancel processing, remove a temporary workdir. Idempotent."""
-        self.api.stop()
-        self.storage.stop()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
-        if self._own_workdir and self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-        self._workdir = None
-
-    def __enter__(self) -> DeepHearingEmulator:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # ----------------------------------------------------------------- introspection
 
@@ -929,25 +894,7 @@ def run(args: argparse.Namespace) -> int:
     )
     for kind, routes, probability in args.fault_rate:
         emulator.set_fault_rate(kind, probability, routes)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        try:
-            emulator.start()
-        except OSError as exc:
-            print(f"dhwatch emulate: cannot listen: {exc}", file=sys.stderr)
-            return 1
-        print(f"DeepHearing emulator: API on {emulator.base_url}, results on {emulator.storage_base_url}")
-        print(f"API key: {', '.join(keys)}", flush=True)
-        while not stop.wait(0.5):
-            pass
-    finally:
-        emulator.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    print("DeepHearing emulator stopped", flush=True)
-    return 0
+    return serve_until_signal(emulator, "DeepHearing emulator", lambda: [
+        f"DeepHearing emulator: API on {emulator.base_url}, results on {emulator.storage_base_url}",
+        f"API key: {', '.join(keys)}",
+    ])

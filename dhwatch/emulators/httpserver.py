@@ -41,6 +41,8 @@ import enum
 import json
 import logging
 import random
+import shutil
+import tempfile
 import re
 import socket
 import socketserver
@@ -49,6 +51,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.message import Message
 from http import HTTPStatus
@@ -806,3 +809,100 @@ class EmulatorServer:
                 return route, allowed
             allowed.extend(m for m in route.methods if m not in allowed)
         return None, allowed
+
+
+# --------------------------------------------------------------------------- emulated services
+
+
+class EmulatorService:
+    """What every vendor emulator shares: its servers, a worker pool, a working folder.
+
+    Subclasses build their :class:`EmulatorServer` origins in ``__init__`` and hand them
+    here (started in the order given, stopped all), and may add their own resources in
+    :meth:`_start_extra` / :meth:`_stop_extra`. Usable as a context manager.
+    """
+
+    #: prefixes for the temporary working folder and the worker threads' names
+    workdir_prefix = "dhwatch-emulator-"
+    worker_name = "emulator-worker"
+
+    def __init__(self, servers: Sequence[EmulatorServer], *, workdir: Path | None = None, workers: int = 2) -> None:
+        self._servers = list(servers)
+        self._workdir_arg = workdir
+        self._own_workdir = workdir is None
+        self._workdir: Path | None = None
+        self._workers = workers
+        self._executor: ThreadPoolExecutor | None = None
+
+    def start(self) -> Any:
+        """Start the worker pool and every origin; returns self."""
+        if self._workdir is not None:
+            raise RuntimeError("emulator already started")
+        self._workdir = (
+            Path(tempfile.mkdtemp(prefix=self.workdir_prefix)) if self._workdir_arg is None else self._workdir_arg
+        )
+        for sub in ("spool", "jobs"):
+            (self._workdir / sub).mkdir(parents=True, exist_ok=True)
+        self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix=self.worker_name)
+        try:
+            self._start_extra()
+            for server in self._servers:
+                server.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop the origins and the workers, remove a temporary working folder. Idempotent."""
+        for server in self._servers:
+            server.stop()
+        self._stop_extra()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        if self._own_workdir and self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+        self._workdir = None
+
+    def _start_extra(self) -> None:
+        """Start what a subclass needs besides the servers and the pool."""
+
+    def _stop_extra(self) -> None:
+        """Stop it again (called even after a failed start)."""
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def serve_until_signal(service: EmulatorService, name: str, banner: Callable[[], Sequence[str]]) -> int:
+    """Run ``service`` in the foreground until SIGINT/SIGTERM (the emulators' command lines).
+
+    Prints ``banner()`` once listening; returns the exit code (1 if the port is taken).
+    """
+    import signal
+    import sys
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            service.start()
+        except OSError as exc:
+            print(f"{name}: cannot listen: {exc}", file=sys.stderr)
+            return 1
+        for line in banner():
+            print(line, flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        service.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(f"{name} stopped", flush=True)
+    return 0

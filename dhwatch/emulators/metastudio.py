@@ -39,22 +39,20 @@ import json
 import logging
 import secrets
 import shutil
-import tempfile
 import threading
 import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from dhwatch.audioformat import SNIFF_BYTES, sniff
 from dhwatch.emulators.httpserver import (
     EmulatorServer,
+    EmulatorService,
     Fault,
     FaultPlan,
     Request,
@@ -263,7 +261,7 @@ def make_fault(kind: str, route: str, *, retry_after: float | None = 1.0, slow_s
 # --------------------------------------------------------------------------- the emulator
 
 
-class MetaStudioEmulator:
+class MetaStudioEmulator(EmulatorService):
     """The MetaStudio short-job API and its OBS upload origin, as two local servers.
 
     Knobs: ``tokens`` (registered IAM tokens; :meth:`set_tokens` rotates them),
@@ -273,6 +271,9 @@ class MetaStudioEmulator:
     ``status_wait`` (how long a query waits for a due job's assessment before answering
     PROCESSING), ``clock`` (epoch seconds; pass a fake one to test progression).
     """
+
+    workdir_prefix = "dhwatch-metastudio-"
+    worker_name = "metastudio-assess"
 
     def __init__(
         self,
@@ -308,8 +309,6 @@ class MetaStudioEmulator:
         self._jobs: dict[str, _Job] = {}
         self._secret = secrets.token_bytes(32)
         self._access_key = "EMULATORAK" + secrets.token_hex(5).upper()
-        self._workdir: Path | None = None
-        self._executor: ThreadPoolExecutor | None = None
         prefix = r"/v1/(?P<project>[^/]+)/voice-training-manage/user/short-jobs"
         self.api = EmulatorServer(
             "metastudio-api",
@@ -332,41 +331,9 @@ class MetaStudioEmulator:
             faults=self.faults,
             error_response=_obs_error,
         )
+        super().__init__([self.storage, self.api], workers=2)
 
     # ----------------------------------------------------------------- lifecycle
-
-    def start(self) -> MetaStudioEmulator:
-        """Start both origins and the assessment worker; return self."""
-        if self._workdir is not None:
-            raise RuntimeError("emulator already started")
-        self._workdir = Path(tempfile.mkdtemp(prefix="dhwatch-metastudio-"))
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="metastudio-assess")
-        try:
-            self.storage.start()
-            self.api.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        """Stop both servers and the worker, remove the workdir. Idempotent."""
-        self.api.stop()
-        self.storage.stop()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
-
-    def __enter__(self) -> MetaStudioEmulator:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # ----------------------------------------------------------------- introspection
 

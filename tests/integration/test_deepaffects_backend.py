@@ -37,17 +37,6 @@ T = TypeVar("T")
 KEY = "DA-key-5ecret-9b17c3e"
 
 
-@pytest.fixture(autouse=True)
-def no_leaked_threads() -> Iterator[None]:
-    """Fail any test that leaves a server, timer or sender thread running."""
-    before = set(threading.enumerate())
-    yield
-    deadline = time.monotonic() + 5
-    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-    while leaked and time.monotonic() < deadline:
-        leaked[0].join(timeout=0.1)
-        leaked = [t for t in leaked if t.is_alive()]
-    assert not leaked, f"threads left running: {leaked}"
 
 
 @pytest.fixture

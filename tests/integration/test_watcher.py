@@ -18,17 +18,6 @@ from tests.conftest import make_audio, wait_for
 EXT = list(DEFAULT_EXTENSIONS)
 
 
-@pytest.fixture(autouse=True)
-def no_leaked_threads() -> Iterator[None]:
-    """Fail any test that leaves an observer or emitter thread running."""
-    before = set(threading.enumerate())
-    yield
-    deadline = time.monotonic() + 5
-    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-    while leaked and time.monotonic() < deadline:
-        leaked[0].join(timeout=0.1)
-        leaked = [t for t in leaked if t.is_alive()]
-    assert not leaked, f"threads left running: {leaked}"
 
 
 @pytest.fixture
