@@ -25,11 +25,12 @@ from dhwatch.emulators.deephearing import DeepHearingEmulator  # noqa: E402
 KEY = "bench-key"
 
 
-def run_once(n: int, batch: int) -> tuple[float, float, int]:
+def run_once(n: int, batch: int, quality: str = "off", seconds: float = 0.1) -> tuple[float, float, int]:
     with tempfile.TemporaryDirectory() as tmp, DeepHearingEmulator(keys={KEY}) as emu:
         root = Path(tmp)
-        config = write_config(root, emu.base_url, KEY, deephearing__batch_files=batch, rescan_interval=3600.0)
-        unique_copies(root / "inbox", n, small_wav_bytes())
+        config = write_config(root, emu.base_url, KEY, deephearing__batch_files=batch, rescan_interval=3600.0,
+                              quality=quality)
+        unique_copies(root / "inbox", n, small_wav_bytes(seconds))
         t0 = time.monotonic()
         daemon = Daemon(config)
         try:
@@ -45,13 +46,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=2000)
     parser.add_argument("--batches", default="1,4,8,16")
+    parser.add_argument("--seconds", type=float, default=0.1, help="length of each file")
+    parser.add_argument("--quality", default="off", help="'off', 'local', or 'both' to compare (reports cost)")
     args = parser.parse_args()
-    print(f"draining {args.files} small files through the emulator (zero processing delay)")
+    if args.quality == "both":
+        compare_quality(args.files, args.seconds)
+        return
+    print(f"draining {args.files} files of {args.seconds:g} s through the emulator (zero processing delay)")
     print("| batch_files | files/s | /enhance requests | daemon peak RSS (MiB) |")
     print("|---:|---:|---:|---:|")
     for batch in (int(b) for b in args.batches.split(",")):
-        rate, rss, requests = run_once(args.files, batch)
+        rate, rss, requests = run_once(args.files, batch, args.quality, args.seconds)
         print(f"| {batch} | {rate:.1f} | {requests} | {rss:.0f} |", flush=True)
+
+
+def compare_quality(n: int, seconds: float) -> None:
+    """Throughput to the last delivered file, with quality reports off and on, in one run."""
+    print(f"{n} files of {seconds:g} s, batch_files = 8: does the quality report slow delivery?")
+    print("| quality | files/s | daemon peak RSS (MiB) |")
+    print("|---|---:|---:|")
+    rates = {}
+    for quality in ("off", "local"):
+        rates[quality], rss, _ = run_once(n, 8, quality, seconds)
+        print(f"| {quality} | {rates[quality]:.1f} | {rss:.0f} |", flush=True)
+    print(f"throughput with reports / without: {rates['local'] / rates['off']:.2f}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def write_config(root: Path, base_url: str, key: str, **top: Any) -> Path:
     base = {
         "inbox": str(root / "inbox"), "outbox": str(root / "outbox"), "failed_dir": str(root / "failed"),
         "archive_dir": str(root / "archive"), "state_dir": str(root / "state"), "backend": "deephearing",
-        "settle_seconds": 0.0, "log_format": "json", "log_level": "info",
+        "settle_seconds": 0.0, "log_format": "json", "log_level": "info", "quality": "off",
     }  # fmt: skip
     base.update(top)
     dh = {"base_url": base_url, "api_key": key, "poll_interval": 0.05, "poll_max_interval": 0.2, "read_timeout": 600}

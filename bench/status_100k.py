@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import write_config
 
-from dhwatch.ledger import LEDGER_NAME, Ledger
+from dhwatch.ledger import FileRow, LEDGER_NAME, Ledger
 from dhwatch.queries import connect_readonly, status_snapshot
 from dhwatch.states import State
 
@@ -111,7 +112,9 @@ def build_ledger(state_dir: Path, files: int, seed: int = 1) -> tuple[int, int]:
     conn = sqlite3.connect(state_dir / LEDGER_NAME, isolation_level=None)
     try:
         conn.execute("BEGIN")
-        conn.executemany(f"INSERT INTO files VALUES ({', '.join('?' * 26)})", file_rows)
+        # the columns of schema version 1, by name: later migrations only add nullable columns
+        columns = [f.name for f in dataclasses.fields(FileRow)][:26]
+        conn.executemany(f"INSERT INTO files ({', '.join(columns)}) VALUES ({', '.join('?' * 26)})", file_rows)
         conn.executemany("INSERT INTO events (file_id, at, from_state, to_state, detail) VALUES (?, ?, ?, ?, ?)",
                          event_rows)
         conn.execute("COMMIT")

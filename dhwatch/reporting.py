@@ -6,13 +6,21 @@ outbox and the original archived, so a slow assessment never holds a file back. 
 with ``on_success = "keep"``). With ``on_success = "delete"`` there is no original left
 afterwards, so that one report is made by the finisher just before the delete.
 
-One report at a time, in a worker thread (the analysis releases the GIL in numpy/ONNX).
-A report that cannot be made is logged and marked failed; it never fails the file.
+Local reports are built one at a time in a long-lived worker *process* at the lowest CPU
+priority (nice 19): they use only idle CPU, never the daemon's GIL, and the analysis's
+memory (the DNSMOS ONNX session is ~200 MB) stays out of the daemon (bench/drain.py
+``--quality both`` measures the difference). A crashed worker is replaced; a report that
+cannot be made is logged and marked failed; it never fails the file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +37,7 @@ class Reporter:
         self.ctx = ctx
         self._client: Any = None
         self._lock = asyncio.Lock()
+        self._pool: ProcessPoolExecutor | None = None
 
     @property
     def enabled(self) -> bool:
@@ -52,27 +61,31 @@ class Reporter:
         output = Path(row.output_path)
         async with self._lock:
             try:
-                report = await self._build(original, output)
-                from dhwatch.quality import report_path_for, write_report
-
-                target = report_path_for(output)
-                await asyncio.to_thread(write_report, report, target)
+                made = await self._build(original, output)
+            except BrokenProcessPool:
+                self._pool = None  # the worker died (OOM, a native crash): a fresh one next time
+                ctx.log.warning("quality_report_failed", file=row.rel_path, row=row.id, error="report worker crashed")
+                self._record(row, "failed", None)
+                return
             except (DhwatchError, OSError) as exc:
                 ctx.log.warning("quality_report_failed", file=row.rel_path, row=row.id, error=str(exc))
                 self._record(row, "failed", None)
                 return
-        self._record(row, "done", report.to_json())
-        ctx.log.info("quality_report", file=row.rel_path, row=row.id, report=str(target),
-                     problems=report.problems(), suggestion=report.suggestion)
+        self._record(row, "done", made.json)
+        ctx.log.info("quality_report", file=row.rel_path, row=row.id, report=made.path,
+                     problems=made.problems, suggestion=made.suggestion)
 
-    async def _build(self, original: Path | None, output: Path) -> Any:
+    async def _build(self, original: Path | None, output: Path) -> MadeReport:
         settings = self.ctx.settings
         if settings.quality == "huawei":
-            return await self._metastudio().assess(output, input_path=original)
-        from dhwatch.quality import AnalysisOptions, build_report
-
-        options = AnalysisOptions(dnsmos=settings.quality_dnsmos)
-        return await asyncio.to_thread(build_report, original, output, options=options)
+            report = await self._metastudio().assess(output, input_path=original)
+            return await asyncio.to_thread(_write, report, output)
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_background_worker
+            )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, _local_report, original, output, settings.quality_dnsmos)
 
     def _metastudio(self) -> Any:
         if self._client is None:
@@ -96,6 +109,45 @@ class Reporter:
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def _background_worker() -> None:
+    """In the report worker: lowest CPU priority, and die with the daemon."""
+    from dhwatch.engine.worker import die_with_parent
+
+    os.nice(19)
+    die_with_parent()
+
+
+@dataclass(frozen=True)
+class MadeReport:
+    """A written report, as plain data (it crosses the process boundary)."""
+
+    path: str
+    json: str
+    problems: list[str]
+    suggestion: str
+
+
+def _write(report: Any, output: Path) -> MadeReport:
+    from dhwatch.quality import report_path_for, write_report
+
+    target = report_path_for(output)
+    write_report(report, target)
+    return MadeReport(str(target), report.to_json(), report.problems(), report.suggestion)
+
+
+def _local_report(original: Path | None, output: Path, dnsmos: bool) -> MadeReport:
+    """Runs in the report worker process: measure both files, write the report beside the output.
+
+    The daemon never imports the analysis (numpy/scipy/ONNX): its memory stays small.
+    """
+    from dhwatch.quality import AnalysisOptions, build_report
+
+    return _write(build_report(original, output, options=AnalysisOptions(dnsmos=dnsmos)), output)
 
 
 def _original_of(row: FileRow, ctx: Context) -> Path | None:

@@ -245,7 +245,7 @@ def _kill(process: BaseProcess) -> None:
         process.join(_REAP_TIMEOUT)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Ask the kernel to SIGKILL this worker when the daemon dies (even by ``kill -9``).
 
     Without it an orphaned worker would keep a core busy on a job nobody waits for, while
@@ -268,7 +268,7 @@ def _child_main(
 ) -> None:
     """Entry point of the worker process: denoise, report, exit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent()
     if fault == "abort":
         os.abort()
     elif fault == "exit":
