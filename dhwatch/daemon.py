@@ -23,7 +23,7 @@ from dhwatch.intake import Intake
 from dhwatch.ledger import Ledger, StateDirLock
 from dhwatch.logs import get_logger, register_secret
 from dhwatch.metrics import serve as metrics_serve
-from dhwatch.pipeline import Fetcher, Finisher, Poller, Uploader
+from dhwatch.stages import Fetcher, Finisher, Poller, Uploader
 from dhwatch.reporting import Reporter
 from dhwatch.sdnotify import Notifier
 from dhwatch.states import State

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dhwatch.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, add_command
+from dhwatch.cli import EXIT_FAILURE, EXIT_OK, add_command
 from dhwatch.errors import DhwatchError
 from dhwatch.naming import is_audio_name
 

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 
 from dhwatch.emulators.deephearing import DeepHearingEmulator
-from tests.conftest import API_KEY, Daemon, Folders, make_audio, wait_for, write_config
+from tests.conftest import API_KEY, Folders, make_audio, wait_for, write_config
 
 
 def sha(path: Path) -> str:

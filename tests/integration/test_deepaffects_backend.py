@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import os
-import threading
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator

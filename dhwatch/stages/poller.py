@@ -1,0 +1,127 @@
+"""The poll stage: follow SUBMITTED jobs until they finish, fail, or pass their deadline."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+
+from dhwatch.backends.base import RemotePhase, RemoteStatus
+from dhwatch.context import Context
+from dhwatch.errors import (
+    BackendError, BackendUnavailable, InvalidFile, JobFailed, JobLost, TransitionConflict,
+)  # fmt: skip
+from dhwatch.ledger import FileRow
+from dhwatch.policy import job_timed_out, next_poll_delay
+from dhwatch.states import State
+
+
+from dhwatch.stages.scheduling import poll_interval, poll_max_interval, sleep_until_due, fail
+
+
+class Poller:
+    """Follows SUBMITTED jobs until they finish, fail, or pass their deadline."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._slots = asyncio.Semaphore(8)
+        self._warned: set[tuple[str, str]] = set()
+
+    async def run(self) -> None:
+        ctx = self.ctx
+        while True:
+            ctx.beat("poll")
+            rows = ctx.ledger.due(State.SUBMITTED, ctx.clock(), 256)
+            groups: dict[str, list[FileRow]] = defaultdict(list)
+            for row in rows:
+                groups[row.job_id or ""].append(row)
+            if groups:
+                await asyncio.gather(*(self._poll(job_id, group) for job_id, group in groups.items()))
+            await sleep_until_due(ctx, "poll", (State.SUBMITTED,))
+
+    async def _poll(self, job_id: str, rows: list[FileRow]) -> None:
+        ctx = self.ctx
+        async with self._slots:
+            now = ctx.clock()
+            timeout = ctx.settings.job_timeout
+            live: list[FileRow] = []
+            for row in rows:
+                if job_timed_out(row.submitted_at or row.created_at, now, timeout):
+                    minutes = timeout / 60
+                    self._try(lambda r=row: fail(
+                        ctx, r, State.SUBMITTED, "JOB_TIMEOUT",
+                        f"job {job_id} did not finish within job_timeout ({minutes:g} minutes); "
+                        f"last status: {r.remote_status or 'none'}",
+                    ))  # fmt: skip
+                else:
+                    live.append(row)
+            if not live:
+                return
+            try:
+                with ctx.metrics.api_latency.labels("status").time():
+                    status = await ctx.backend.status(job_id)
+            except JobLost as exc:
+                for row in live:
+                    self._try(lambda r=row, e=exc: ctx.ledger.transition(
+                        r.id, State.SUBMITTED, State.QUEUED, now=ctx.clock(), detail=f"{e}; submitting again",
+                        job_id=None, adopted=0, next_attempt_at=ctx.clock(),
+                    ))  # fmt: skip
+                ctx.log.warning("job_lost", job=job_id, files=[r.rel_path for r in live], error=str(exc))
+                ctx.kick("upload")
+                return
+            except (JobFailed, InvalidFile) as exc:
+                for row in live:
+                    self._try(lambda r=row, e=exc: fail(ctx, r, State.SUBMITTED, e.code, str(e)))
+                return
+            except BackendUnavailable as exc:
+                ctx.pause(f"{exc} — jobs already submitted are kept and followed once the key works")
+                self._reschedule(live, job_id, None)
+                return
+            except BackendError as exc:
+                ctx.metrics.retries.labels(getattr(exc, "kind", "poll")).inc()
+                ctx.log.info("poll_failed", job=job_id, error=str(exc))
+                self._reschedule(live, job_id, None)
+                return
+            self._apply(job_id, live, status)
+
+    def _apply(self, job_id: str, rows: list[FileRow], status: RemoteStatus) -> None:
+        ctx = self.ctx
+        now = ctx.clock()
+        if status.phase is RemotePhase.COMPLETE:
+            if status.billed_seconds and any(not r.adopted for r in rows):
+                ctx.metrics.billed.inc(status.billed_seconds)
+            for row in rows:
+                self._try(lambda r=row: ctx.ledger.transition(
+                    r.id, State.SUBMITTED, State.FETCHING, now=now, detail=f"job {status.raw_status}",
+                    remote_status=status.raw_status, result_url=status.result_url,
+                    billed_seconds=status.billed_seconds, next_attempt_at=now, fetch_attempts=0,
+                ))  # fmt: skip
+            ctx.log.info("job_complete", job=job_id, files=[r.rel_path for r in rows], billed_seconds=status.billed_seconds)
+            ctx.kick("fetch")
+        elif status.phase is RemotePhase.FAILED:
+            for row in rows:
+                self._try(lambda r=row: fail(ctx, r, State.SUBMITTED, "PROCESSING_FAILED",
+                                             status.message or f"the service reported '{status.raw_status}'"))
+        else:
+            if not status.known and (job_id, status.raw_status) not in self._warned:
+                self._warned.add((job_id, status.raw_status))
+                ctx.log.warning("unknown_job_status", job=job_id, status=status.raw_status, treated_as="running")
+            self._reschedule(rows, job_id, status)
+
+    def _reschedule(self, rows: list[FileRow], job_id: str, status: RemoteStatus | None) -> None:
+        ctx = self.ctx
+        now = ctx.clock()
+        for row in rows:
+            delay = next_poll_delay(row.polls, poll_interval(ctx), poll_max_interval(ctx))
+            changes: dict[str, object] = {"polls": row.polls + 1, "next_attempt_at": now + delay}
+            if status is not None:
+                changes["remote_status"] = status.raw_status
+                if status.billed_seconds is not None:
+                    changes["billed_seconds"] = status.billed_seconds
+            self._try(lambda r=row: ctx.ledger.update(r.id, State.SUBMITTED, now=now, **changes))
+
+    @staticmethod
+    def _try(action: object) -> None:
+        try:
+            action()  # type: ignore[operator]
+        except TransitionConflict:
+            pass

@@ -1,0 +1,36 @@
+"""What every stage shares: retry timing, poll intervals, sleeping until work is due, failing a row."""
+
+from __future__ import annotations
+
+
+from dhwatch.context import Context
+from dhwatch.ledger import FileRow
+from dhwatch.policy import Backoff
+from dhwatch.states import State
+
+
+def backoff_for(ctx: Context) -> Backoff:
+    return Backoff(base=ctx.settings.retry_base_seconds, cap=ctx.settings.retry_max_seconds)
+
+
+def poll_interval(ctx: Context) -> float:
+    return ctx.settings.backend_section().poll_interval
+
+
+def poll_max_interval(ctx: Context) -> float:
+    return max(poll_interval(ctx), ctx.settings.backend_section().poll_max_interval)
+
+
+async def sleep_until_due(ctx: Context, stage: str, states: tuple[State, ...]) -> None:
+    nxt = ctx.ledger.next_due_at(states)
+    timeout = 1.0 if nxt is None else min(1.0, max(0.0, nxt - ctx.clock()))
+    await ctx.idle(stage, timeout)
+
+
+def fail(ctx: Context, row: FileRow, expected: State, code: str, message: str, **changes: object) -> None:
+    """Move a row to FAILING with a reason; the finisher moves the file and writes the report."""
+    ctx.ledger.transition(
+        row.id, expected, State.FAILING, now=ctx.clock(), detail=f"{code}: {message}",
+        error_code=code, error_message=message, **changes,
+    )  # fmt: skip
+    ctx.kick("finish")

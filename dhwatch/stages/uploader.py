@@ -1,0 +1,250 @@
+"""The upload stage: QUEUED rows to the backend, in batches, a few requests at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import PurePosixPath
+
+from dhwatch import crashpoints
+from dhwatch.backends.base import Upload
+from dhwatch.context import Context
+from dhwatch.errors import (
+    BackendError, BackendUnavailable, InvalidFile, SourceChanged, TransientError,
+    TransitionConflict,
+)  # fmt: skip
+from dhwatch.ledger import FileRow
+from dhwatch.policy import after_failure, day_start, over_budget
+from dhwatch.states import State
+
+
+from dhwatch.stages.scheduling import backoff_for, poll_interval, sleep_until_due, fail
+
+
+class Uploader:
+    """Sends QUEUED rows to the backend, in batches, a few requests at a time."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._slots = asyncio.Semaphore(ctx.settings.upload_concurrency)
+        self._busy: set[int] = set()
+        self._solo: set[int] = set()  # rows whose batch was rejected: find the bad file alone
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        ctx = self.ctx
+        while True:
+            ctx.beat("upload")
+            if not self._over_budget() and ctx.paused is None:
+                await self._dispatch()
+            await sleep_until_due(ctx, "upload", (State.QUEUED,))
+
+    async def _dispatch(self) -> None:
+        ctx = self.ctx
+        while not self._slots.locked() and ctx.paused is None:
+            want = 4 * ctx.backend.max_batch_files
+            rows = [r for r in ctx.ledger.due(State.QUEUED, ctx.clock(), want + len(self._busy)) if r.id not in self._busy]
+            batch = self._batch(self._without_duplicates(rows[:want]))
+            if not batch:
+                return
+            await self._slots.acquire()
+            for r in batch:
+                self._busy.add(r.id)
+            task = asyncio.create_task(self._upload(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _over_budget(self) -> bool:
+        """The cost guard: pause submitting once today's billed seconds reach the budget.
+
+        Checked against what the backend has billed so far; jobs already in flight when the
+        budget is reached still finish. The pause lifts by itself after local midnight.
+        """
+        ctx = self.ctx
+        budget = ctx.settings.daily_budget_seconds
+        if budget <= 0:
+            return False
+        billed = ctx.ledger.billed_seconds(since=day_start(ctx.clock()))
+        if over_budget(billed, budget):
+            ctx.pause(f"the daily budget of {budget:g} billed seconds is reached ({billed:g} s billed today); "
+                      "submitting resumes after midnight or when daily_budget_seconds is raised", kind="budget")
+            return True
+        if ctx.paused_kind == "budget":
+            ctx.resume()
+        return False
+
+    def _without_duplicates(self, rows: list[FileRow]) -> list[FileRow]:
+        """Rows whose content is not already paid for or about to be.
+
+        A row with the content of an existing job adopts that job (SUBMITTED, no upload);
+        one whose twin is queued earlier or uploading waits for it.
+        """
+        ctx = self.ctx
+        now = ctx.clock()
+        fresh: list[FileRow] = []
+        seen: set[str] = set()
+        for row in rows:
+            leader = ctx.ledger.content_leader(row.sha256, row.backend, row.id)
+            if leader is not None and leader.job_id:
+                try:
+                    ctx.ledger.transition(
+                        row.id, State.QUEUED, State.SUBMITTED, now=now, durable=True, job_id=leader.job_id,
+                        adopted=1, submitted_at=now, next_attempt_at=now,
+                        detail=f"identical to row {leader.id}: reusing its job",
+                    )  # fmt: skip
+                    ctx.log.info("job_reused", file=row.rel_path, row=row.id, job=leader.job_id, reused_from=leader.id)
+                    ctx.kick("poll")
+                except TransitionConflict:
+                    pass
+            elif leader is not None or row.sha256 in seen:
+                ctx.ledger.update(row.id, State.QUEUED, now=now, next_attempt_at=now + poll_interval(ctx))
+            else:
+                seen.add(row.sha256)
+                fresh.append(row)
+        return fresh
+
+    def _batch(self, rows: list[FileRow]) -> list[FileRow]:
+        """The next request's rows: small files together (up to ``batch_files``), a large one alone."""
+        if not rows:
+            return []
+        limit = self.ctx.backend.max_batch_files
+        small = getattr(getattr(self.ctx.settings, self.ctx.settings.backend, None), "batch_max_bytes", 0)
+        first = rows[0]
+        if first.id in self._solo or first.size >= small or limit <= 1:
+            return [first]
+        batch = [first]
+        total = first.size
+        for r in rows[1:]:
+            if len(batch) >= limit:
+                break
+            if r.id in self._solo or r.size >= small or total + r.size > small * limit:
+                continue
+            batch.append(r)
+            total += r.size
+        return batch
+
+    async def _upload(self, batch: list[FileRow]) -> None:
+        ctx = self.ctx
+        try:
+            try:
+                # Durable before any byte leaves: a crash from here on means "send again".
+                ctx.ledger.transition_many([(r.id, {}) for r in batch], State.QUEUED, State.UPLOADING,
+                                           now=ctx.clock(), durable=True)
+            except TransitionConflict:
+                return
+            crashpoints.reached("before_upload")
+            await self._send(batch)
+        except Exception as exc:  # a bug must not kill the stage or lose rows
+            ctx.log.exception("upload_crashed", error=str(exc))
+            for row in batch:
+                self._requeue(row, counts=True, reason=f"internal error: {exc}")
+        finally:
+            for row in batch:
+                self._busy.discard(row.id)
+            self._slots.release()
+            ctx.kick("upload")
+
+    async def _send(self, rows: list[FileRow]) -> None:
+        ctx = self.ctx
+        inbox = ctx.settings.inbox
+        uploads = [
+            Upload(
+                key=f"file{row.id}", path=inbox / row.rel_path, rel_path=row.rel_path, size=row.size,
+                sha256=row.sha256, filename=PurePosixPath(row.rel_path).name,
+            )  # fmt: skip
+            for row in rows
+        ]
+        by_key = {u.key: row for u, row in zip(uploads, rows, strict=True)}
+        t0 = time.monotonic()
+        try:
+            with ctx.metrics.api_latency.labels("submit").time():
+                job_ids = await ctx.backend.submit(uploads)
+        except SourceChanged as exc:
+            for key, row in by_key.items():
+                if exc.key in (None, key):
+                    ctx.ledger.transition(row.id, State.UPLOADING, State.DISCARDED, now=ctx.clock(), detail=str(exc))
+                    ctx.log.warning("upload_discarded", file=row.rel_path, row=row.id, reason=str(exc))
+                    ctx.look_again(row.rel_path)
+                else:
+                    self._requeue(row, counts=False, reason="another file in the same request changed")
+            return
+        except InvalidFile as exc:
+            if len(rows) > 1 and exc.key is None:
+                for row in rows:
+                    self._solo.add(row.id)
+                    self._requeue(row, counts=False, reason="batch rejected as invalid: sending each file alone")
+                return
+            for key, row in by_key.items():
+                if exc.key in (None, key):
+                    self._solo.discard(row.id)
+                    fail(ctx, row, State.UPLOADING, "INVALID_FILE", str(exc), attempts=row.attempts + 1)
+                else:
+                    self._requeue(row, counts=False, reason="another file in the same request was invalid")
+            return
+        except BackendUnavailable as exc:
+            for row in rows:
+                self._requeue(row, counts=False, reason=str(exc), delay=0.0)
+            ctx.pause(f"{exc} — files stay in the inbox and will be sent once the key works")
+            return
+        except TransientError as exc:
+            ctx.metrics.retries.labels(exc.kind).inc()
+            ctx.log.warning("upload_failed", files=[r.rel_path for r in rows], kind=exc.kind, error=str(exc))
+            for row in rows:
+                self._requeue(row, counts=exc.counts, reason=str(exc), retry_after=exc.retry_after)
+            return
+        except BackendError as exc:
+            for row in rows:
+                self._requeue(row, counts=True, reason=str(exc))
+            return
+        crashpoints.reached("after_upload_response")
+        ctx.metrics.bytes_up.inc(sum(r.size for r in rows))
+        now = ctx.clock()
+        first_poll = now + poll_interval(ctx)
+        # The job ids cost money: one durable commit (fsync) records them all.
+        ctx.ledger.transition_many(
+            [(row.id, {"job_id": job_ids[key], "submitted_at": now, "polls": 0, "next_attempt_at": first_poll,
+                       "attempts": row.attempts + 1}) for key, row in by_key.items()],
+            State.UPLOADING, State.SUBMITTED, now=now, durable=True,
+        )  # fmt: skip
+        crashpoints.reached("after_submitted")
+        for key, row in by_key.items():
+            self._solo.discard(row.id)
+            ctx.log.info(
+                "file_submitted", file=row.rel_path, row=row.id, job=job_ids[key], size=row.size,
+                batch=len(rows), seconds=round(time.monotonic() - t0, 3),
+            )  # fmt: skip
+        ctx.kick("poll")
+
+    def _requeue(
+        self, row: FileRow, *, counts: bool, reason: str, retry_after: float | None = None, delay: float | None = None
+    ) -> None:
+        """Back to QUEUED with a recorded next attempt, or FAILING when the attempts are used up."""
+        ctx = self.ctx
+        now = ctx.clock()
+        attempts = row.attempts + (1 if counts else 0)
+        if delay is not None:
+            when = now + delay
+        else:
+            decision = after_failure(
+                attempts=attempts, max_attempts=ctx.settings.max_attempts if counts else 10**9, now=now,
+                backoff=backoff_for(ctx), rand=ctx.rand(), retry_after=retry_after,
+            )  # fmt: skip
+            if decision.give_up:
+                try:
+                    fail(ctx, row, State.UPLOADING, "RETRIES_EXHAUSTED",
+                         f"gave up after {attempts} attempts; last error: {reason}", attempts=attempts)
+                except TransitionConflict:
+                    pass
+                return
+            when = decision.next_attempt_at
+        try:
+            ctx.ledger.transition(
+                row.id, State.UPLOADING, State.QUEUED, now=now, detail=reason, attempts=attempts, next_attempt_at=when
+            )
+        except TransitionConflict:
+            pass
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
