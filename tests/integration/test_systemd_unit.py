@@ -639,6 +639,10 @@ class Sandbox:
         binds += [(str(self.host["credentials"]), CREDENTIALS_DIRECTORY, False), (venv, install_dir, False)]
         if python_home.startswith(("/root/", "/home/")):  # test machine only: its Python lives in a home
             binds.append((python_home, python_home, False))
+        # The checkout and its venv at their own paths too: the venv's scripts name its python by
+        # path, and an editable install imports from the checkout, wherever CI cloned it (often
+        # under /tmp, which PrivateTmp= replaces).
+        binds += [(str(REPO), str(REPO), False), (venv, venv, False)]
         exec_paths = list(dict.fromkeys([*s.words("ExecPaths"), venv, python_home]))
         assert s.words("NoExecPaths") == ["/"], "the rebuild assumes NoExecPaths=/"
         config_path = shlex.split(s.get("ExecStart") or "")[-1]
