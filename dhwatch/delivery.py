@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from dhwatch.audioformat import SNIFF_BYTES, sniff
 from dhwatch.errors import ResultError
-from dhwatch.naming import is_temp_name, numbered_alternative, safe_relpath, temp_name
+from dhwatch.naming import error_file_name, is_temp_name, numbered_alternative, safe_relpath, temp_name
 from dhwatch.sourcefile import open_parent
 
 
@@ -119,7 +119,7 @@ def free_name(folder: Path, name: str) -> Path:
     """``folder/name``, or the first ``name (n)`` that exists neither as a file nor as its error file."""
     candidate = folder / name
     n = 2
-    while os.path.lexists(candidate) or os.path.lexists(folder / f"{candidate.name}.error.json"):
+    while os.path.lexists(candidate) or os.path.lexists(folder / error_file_name(candidate.name)):
         candidate = folder / numbered_alternative(name, n)
         n += 1
     return candidate

@@ -201,6 +201,10 @@ class Intake:
                 self.tracker.observe(rel, fp.identity, ctx.clock())
                 return
             self._record(rel, fp)
+        except Exception as exc:  # noqa: BLE001 - a ledger that cannot be written (disk full), a bug
+            # Say so in the log as an event, and leave the file for the next scan to take again.
+            ctx.log.error("intake_failed", file=rel, error=f"{type(exc).__name__}: {exc}",
+                          note="the file stays in the inbox and is retried at the next scan")
         finally:
             self._hashing.discard(rel)
 

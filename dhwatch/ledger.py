@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from dhwatch.logs import redact_text
 from dhwatch.naming import decode_path, encode_path
 from dhwatch.errors import LedgerCorrupt, LedgerError, LedgerLocked, TransitionConflict
 from dhwatch.states import ACTIVE, RECOVERY, TERMINAL, State, can_transition
@@ -94,6 +95,42 @@ MIGRATIONS: tuple[str, ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
+#: free text that may quote a service's answer: scrubbed of secrets before it is stored
+_TEXT_COLUMNS = frozenset({"error_message", "remote_status"})  # never result_url: its signature is needed
+#: absolute paths, which may hold bytes that are not UTF-8
+_PATH_COLUMNS = frozenset({"output_path", "failed_path", "archived_path"})
+
+
+def _stored(changes: dict[str, Any]) -> dict[str, Any]:
+    """Column values as they may be stored: secrets redacted, undecodable paths encoded."""
+    out = dict(changes)
+    for key, value in changes.items():
+        if not isinstance(value, str):
+            continue
+        if key in _TEXT_COLUMNS:
+            out[key] = redact_text(value)
+        elif key in _PATH_COLUMNS:
+            out[key] = encode_abs_path(value)
+    return out
+
+
+def encode_abs_path(path: str) -> str:
+    """An absolute path as storable text: ``hex:`` + its bytes when they are not UTF-8 (a real
+    absolute path starts with ``/``, so the two cannot be confused)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "hex:" + path.encode("utf-8", "surrogateescape").hex()
+    return path
+
+
+def decode_abs_path(stored: str | None) -> str | None:
+    """The inverse of :func:`encode_abs_path`."""
+    if stored is not None and stored.startswith("hex:"):
+        return bytes.fromhex(stored[4:]).decode("utf-8", "surrogateescape")
+    return stored
+
+
 #: columns a transition may set besides ``state``
 _MUTABLE = frozenset(
     {
@@ -144,6 +181,8 @@ class FileRow:
         data = {name: row[name] for name in _ROW_FIELDS}
         data["state"] = State(data["state"])
         data["rel_path"] = decode_path(data["rel_path"])
+        for key in _PATH_COLUMNS:
+            data[key] = decode_abs_path(data[key])
         return cls(**data)
 
 
@@ -335,6 +374,8 @@ class Ledger:
         bad = set(extra) - _MUTABLE
         if bad:
             raise LedgerError(f"not settable: {sorted(bad)}")
+        extra = _stored(extra)
+        detail = None if detail is None else redact_text(detail)
         cols = {
             "rel_path": encode_path(rel_path), "size": size, "mtime_ns": mtime_ns, "inode": inode, "device": device,
             "sha256": sha256, "state": state.value, "backend": backend, "created_at": now, "updated_at": now,
@@ -371,11 +412,12 @@ class Ledger:
             raise LedgerError(f"illegal transition {expected.value} → {target.value}")
         with self._tx(durable=durable) as conn:
             conn.execute("BEGIN IMMEDIATE")
+            detail = None if detail is None else redact_text(detail)
             for row_id, changes in rows:
                 bad = set(changes) - _MUTABLE
                 if bad:
                     raise LedgerError(f"not settable: {sorted(bad)}")
-                changes = dict(changes)
+                changes = _stored(changes)
                 if target in TERMINAL:
                     changes.setdefault("finished_at", now)
                 sets = ", ".join([f"{k} = ?" for k in changes] + ["state = ?", "updated_at = ?"])
@@ -397,6 +439,7 @@ class Ledger:
         bad = set(changes) - _MUTABLE
         if bad or not changes:
             raise LedgerError(f"not settable: {sorted(bad)}")
+        changes = _stored(changes)
         sets = ", ".join([f"{k} = ?" for k in changes] + ["updated_at = ?"])
         with self._tx() as conn:
             cur = conn.execute(
@@ -556,7 +599,7 @@ class Ledger:
             if value is None:
                 conn.execute("DELETE FROM daemon WHERE key = ?", (key,))
             else:
-                conn.execute("INSERT OR REPLACE INTO daemon (key, value) VALUES (?, ?)", (key, value))
+                conn.execute("INSERT OR REPLACE INTO daemon (key, value) VALUES (?, ?)", (key, redact_text(value)))
 
 
 def _corrupt_message(path: Path, detail: str) -> str:

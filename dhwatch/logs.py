@@ -82,11 +82,21 @@ def _printable(value: str) -> str:
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _escape_all(value: Any) -> Any:
+    if isinstance(value, str):
+        return _printable(escape_text(value))
+    if isinstance(value, dict):
+        return {k: _escape_all(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_escape_all(v) for v in value]
+    return value
+
+
 def escape_control_chars(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: every string value prints on one line, unambiguously."""
-    for key, value in list(event.items()):
-        if isinstance(value, str):
-            event[key] = _printable(escape_text(value))
+    """structlog processor: every string value, however deeply nested (a list of file names),
+    prints on one line, unambiguously."""
+    for key in list(event):
+        event[key] = _escape_all(event[key])
     return event
 
 

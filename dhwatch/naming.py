@@ -6,6 +6,8 @@ else; a name a server returns is data, never a path.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Iterable
 from pathlib import PurePosixPath
 
@@ -50,9 +52,25 @@ def safe_relpath(rel: str) -> PurePosixPath:
     return PurePosixPath(rel)
 
 
+#: the longest file name (in bytes) Linux filesystems accept
+NAME_MAX = 255
+
+
+def fit_name(name: str, max_bytes: int = NAME_MAX) -> str:
+    """``name`` if it fits in ``max_bytes`` (as bytes on disk); else its start plus ``~`` and a
+    short hash of the whole name, so two long names that share a start stay distinct."""
+    raw = os.fsencode(name)
+    if len(raw) <= max_bytes:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:8]
+    return os.fsdecode(raw[: max(1, max_bytes - 9)]) + "~" + digest
+
+
 def temp_name(final_name: str, row_id: int) -> str:
-    """The hidden temp name a download is written to before its atomic rename."""
-    return f"{TEMP_PREFIX}{row_id}-{final_name}{TEMP_SUFFIX}"
+    """The hidden temp name a download is written to before its atomic rename (always fits NAME_MAX)."""
+    prefix = f"{TEMP_PREFIX}{row_id}-"
+    budget = NAME_MAX - len(prefix.encode()) - len(TEMP_SUFFIX)
+    return f"{prefix}{fit_name(final_name, budget)}{TEMP_SUFFIX}"
 
 
 def is_temp_name(name: str) -> bool:
@@ -60,15 +78,23 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
 
 
+ERROR_SUFFIX = ".error.json"
+
+
 def error_file_name(name: str) -> str:
-    """The name of the error report that sits beside a failed file."""
-    return f"{name}.error.json"
+    """The name of the error report that sits beside a failed file.
+
+    ``<name>.error.json``; for a name too long to take the suffix (a 255-byte name), the
+    name is shortened (:func:`fit_name`) and the report's ``file`` field gives it in full.
+    """
+    return f"{fit_name(name, NAME_MAX - len(ERROR_SUFFIX))}{ERROR_SUFFIX}"
 
 
 def numbered_alternative(name: str, n: int) -> str:
     """``take.wav`` → ``take (2).wav``: a free name that never overwrites an earlier file."""
     path = PurePosixPath(name)
-    return f"{path.stem} ({n}){path.suffix}"
+    tail = f" ({n}){path.suffix}"
+    return f"{fit_name(path.stem, NAME_MAX - len(os.fsencode(tail)))}{tail}"
 
 
 def encode_path(rel_path: str) -> str:

@@ -459,11 +459,13 @@ class _FormReader:
         self._header_value.clear()
 
     def _on_headers_finished(self) -> None:
-        disposition, params = parse_options_header(self._headers.get("content-disposition"))
+        # Bytes, not str: the library encodes a str as Latin-1, and clients (browsers, curl,
+        # httpx) send file names as raw UTF-8.
+        disposition, params = parse_options_header((self._headers.get("content-disposition") or "").encode("utf-8"))
         raw_name = params.get(b"name")
         if disposition != b"form-data" or raw_name is None:
             raise _bad_request("every part needs Content-Disposition: form-data; name=...")
-        field_name = raw_name.decode("latin-1")
+        field_name = raw_name.decode("utf-8", "replace")
         if field_name in self._names:
             raise _bad_request(f"duplicate field name {field_name!r}")
         self._names.add(field_name)
@@ -471,7 +473,7 @@ class _FormReader:
         if raw_file_name is None:
             return  # a plain form field: read and ignored
         fd, tmp = tempfile.mkstemp(dir=self._spool, suffix=".part")
-        part = _FilePart(field_name, raw_file_name.decode("latin-1"), Path(tmp), os.fdopen(fd, "wb"))
+        part = _FilePart(field_name, raw_file_name.decode("utf-8", "replace"), Path(tmp), os.fdopen(fd, "wb"))
         self.files.append(part)
         self._part = part
 

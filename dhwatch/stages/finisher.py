@@ -63,7 +63,7 @@ class Finisher:
             self._blocked.pop(row.id, None)
         except TransitionConflict:
             pass
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - a folder we cannot write, or a surprise: back off, go on
             failures = self._blocked.get(row.id, (0, 0.0))[0] + 1
             delay = min(300.0, 2.0 ** min(failures, 10))
             self._blocked[row.id] = (failures, time.monotonic() + delay)

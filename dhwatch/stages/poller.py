@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
 
 from dhwatch.backends.base import RemotePhase, RemoteStatus
@@ -39,6 +40,14 @@ class Poller:
             await sleep_until_due(ctx, "poll", (State.SUBMITTED,))
 
     async def _poll(self, job_id: str, rows: list[FileRow]) -> None:
+        try:
+            await self._poll_job(job_id, rows)
+        except Exception as exc:  # noqa: BLE001 - one job's surprise must not stop the others' polling
+            self.ctx.log.exception("poll_crashed", job=job_id, error=str(exc))
+            with contextlib.suppress(Exception):
+                self._reschedule(rows, job_id, None)
+
+    async def _poll_job(self, job_id: str, rows: list[FileRow]) -> None:
         ctx = self.ctx
         async with self._slots:
             now = ctx.clock()

@@ -140,10 +140,10 @@ def test_distinct_names_stay_distinct_after_escaping() -> None:
     assert escape_text("a\nb.wav") != escape_text("a\\nb.wav")
 
 
-def test_non_string_values_pass_untouched() -> None:
-    """Numbers, None and containers are left to the renderer."""
-    event = {"n": 3, "x": None, "l": ["a\nb"]}
-    assert escape_control_chars(None, "info", dict(event)) == event
+def test_non_string_values_pass_untouched_and_nested_strings_are_escaped() -> None:
+    """Numbers and None are left to the renderer; strings inside lists and dicts are escaped too."""
+    event = {"n": 3, "x": None, "l": ["a\nb"], "d": {"k": "c\rd"}}
+    assert escape_control_chars(None, "info", dict(event)) == {"n": 3, "x": None, "l": ["a\\nb"], "d": {"k": "c\\rd"}}
 
 
 def test_lone_surrogate_from_json_is_escaped_not_raised() -> None:
