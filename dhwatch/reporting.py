@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -115,9 +116,11 @@ class Reporter:
 
 
 def _background_worker() -> None:
-    """In the report worker: lowest CPU priority, and die with the daemon."""
+    """In the report worker: lowest CPU priority, deaf to Ctrl-C (it reaches the whole terminal's
+    process group; the daemon stops this worker itself), and die with the daemon."""
     from dhwatch.engine.worker import die_with_parent
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.nice(19)
     die_with_parent()
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from dhwatch.emulators.deephearing import DeepHearingEmulator
 from dhwatch.emulators.metastudio import MetaStudioEmulator
-from tests.conftest import Folders, make_audio, write_config
+from tests.conftest import Folders, make_audio, wait_for, write_config
 
 METRICS = {"snr", "noise_floor", "reverb", "loudness", "true_peak", "speech_ratio"}
 
@@ -67,3 +72,22 @@ def test_huawei_reports_through_metastudio(folders: Folders, emulator: DeepHeari
         assert not ms.leaked_credentials
         d.stop()
         assert "iam-token-xyz" not in d.output()
+
+
+def test_ctrl_c_at_a_terminal_stops_cleanly_with_a_report_worker(folders: Folders, emulator: DeepHearingEmulator,
+                                                                  tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the whole process group) stops the daemon and its report worker without a traceback."""
+    make_audio(folders.inbox / "a.wav", seconds=1.0)
+    cfg = write_config(folders, base_url=emulator.base_url, extra='quality = "local"\nquality_dnsmos = false')
+    log = tmp_path / "out.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dhwatch", "run", "--config", str(cfg)], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: b'"quality_report"' in log.read_bytes(), timeout=60, what="a quality report")
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert b"Traceback" not in log.read_bytes()
