@@ -142,6 +142,22 @@ read_timeout = 10
     return path
 
 
+#: every daemon a test started; whatever still runs when the test ends is killed
+_RUNNING: list[Daemon] = []
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_daemons() -> Iterator[None]:
+    """However a test ends (a failed assertion between start and stop, a stop that timed out),
+    no daemon it started outlives it."""
+    yield
+    while _RUNNING:
+        d = _RUNNING.pop()
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(10)
+
+
 class Daemon:
     """The real ``dhwatch run`` as a subprocess, with its JSON log lines collected."""
 
@@ -152,6 +168,7 @@ class Daemon:
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._reader: threading.Thread | None = None
+        _RUNNING.append(self)
 
     def start(self) -> Daemon:
         self.proc = subprocess.Popen(
