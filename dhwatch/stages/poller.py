@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import defaultdict
 
 from dhwatch.backends.base import RemotePhase, RemoteStatus
@@ -26,6 +27,10 @@ class Poller:
         self.ctx = ctx
         self._slots = asyncio.Semaphore(8)
         self._warned: set[tuple[str, str]] = set()
+        #: job id → (failures, monotonic time of the next try): when the ledger cannot record a
+        #: poll's outcome (state_dir full or read-only) the job stays "due"; without this it
+        #: would be polled in a tight loop
+        self._blocked: dict[str, tuple[int, float]] = {}
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -33,17 +38,27 @@ class Poller:
             ctx.beat("poll")
             rows = ctx.ledger.due(State.SUBMITTED, ctx.clock(), 256)
             groups: dict[str, list[FileRow]] = defaultdict(list)
+            now = time.monotonic()
             for row in rows:
-                groups[row.job_id or ""].append(row)
+                if self._blocked.get(row.job_id or "", (0, 0.0))[1] <= now:
+                    groups[row.job_id or ""].append(row)
             if groups:
                 await asyncio.gather(*(self._poll(job_id, group) for job_id, group in groups.items()))
+            if rows and not groups:  # everything due is backing off: sleep, do not spin
+                await ctx.idle("poll", min(1.0, min(t for _, t in self._blocked.values()) - now))
+                continue
             await sleep_until_due(ctx, "poll", (State.SUBMITTED,))
 
     async def _poll(self, job_id: str, rows: list[FileRow]) -> None:
         try:
             await self._poll_job(job_id, rows)
+            self._blocked.pop(job_id, None)
         except Exception as exc:  # noqa: BLE001 - one job's surprise must not stop the others' polling
-            self.ctx.log.exception("poll_crashed", job=job_id, error=str(exc))
+            failures = self._blocked.get(job_id, (0, 0.0))[0] + 1
+            delay = min(300.0, 2.0 ** min(failures, 8))
+            self._blocked[job_id] = (failures, time.monotonic() + delay)
+            self.ctx.log.error("poll_crashed", job=job_id, error=f"{type(exc).__name__}: {exc}",
+                               retry_in_seconds=delay, failures=failures)
             with contextlib.suppress(Exception):
                 self._reschedule(rows, job_id, None)
 

@@ -7,8 +7,8 @@ JSON, and a file with newlines, control characters, bidi marks or undecodable by
 name is logged in a form that cannot be confused with another name.
 
 Most static cases share one daemon run (:func:`batch`) so the suite stays fast; cases that
-need their own timing (a file changed mid-upload) or that currently break the daemon
-(see the xfail reasons) run apart.
+need their own timing (a file changed mid-upload), their own settings, or that once
+broke the whole daemon (undecodable names, 255-byte names) run apart.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import soundfile as sf
 import dhwatch.emulators.deephearing as dh_emulator
 from dhwatch.emulators.deephearing import DeepHearingEmulator, ProcessedFile, attenuate, decodable
 from dhwatch.emulators.httpserver import Request, Response
+from dhwatch.naming import error_file_name
 from tests.conftest import API_KEY, Daemon, Folders, make_audio, wait_for, write_config
 
 OUT = "delivered"  #: expected outcome: in the outbox under the same relative path
@@ -141,8 +142,14 @@ def logged_names(d: JsonLogDaemon, event: str) -> dict[int, str]:
     return {e["row"]: e["file"] for e in d.events(event) if "row" in e and "file" in e}
 
 
+def report_path(folders: Folders, rel: str) -> Path:
+    """Where the report of a failed ``rel`` sits (``<name>.error.json``, shortened for names near NAME_MAX)."""
+    parent, _, name = rel.rpartition("/")
+    return folders.failed / parent / error_file_name(name)
+
+
 def report_of(folders: Folders, rel: str) -> dict[str, Any] | None:
-    path = folders.failed / f"{rel}.error.json"
+    path = report_path(folders, rel)
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
@@ -162,12 +169,14 @@ def outcome_problems(folders: Folders, expected: dict[str, str]) -> list[str]:
     return problems
 
 
+def delivered(folders: Folders, rel: str) -> bool:
+    """In the outbox, and the original gone from the inbox (archived)."""
+    return os.path.lexists(folders.outbox / rel) and not os.path.lexists(folders.inbox / rel)
+
+
 def all_ended(folders: Folders, expected: dict[str, str]) -> bool:
-    """Every path has ended somewhere (outbox or a report), whether or not where it should."""
-    return all(
-        os.path.lexists(folders.outbox / rel) or os.path.exists(folders.failed / f"{rel}.error.json")
-        for rel in expected
-    )
+    """Every path has finished somewhere (delivered, or a report), whether or not where it should."""
+    return all(delivered(folders, rel) or report_path(folders, rel).exists() for rel in expected)
 
 
 def wait_quietly(predicate: Callable[[], Any], timeout: float, d: JsonLogDaemon) -> bool:
@@ -364,7 +373,7 @@ def batch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Batch]:
         late_delivered = False
         if d.alive():
             make_audio(inbox / "after" / "late.wav", seed=40)
-            late_delivered = wait_quietly(lambda: (folders.outbox / "after" / "late.wav").exists(), 30, d)
+            late_delivered = wait_quietly(lambda: delivered(folders, "after/late.wav"), 30, d)
         if d.alive():
             d.stop()
         yield Batch(
@@ -550,7 +559,7 @@ def _single_run(tmp: Path, make: Callable[[Folders], dict[str, str]], *, extra: 
         late = False
         if d.alive():
             make_audio(folders.inbox / "late.wav", seed=99)
-            late = wait_quietly(lambda: (folders.outbox / "late.wav").exists(), 15, d)
+            late = wait_quietly(lambda: delivered(folders, "late.wav"), 15, d)
         if d.alive():
             d.stop()
         yield Run(folders, d, emu, expected, finished, late)
@@ -593,7 +602,7 @@ def byte_names(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         late = False
         if d.alive():
             make_audio(folders.inbox / "late.wav", seed=99)
-            late = wait_quietly(lambda: (folders.outbox / "late.wav").exists(), 15, d)
+            late = wait_quietly(lambda: delivered(folders, "late.wav"), 15, d)
         if d.alive():
             d.stop()
         yield Run(folders, d, emu, expected, finished, late)
@@ -608,8 +617,7 @@ def test_undecodable_names_log_cleanly(byte_names: Run) -> None:
     d = byte_names.daemon
     assert log_problems(d) == []
     logged = set(logged_names(d, "file_queued").values()) | {e["file"] for e in d.events("file_refused")}
-    # (the daemon currently dies on the second name: see the xfail below; the names it logged are escaped)
-    assert {"latin1-caf\\xe9.wav", "bad\\xff\\xfe.wav"} <= logged
+    assert {"latin1-caf\\xe9.wav", "bad\\xff\\xfe.wav", "pipe\\xfe.wav"} <= logged
 
 
 def test_undecodable_names_end_exactly_once(byte_names: Run) -> None:
