@@ -70,7 +70,6 @@ from dhwatch.emulators.httpserver import (
     Fault,
     FaultPlan,
     Request,
-    RequestLog,
     RequestRejected,
     Response,
     Route,
@@ -377,16 +376,6 @@ class DeepAffectsEmulator(EmulatorService):
             self._http = None
 
     # ----------------------------------------------------------------- introspection
-
-    @property
-    def base_url(self) -> str:
-        """The API origin, e.g. ``http://127.0.0.1:8090``."""
-        return self.api.url
-
-    @property
-    def api_log(self) -> RequestLog:
-        """Every request received; ``target`` holds the query string (``apikey`` included)."""
-        return self.api.log
 
     @property
     def jobs(self) -> list[JobRecord]:

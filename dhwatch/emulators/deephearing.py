@@ -57,7 +57,6 @@ from dhwatch.emulators.httpserver import (
     Fault,
     FaultPlan,
     Request,
-    RequestLog,
     RequestRejected,
     Response,
     Route,
@@ -596,24 +595,9 @@ class DeepHearingEmulator(EmulatorService):
     # ----------------------------------------------------------------- introspection
 
     @property
-    def base_url(self) -> str:
-        """The API origin, e.g. ``http://127.0.0.1:8080``."""
-        return self.api.url
-
-    @property
     def storage_base_url(self) -> str:
         """The storage origin result URLs point at, e.g. ``http://localhost:40123``."""
         return self.storage.url
-
-    @property
-    def api_log(self) -> RequestLog:
-        """Every request the API origin received."""
-        return self.api.log
-
-    @property
-    def storage_log(self) -> RequestLog:
-        """Every request the storage origin received (headers included: no Authorization, ever)."""
-        return self.storage.log
 
     @property
     def jobs(self) -> list[JobRecord]:

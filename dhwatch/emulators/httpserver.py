@@ -865,6 +865,25 @@ class EmulatorService:
             shutil.rmtree(self._workdir, ignore_errors=True)
         self._workdir = None
 
+    #: by convention every emulator has an ``api`` origin; some also a ``storage`` one
+    api: EmulatorServer
+    storage: EmulatorServer
+
+    @property
+    def base_url(self) -> str:
+        """The API origin, e.g. ``http://127.0.0.1:8080``."""
+        return self.api.url
+
+    @property
+    def api_log(self) -> RequestLog:
+        """Every request the API origin received (query strings and headers included)."""
+        return self.api.log
+
+    @property
+    def storage_log(self) -> RequestLog:
+        """Every request the storage origin received, headers included (credentials must never appear)."""
+        return self.storage.log
+
     def _start_extra(self) -> None:
         """Start what a subclass needs besides the servers and the pool."""
 

@@ -56,7 +56,6 @@ from dhwatch.emulators.httpserver import (
     Fault,
     FaultPlan,
     Request,
-    RequestLog,
     RequestRejected,
     Response,
     Route,
@@ -341,16 +340,6 @@ class MetaStudioEmulator(EmulatorService):
     def endpoint(self) -> str:
         """The API origin, e.g. ``http://127.0.0.1:40111``."""
         return self.api.url
-
-    @property
-    def api_log(self) -> RequestLog:
-        """Every request the API origin received."""
-        return self.api.log
-
-    @property
-    def storage_log(self) -> RequestLog:
-        """Every request the OBS origin received, headers included."""
-        return self.storage.log
 
     @property
     def leaked_credentials(self) -> list[str]:
