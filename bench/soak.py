@@ -42,40 +42,8 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from dhwatch.emulators.deephearing import FAULT_KINDS, DeepHearingEmulator
-from dhwatch.emulators.httpserver import FaultPlan, Request, Response
-
-TRANSIENT = ("500", "502", "503", "504", "429", "reset", "slow", "drop", "truncate", "odd_status", "result_404")
-TERMINAL = ("done", "failed", "discarded", "vanished")
-
-
-class AccountingEmulator(DeepHearingEmulator):
-    """The emulator, also remembering the jobs created by requests whose answer was dropped."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.unanswered: set[str] = set()
-
-    def _enhance(self, request: Request) -> Response:
-        response = super()._enhance(request)
-        if request.fault is not None and request.fault.label == "drop" and response.status == 200:
-            assert isinstance(response.body, bytes)
-            with self._lock:
-                self.unanswered |= set(json.loads(response.body).values())
-        return response
-
-
-def set_transient_faults(emu: DeepHearingEmulator, total: float) -> None:
-    """Every transient fault kind on each of its routes, at rates that add up to ``total`` per request."""
-    per_route: dict[str, list[str]] = {}
-    for kind in TRANSIENT:
-        for route in FAULT_KINDS[kind]:
-            per_route.setdefault(route, []).append(kind)
-    for route, kinds in per_route.items():
-        p = 1 - (1 - total) ** (1 / len(kinds))
-        for kind in kinds:
-            emu.set_fault_rate(kind, p, routes=[route])
-
+from dhwatch.emulators.deephearing import DeepHearingEmulator
+from dhwatch.emulators.httpserver import FaultPlan
 
 # ---------------------------------------------------------------------------- the files
 def wav_bytes(seconds: float) -> bytes:
@@ -83,6 +51,8 @@ def wav_bytes(seconds: float) -> bytes:
     t = np.arange(int(seconds * 16000)) / 16000
     sf.write(buf, (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000, format="WAV", subtype="PCM_16")
     return buf.getvalue()
+
+TERMINAL = ("done", "failed", "discarded", "vanished")
 
 
 def plan_files(n: int, flat: bool, broken_share: float, rng: random.Random) -> list[tuple[str, bytes, str]]:
@@ -317,12 +287,12 @@ def main() -> int:
     states_at_kills: Counter[str] = Counter()
     peak_rss = 0.0
     t0 = time.monotonic()
-    emu = AccountingEmulator(keys={key}, processing_seconds=args.processing_seconds, faults=FaultPlan(seed=args.seed),
+    emu = DeepHearingEmulator(keys={key}, processing_seconds=args.processing_seconds, faults=FaultPlan(seed=args.seed),
                              slow_seconds=1.0)  # fmt: skip
     emu.start()
     daemon: Incarnation | None = None
     try:
-        set_transient_faults(emu, args.fault_rate)
+        emu.set_transient_fault_rate(args.fault_rate)
         config = write_config(root, emu.base_url, key, args.quality)
 
         def start() -> Incarnation:

@@ -122,6 +122,8 @@ FAULT_KINDS: dict[str, tuple[str, ...]] = {
     "invalid": ("enhance",),
     "bad_key": ROUTES[:2],
 }
+#: the faults a client must survive without failing a file (for soak runs)
+TRANSIENT_FAULTS = ("500", "502", "503", "504", "429", "reset", "slow", "drop", "truncate", "odd_status", "result_404")
 #: kinds that mean something on one route only
 _ROUTE_BOUND = {"stuck": "enhance", "odd_status": "status", "result_404": "result", "invalid": "enhance"}
 
@@ -567,6 +569,8 @@ class DeepHearingEmulator(EmulatorService):
         self.set_keys(keys)
         self._jobs: dict[str, _Job] = {}
         self._files_received = 0
+        #: ids of jobs created by requests whose answer was dropped (the accept-then-drop fault)
+        self.unanswered: set[str] = set()
         self._secret = secrets.token_bytes(32)
         self.api = EmulatorServer(
             "deephearing-api",
@@ -647,6 +651,17 @@ class DeepHearingEmulator(EmulatorService):
             route = routes[0]
         self.faults.queue(route, self._fault(kind, route), count)
 
+    def set_transient_fault_rate(self, total: float) -> None:
+        """Every transient fault kind on each of its routes, at rates adding up to ``total`` per request."""
+        per_route: dict[str, list[str]] = {}
+        for kind in TRANSIENT_FAULTS:
+            for route in FAULT_KINDS[kind]:
+                per_route.setdefault(route, []).append(kind)
+        for route, kinds in per_route.items():
+            p = 1 - (1 - total) ** (1 / len(kinds))
+            for kind in kinds:
+                self.set_fault_rate(kind, p, routes=[route])
+
     def set_fault_rate(self, kind: str, probability: float, routes: Collection[str] | None = None) -> None:
         """Fail a share of requests with fault ``kind`` (on its default routes unless named)."""
         if kind not in FAULT_KINDS:
@@ -702,6 +717,9 @@ class DeepHearingEmulator(EmulatorService):
                     raise RequestRejected(_invalid_file().response) from exc
         stuck = request.fault is not None and request.fault.label == "stuck"
         jobs = [self._create_job(part, uid, stuck) for part in form.files]
+        if request.fault is not None and request.fault.label == "drop":
+            with self._lock:  # created, but the client will never hear of them
+                self.unanswered |= {job.job_id for job in jobs}
         return Response.json(200, {job.field_name: job.job_id for job in jobs})
 
     def _create_job(self, part: _FilePart, uid: int, stuck: bool) -> _Job:

@@ -36,45 +36,13 @@ from typing import Any
 import pytest
 import soundfile as sf
 
-from dhwatch.emulators.deephearing import FAULT_KINDS, DeepHearingEmulator
-from dhwatch.emulators.httpserver import FaultPlan, Request, Response
+from dhwatch.emulators.deephearing import DeepHearingEmulator
+from dhwatch.emulators.httpserver import FaultPlan
 from dhwatch.ledger import Ledger
 from tests.acceptance.test_hostile_input import JsonLogDaemon, log_problems, start_daemon, wait_quietly
 from tests.conftest import API_KEY, Folders, make_audio, wait_for, write_config
 
-#: the emulator's transient fault kinds; stuck, invalid and bad_key are permanent ones
-TRANSIENT = ("500", "502", "503", "504", "429", "reset", "slow", "drop", "truncate", "odd_status", "result_404")
-
-
 # ============================================================================ helpers
-class AccountingEmulator(DeepHearingEmulator):
-    """The emulator, also remembering the jobs created by requests whose answer was dropped (accept-then-drop)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.unanswered: set[str] = set()
-
-    def _enhance(self, request: Request) -> Response:
-        response = super()._enhance(request)
-        if request.fault is not None and request.fault.label == "drop" and response.status == 200:
-            assert isinstance(response.body, bytes)
-            with self._lock:
-                self.unanswered |= set(json.loads(response.body).values())
-        return response
-
-
-def set_transient_faults(emu: DeepHearingEmulator, total: float) -> None:
-    """Every transient fault kind on each of its routes, at rates that add up to ``total`` per request."""
-    per_route: dict[str, list[str]] = {}
-    for kind in TRANSIENT:
-        for route in FAULT_KINDS[kind]:
-            per_route.setdefault(route, []).append(kind)
-    for route, kinds in per_route.items():
-        p = 1 - (1 - total) ** (1 / len(kinds))
-        for kind in kinds:
-            emu.set_fault_rate(kind, p, routes=[route])
-
-
 def ledger_rows(folders: Folders) -> list[dict[str, Any]]:
     """Every ledger row, read-only, straight from SQLite."""
     db = folders.state / "ledger.sqlite3"
@@ -116,7 +84,7 @@ def once_problems(folders: Folders, rels: list[str]) -> list[str]:
     return problems
 
 
-def unexplained_jobs(emu: AccountingEmulator, folders: Folders, uploading_at_kills: Counter[int]) -> list[str]:
+def unexplained_jobs(emu: DeepHearingEmulator, folders: Folders, uploading_at_kills: Counter[int]) -> list[str]:
     """Jobs the delivery promise does not allow: per row, more than 1 + dropped answers + kills while it was UPLOADING."""
     recorded = {r["job_id"] for r in ledger_rows(folders) if r["job_id"]}
     per_row: Counter[int] = Counter()
@@ -166,8 +134,8 @@ def test_all_transient_faults_at_thirty_percent(folders: Folders) -> None:
     rels = [f"s{i % 3}/take{i:02d}.wav" for i in range(30)]
     for i, rel in enumerate(rels):
         make_audio(folders.inbox / rel, seconds=0.3, seed=i)
-    with AccountingEmulator(keys={API_KEY}, faults=FaultPlan(seed=30), slow_seconds=1.0) as emu:
-        set_transient_faults(emu, 0.30)
+    with DeepHearingEmulator(keys={API_KEY}, faults=FaultPlan(seed=30), slow_seconds=1.0) as emu:
+        emu.set_transient_fault_rate(0.30)
         d = start_daemon(write_config(folders, base_url=emu.base_url, extra='log_level = "info"'))
         try:
             wait_for(lambda: ended(folders, rels), timeout=120, interval=0.2, what="30 files ended")
@@ -188,7 +156,7 @@ def test_accept_then_drop_duplicates_only_the_dropped(folders: Folders) -> None:
     rels = [f"take{i}.wav" for i in range(4)]
     for i, rel in enumerate(rels):
         make_audio(folders.inbox / rel, seed=i)
-    with AccountingEmulator(keys={API_KEY}) as emu:
+    with DeepHearingEmulator(keys={API_KEY}) as emu:
         emu.inject("drop", "enhance", count=2)
         d = start_daemon(write_config(folders, base_url=emu.base_url))
         try:
@@ -208,7 +176,7 @@ def test_stuck_jobs_fail_with_job_timeout_the_rest_succeed(folders: Folders) -> 
     rels = [f"take{i}.wav" for i in range(10)]
     for i, rel in enumerate(rels):
         make_audio(folders.inbox / rel, seed=i)
-    with AccountingEmulator(keys={API_KEY}, faults=FaultPlan(seed=3)) as emu:
+    with DeepHearingEmulator(keys={API_KEY}, faults=FaultPlan(seed=3)) as emu:
         emu.set_fault_rate("stuck", 0.3)
         cfg = write_config(folders, base_url=emu.base_url, deephearing="job_timeout = 3\nbatch_files = 1")
         d = start_daemon(cfg)
@@ -236,7 +204,7 @@ def test_seeded_kill9_loop_loses_nothing(folders: Folders) -> None:
     waves = [list(zip(rels[i::7], staged[i::7], strict=True)) for i in range(7)]
     uploading_at_kills: Counter[int] = Counter()
     states_at_kills: Counter[str] = Counter()
-    with AccountingEmulator(keys={API_KEY}, processing_seconds=1.0, faults=FaultPlan(seed=9), slow_seconds=0.8) as emu:
+    with DeepHearingEmulator(keys={API_KEY}, processing_seconds=1.0, faults=FaultPlan(seed=9), slow_seconds=0.8) as emu:
         emu.set_fault_rate("slow", 0.5, routes=["enhance"])  # a slow API: uploads stay in flight long enough to be hit
         cfg = write_config(folders, base_url=emu.base_url, extra='log_level = "info"', deephearing="batch_files = 4")
         for wave in waves[:6]:
@@ -271,7 +239,7 @@ def test_seeded_kill9_loop_loses_nothing(folders: Folders) -> None:
 # ============================================================================ the outbox
 def test_outbox_not_writable_then_restored(folders: Folders) -> None:
     """While the outbox cannot be written, results wait (not failed, not counted as attempts); once writable, all are delivered."""
-    with tmpfs(folders.outbox, "16m"), AccountingEmulator(keys={API_KEY}) as emu:
+    with tmpfs(folders.outbox, "16m"), DeepHearingEmulator(keys={API_KEY}) as emu:
         cfg = write_config(folders, base_url=emu.base_url, extra="max_attempts = 2")
         d = start_daemon(cfg)
         try:
@@ -293,7 +261,7 @@ def test_outbox_not_writable_then_restored(folders: Folders) -> None:
 
 def test_outbox_full_while_writing_then_space_returns(folders: Folders) -> None:
     """A result that does not fit leaves no partial file and is not failed; small results still go through; freed space lets it in."""
-    with tmpfs(folders.outbox, "64k"), AccountingEmulator(keys={API_KEY}) as emu:
+    with tmpfs(folders.outbox, "64k"), DeepHearingEmulator(keys={API_KEY}) as emu:
         make_audio(folders.inbox / "long take.wav", seconds=3.0)  # a 96 kB result: larger than the outbox
         cfg = write_config(folders, base_url=emu.base_url, extra="max_attempts = 2")
         d = start_daemon(cfg)
@@ -358,7 +326,7 @@ def state_locked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StateLock
     """Two jobs are being followed and two files arrive while nothing in the state_dir can be written; then it can again."""
     folders = Folders(tmp_path_factory.mktemp("statelocked"))
     early, late = ["early0.wav", "early1.wav"], ["late0.wav", "late1.wav"]
-    with AccountingEmulator(keys={API_KEY}, processing_seconds=1.5) as emu:
+    with DeepHearingEmulator(keys={API_KEY}, processing_seconds=1.5) as emu:
         d = start_daemon(write_config(folders, base_url=emu.base_url, extra="rescan_interval = 1.0"))
         try:
             for i, rel in enumerate(early):
