@@ -187,6 +187,9 @@ class Settings(BaseSettings):
     auth_recheck_interval: float = Field(60.0, gt=0)
     #: files larger than this are failed before they cost anything
     max_file_bytes: int = Field(8 * 1024**3, ge=1)
+    #: files whose headers state a longer duration are failed before they cost anything
+    #: (a small compressed file can decode to days of audio, and the services bill by the second)
+    max_duration_seconds: float = Field(6 * 3600.0, gt=0)
 
     #: a cost guard: billed seconds allowed per day (local time); 0 = no limit
     daily_budget_seconds: float = Field(0.0, ge=0)

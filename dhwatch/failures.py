@@ -31,6 +31,11 @@ EXPLANATIONS: dict[str, tuple[str, str]] = {
         "The file is larger than the limit the administrator set, so it was not sent.",
         "Split the recording into shorter parts, or ask the administrator to raise max_file_bytes.",
     ),
+    "TOO_LONG": (
+        "The recording is longer than the limit the administrator set (or its header claims it is), "
+        "so it was not sent.",
+        "Split the recording into shorter parts, or ask the administrator to raise max_duration_seconds.",
+    ),
     "JOB_TIMEOUT": (
         "The denoising service accepted the file but did not finish it in time.",
         "Copy the file into the inbox again to retry. If it keeps happening, tell the administrator.",

@@ -4,7 +4,7 @@ Scans and watchdog hints feed the :class:`~dhwatch.settle.SettleTracker`; a sett
 file is fingerprinted (a thread reads and hashes it through a no-follow descriptor) and
 then becomes exactly one of: nothing (it is already tracked, or is the version that was
 already finished), a QUEUED row, a SUBMITTED row that adopts the job of identical content
-already paid for, or a FAILING row (not audio, too large, not a regular file) that never
+already paid for, or a FAILING row (not audio, too large, too long, not a regular file) that never
 costs anything.
 """
 
@@ -15,6 +15,7 @@ import itertools
 import os
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from dhwatch.audioformat import sniff
 from dhwatch.context import Context
@@ -23,7 +24,19 @@ from dhwatch.ledger import FinishedVersion
 from dhwatch.settle import SettleTracker
 from dhwatch.sourcefile import Fingerprint, Identity, fingerprint
 from dhwatch.states import State
-from dhwatch.watcher import Found, InboxWatcher, Refused, ScanResult, Skipped, classify, lstat_rel, scan
+from dhwatch.watcher import (
+    Found,
+    InboxWatcher,
+    Refused,
+    ScanResult,
+    Skipped,
+    classify,
+    lstat_rel,
+    scan,
+)
+
+if TYPE_CHECKING:
+    from dhwatch.config import Settings
 
 
 _SCAN_BATCH = 2000
@@ -37,11 +50,12 @@ class Intake:
         self.tracker = SettleTracker(ctx.settings.settle_seconds)
         self._wake = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def wake() -> None:  # called from the observer's thread
+            loop.call_soon_threadsafe(self._wake.set)
+
         self.watcher = InboxWatcher(
-            ctx.settings.inbox,
-            mode=ctx.settings.watch_mode,
-            poll_interval=ctx.settings.watch_poll_interval,
-            wake=lambda: loop.call_soon_threadsafe(self._wake.set),
+            ctx.settings.inbox, mode=ctx.settings.watch_mode, poll_interval=ctx.settings.watch_poll_interval, wake=wake
         )
         self._hash_slots = asyncio.Semaphore(2)
         self._hashing: set[str] = set()
@@ -182,7 +196,9 @@ class Intake:
         try:
             async with self._hash_slots:
                 try:
-                    fp = await asyncio.to_thread(fingerprint, self.inbox, rel)
+                    fp = await asyncio.to_thread(
+                        fingerprint, self.inbox, rel, stop_counting_after=ctx.settings.max_duration_seconds
+                    )
                 except SourceChanged:
                     st = lstat_rel(self.inbox, rel)
                     self.tracker.observe(rel, None if st is None else Identity.of(st), ctx.clock())
@@ -215,41 +231,37 @@ class Intake:
         if ctx.ledger.active_for_path(rel) is not None:
             return
         ident = fp.identity
-        common = dict(
-            rel_path=rel, size=ident.size, mtime_ns=ident.mtime_ns, inode=ident.inode, device=ident.device,
-            sha256=fp.sha256, backend=settings.backend, now=now,
-        )  # fmt: skip
+
+        def insert(**fields: Any) -> int:
+            return ctx.ledger.insert(
+                rel_path=rel, size=ident.size, mtime_ns=ident.mtime_ns, inode=ident.inode, device=ident.device,
+                sha256=fp.sha256, backend=settings.backend, now=now, **fields,
+            )  # fmt: skip
+
         done = ctx.ledger.finished_version(rel)
         if done is not None and done.state is State.DONE and done.sha256 == fp.sha256 and settings.on_success == "keep":
             ctx.ledger.update(done.id, State.DONE, now=now, size=ident.size, mtime_ns=ident.mtime_ns, inode=ident.inode)
             self._finished[rel] = FinishedVersion(done.id, ident.size, ident.mtime_ns, ident.inode, done.sha256, done.state)
             ctx.log.info("unchanged_kept_file", file=rel)
             return
-        if ident.size > settings.max_file_bytes:
-            reason = f"the file is {ident.size} bytes; the limit (max_file_bytes) is {settings.max_file_bytes}"
-            row_id = ctx.ledger.insert(**common, state=State.FAILING, error_code="TOO_LARGE", error_message=reason)
-            ctx.log.warning("file_refused", file=rel, row=row_id, code="TOO_LARGE", reason=reason)
-            ctx.kick("finish")
-            return
-        if ident.size == 0 or sniff(fp.head) is None:
-            reason = (
-                "the file is empty" if ident.size == 0 else "the file does not start like any audio format dhwatch knows"
-            ) + "; it was not sent to the denoiser"
-            row_id = ctx.ledger.insert(**common, state=State.FAILING, error_code="INVALID_FILE", error_message=reason)
-            ctx.log.warning("file_refused", file=rel, row=row_id, code="INVALID_FILE", reason=reason)
+        refused = refusal(fp, settings)
+        if refused is not None:
+            code, reason = refused
+            row_id = insert(state=State.FAILING, error_code=code, error_message=reason)
+            ctx.log.warning("file_refused", file=rel, row=row_id, code=code, reason=reason)
             ctx.kick("finish")
             return
         earlier = ctx.ledger.reusable_job(fp.sha256, settings.backend)
         if earlier is not None and earlier.job_id:
-            row_id = ctx.ledger.insert(
-                **common, state=State.SUBMITTED, job_id=earlier.job_id, adopted=1, submitted_at=now,
+            row_id = insert(
+                state=State.SUBMITTED, job_id=earlier.job_id, adopted=1, submitted_at=now,
                 next_attempt_at=now, detail=f"identical to row {earlier.id}: reusing its job",
             )  # fmt: skip
             ctx.log.info("file_queued", file=rel, row=row_id, job=earlier.job_id, reused_from=earlier.id, size=ident.size)
             ctx.kick("poll")
             return
-        row_id = ctx.ledger.insert(**common)
-        ctx.log.info("file_queued", file=rel, row=row_id, size=ident.size)
+        row_id = insert()
+        ctx.log.info("file_queued", file=rel, row=row_id, size=ident.size, seconds=fp.seconds)
         ctx.kick("upload")
 
     def _refuse(self, rel: str, st: os.stat_result, reason: str, now: float) -> None:
@@ -264,3 +276,27 @@ class Intake:
         )  # fmt: skip
         ctx.log.warning("file_refused", file=rel, row=row_id, code="NOT_REGULAR_FILE", reason=reason)
         ctx.kick("finish")
+
+
+def refusal(fp: Fingerprint, settings: Settings) -> tuple[str, str] | None:
+    """``(code, reason)`` when a settled file must fail before it costs anything, else None."""
+    size = fp.identity.size
+    if size > settings.max_file_bytes:
+        return "TOO_LARGE", f"the file is {size} bytes; the limit (max_file_bytes) is {settings.max_file_bytes}"
+    if size == 0:
+        return "INVALID_FILE", "the file is empty; it was not sent to the denoiser"
+    if sniff(fp.head) is None:
+        return "INVALID_FILE", "the file does not start like any audio format dhwatch knows; it was not sent to the denoiser"
+    if fp.seconds is not None and fp.seconds > settings.max_duration_seconds:
+        return "TOO_LONG", (f"the file says it is {_spoken(fp.seconds)} long; the limit (max_duration_seconds) is "
+                            f"{_spoken(settings.max_duration_seconds)}; it was not sent to the denoiser")  # fmt: skip
+    return None
+
+
+def _spoken(seconds: float) -> str:
+    """``2 h 05 min (7,500 s)``: how a length reads in an error file."""
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    words = f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{seconds:.1f} s"
+    return words if whole < 60 else f"{words} ({whole:,} s)"

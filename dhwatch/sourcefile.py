@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import os
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 from dhwatch.audioformat import SNIFF_BYTES
+from dhwatch.audioheader import stated_seconds
 from dhwatch.errors import NotRegularFile, SourceChanged
 
 CHUNK = 1024 * 1024
@@ -140,12 +141,16 @@ class Fingerprint:
     identity: Identity
     sha256: str
     head: bytes
+    #: the duration its headers state (None: they cannot be read); see :mod:`dhwatch.audioheader`
+    seconds: float | None = None
 
 
-def fingerprint(inbox: Path, rel_path: str) -> Fingerprint:
-    """Hash a file through a checked descriptor. Blocking: run it in a thread.
+def fingerprint(inbox: Path, rel_path: str, *, stop_counting_after: float = math.inf) -> Fingerprint:
+    """Hash a file and read its stated duration through one checked descriptor. Blocking: run it in a thread.
 
-    Raises :class:`SourceChanged` if the file changed while it was read.
+    ``stop_counting_after``: where a duration has to be counted frame by frame, stop past
+    this many seconds (the limit it is checked against). Raises :class:`SourceChanged` if
+    the file changed while it was read.
     """
     with opened(inbox, rel_path) as (fd, before):
         digest = hashlib.sha256()
@@ -155,10 +160,12 @@ def fingerprint(inbox: Path, rel_path: str) -> Fingerprint:
                 if len(head) < SNIFF_BYTES:
                     head += chunk[: SNIFF_BYTES - len(head)]
                 digest.update(chunk)
+        seconds = stated_seconds(lambda offset, size: os.pread(fd, size, offset), before.size,
+                                 stop_after=stop_counting_after)  # fmt: skip
         after = Identity.of(os.fstat(fd))
     if after != before:
         raise SourceChanged("the file changed while it was being read")
-    return Fingerprint(before, digest.hexdigest(), head)
+    return Fingerprint(before, digest.hexdigest(), head, seconds)
 
 
 async def verified_chunks(

@@ -263,8 +263,31 @@ def big_wav(path: Path, megabytes: int) -> Path:
     return path
 
 
+def long_audio(path: Path, seconds: int, rate: int = 8000, *, tone: bool = False) -> bytes:
+    """A real recording of ``seconds`` (silence, or a quiet tone), written in 10 s blocks; its bytes."""
+    fmt = {".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}[path.suffix]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(rate * 10) / rate
+    block = (0.1 * np.sin(2 * np.pi * 440 * t) if tone else np.zeros_like(t)).astype(np.float32)
+    with sf.SoundFile(path, "w", rate, 1, format=fmt[0], subtype=fmt[1]) as f:
+        for _ in range(seconds // 10):
+            f.write(block)
+    return path.read_bytes()
+
+
+def without_total_samples(flac: bytes) -> bytes:
+    """The FLAC a streaming encoder writes: STREAMINFO's total-samples field left 0 ("unknown")."""
+    assert flac[:4] == b"fLaC" and flac[4] & 0x7F == 0
+    patched = bytearray(flac)
+    patched[21] &= 0xF0  # STREAMINFO starts at byte 8; total samples are the last 36 bits of bytes 18-25
+    patched[22:26] = b"\0\0\0\0"
+    return bytes(patched)
+
+
 # ============================================================================ the shared batch
 HUGE_LIMIT = 200_000
+LONG_LIMIT = 60  #: max_duration_seconds of the batch
+LONG = ["long/bomb-silence.flac", "long/bomb-stream.flac", "long/bomb-silence.ogg"]  #: ten minutes each, all small
 NAMES = [  # odd but valid names, each a real recording
     "names/a  b c.wav",
     " lead and trail .wav",
@@ -331,6 +354,11 @@ def batch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Batch]:
     huge = make_audio(root / "src" / "huge.wav", seconds=8.0, seed=5).read_bytes()
     assert len(huge) > HUGE_LIMIT
     put("huge.wav", huge, "TOO_LARGE")
+    ten_minutes = long_audio(root / "src" / "silence.flac", 600)
+    put(LONG[0], ten_minutes, "TOO_LONG")
+    put(LONG[1], without_total_samples(ten_minutes), "TOO_LONG")
+    put(LONG[2], long_audio(root / "src" / "silence.ogg", 600), "TOO_LONG")
+    put("long/under.flac", long_audio(root / "src" / "under.flac", 50, tone=True), OUT)
     for i, rel in enumerate(NAMES):
         put(rel, make_audio(root / "src" / f"name{i}.wav", seed=20 + i).read_bytes(), OUT)
 
@@ -366,7 +394,8 @@ def batch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Batch]:
     PartNames.seen.clear()
     emu = DeepHearingEmulator(keys={key}, validator=uploads)
     emu.start()
-    cfg = write_config(folders, base_url=emu.base_url, api_key=None, extra=f"max_file_bytes = {HUGE_LIMIT}")
+    limits = f"max_file_bytes = {HUGE_LIMIT}\nmax_duration_seconds = {LONG_LIMIT}"
+    cfg = write_config(folders, base_url=emu.base_url, api_key=None, extra=limits)
     d = start_daemon(cfg, env={"CREDENTIALS_DIRECTORY": str(creds)})
     try:
         finished = wait_quietly(lambda: all_ended(folders, expected), 60, d)
@@ -467,6 +496,24 @@ def test_too_large_file_is_refused_before_any_upload(batch: Batch) -> None:
     assert "huge.wav" not in PartNames.seen
     assert all(j.sha256 != sha(batch.huge_bytes) for j in batch.emulator.jobs)
     assert all(e.body_size < len(batch.huge_bytes) for e in batch.emulator.api_log.entries("enhance"))
+
+
+def test_long_files_are_refused_before_any_upload(batch: Batch) -> None:
+    """Small files that decode to far more than max_duration_seconds fail as TOO_LONG and are never uploaded.
+
+    Ten minutes of silence is 14 kB of FLAC: the byte limit cannot catch it, the header
+    can; also when the header leaves the length out (a streaming encoder's FLAC) and the
+    frames have to tell it. A file just under the limit is delivered.
+    """
+    for rel in LONG:
+        assert len(batch.originals[rel]) < HUGE_LIMIT, "small enough to pass max_file_bytes"
+        report = report_of(batch.folders, rel)
+        assert report is not None and report["code"] == "TOO_LONG", rel
+        assert "10 min 00 s" in report["detail"] and "max_duration_seconds" in report["detail"], report["detail"]
+        assert "max_duration_seconds" in report["what_to_do"]
+        assert (batch.folders.failed / rel).read_bytes() == batch.originals[rel]
+        assert rel.rsplit("/", 1)[1] not in PartNames.seen
+    assert delivered(batch.folders, "long/under.flac")
 
 
 def test_hard_link_to_outside_file_is_refused(batch: Batch) -> None:
