@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from dhwatch.errors import ConfigError
+from dhwatch.naming import is_audio_name
 
 DEFAULT_EXTENSIONS = ["wav", "flac", "mp3", "m4a", "ogg"]
 
@@ -191,6 +192,10 @@ class Settings(BaseSettings):
     #: (a small compressed file can decode to days of audio, and the services bill by the second)
     max_duration_seconds: float = Field(6 * 3600.0, gt=0)
 
+    #: a note written into the inbox under this name while submitting is paused (bad key,
+    #: budget) and removed when work resumes; empty = no note
+    pause_notice: str = ""
+
     #: a cost guard: billed seconds allowed per day (local time); 0 = no limit
     daily_budget_seconds: float = Field(0.0, ge=0)
     #: "host:port" for Prometheus /metrics and /healthz; empty = off
@@ -219,6 +224,13 @@ class Settings(BaseSettings):
         self.extensions = [e.lower().lstrip(".") for e in self.extensions if e.strip()]
         if not self.extensions:
             raise ValueError("extensions must list at least one audio extension")
+        if self.pause_notice:
+            notice = self.pause_notice
+            if "/" in notice or notice in (".", "..") or "\0" in notice:
+                raise ValueError(f"pause_notice must be a plain file name, not a path ({notice!r})")
+            if is_audio_name(notice, self.extensions) or notice.lower().endswith(".error.json"):
+                raise ValueError(f"pause_notice must not be named like audio or an error report ({notice!r}): "
+                                 "dhwatch would take its own note for a recording")  # fmt: skip
         named = {"inbox": self.inbox, "outbox": self.outbox, "failed_dir": self.failed_dir, "state_dir": self.state_dir}
         if self.archive_dir is not None:
             named["archive_dir"] = self.archive_dir

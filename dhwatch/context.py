@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dhwatch import notice
 from dhwatch.backends.base import Backend
 from dhwatch.config import Settings
 from dhwatch.ledger import Ledger
@@ -69,14 +70,16 @@ class Context:
         return [s for s, t in self._beats.items() if now - t > max_age]
 
     def pause(self, reason: str, kind: str = "auth") -> None:
-        """Stop submitting (files stay where they are) and say why, loudly and in the ledger."""
+        """Stop submitting (files stay where they are) and say why: in the log, the ledger and the inbox."""
         if self.paused != reason:
             self.paused = reason
             self.paused_kind = kind
             self.ledger.set_flag("paused", reason)
             self.ledger.set_flag("paused_kind", kind)
+            self.ledger.set_flag("paused_since", repr(self.clock()))
             self.metrics.paused.set(1)
             self.log.error("submitting_paused", reason=reason, kind=kind, files_are_safe=True)
+            self.sync_notice()
 
     def resume(self) -> None:
         if self.paused is not None:
@@ -85,5 +88,26 @@ class Context:
             self.paused_kind = None
             self.ledger.set_flag("paused", None)
             self.ledger.set_flag("paused_kind", None)
+            self.ledger.set_flag("paused_since", None)
             self.metrics.paused.set(0)
+            self.sync_notice()
             self.kick("upload")
+
+    def sync_notice(self) -> None:
+        """Make the inbox's pause note (``pause_notice``) match the pause state; never fatal."""
+        name = self.settings.pause_notice
+        if not name:
+            return
+        inbox = self.settings.inbox
+        try:
+            if self.paused is None:
+                if notice.clear(inbox, name):
+                    self.log.info("pause_notice_removed", file=name)
+                return
+            since = float(self.ledger.get_flag("paused_since") or self.clock())
+            text = notice.notice_text(self.paused, self.paused_kind or "auth", since,
+                                      recheck_seconds=self.settings.auth_recheck_interval)  # fmt: skip
+            notice.show(inbox, name, text)
+            self.log.info("pause_notice_written", file=name)
+        except (OSError, ValueError) as exc:
+            self.log.warning("pause_notice_failed", file=name, error=str(exc))

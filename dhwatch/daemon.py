@@ -32,11 +32,11 @@ from dhwatch.states import State
 STOP_GRACE_SECONDS = 5.0
 
 
-def prepare_folders(settings: Settings) -> None:
+def prepare_folders(settings: Settings, keys: tuple[str, ...] = ("outbox", "failed_dir", "archive_dir", "state_dir")) -> None:
     """Create the folders the daemon owns; the inbox must exist (it is the share)."""
     if not settings.inbox.is_dir():
         raise DhwatchError(f"inbox: the folder {settings.inbox} does not exist")
-    for key in ("outbox", "failed_dir", "archive_dir", "state_dir"):
+    for key in keys:
         path: Path | None = getattr(settings, key)
         if path is None:
             continue
@@ -129,9 +129,14 @@ async def run_daemon(
     for path in world_readable_secret_files(settings, config_path):
         log.warning("secret_file_readable_by_others", path=str(path),
                     fix=f"chmod 600 {path} (or use the systemd credential)")
-    prepare_folders(settings)
+    prepare_folders(settings, ("state_dir",))
     lock = StateDirLock(settings.state_dir)
-    lock.acquire()
+    lock.acquire()  # before anything else is created: a second daemon leaves no trace
+    try:
+        prepare_folders(settings)
+    except BaseException:
+        lock.release()
+        raise
     ledger = Ledger.open(settings.state_dir)
     backend = create_backend(settings)
     ctx = Context(settings=settings, ledger=ledger, backend=backend, log=log)
@@ -151,6 +156,7 @@ async def run_daemon(
             ctx.paused = paused
             ctx.paused_kind = ledger.get_flag("paused_kind") or "auth"
             ctx.metrics.paused.set(1)
+        ctx.sync_notice()
         server = None
         if settings.metrics_address:
             server = await metrics_serve(settings.metrics_address, ctx.metrics, lambda: health(ctx))

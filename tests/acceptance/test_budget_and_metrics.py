@@ -22,12 +22,17 @@ def _free_port() -> int:
 def test_daily_budget_pauses_submitting(folders: Folders, emulator: DeepHearingEmulator, daemons) -> None:
     """Once today's billed seconds reach daily_budget_seconds, new files wait in the inbox and status says why."""
     make_audio(folders.inbox / "first.wav", seconds=1.0)
-    cfg = write_config(folders, base_url=emulator.base_url, extra="daily_budget_seconds = 1.0")
+    cfg = write_config(folders, base_url=emulator.base_url,
+                       extra='daily_budget_seconds = 1.0\npause_notice = "DHWATCH-PAUSED.txt"')  # fmt: skip
     d = daemons(cfg)
     d.wait_event("file_done")
+    assert not (folders.inbox / "DHWATCH-PAUSED.txt").exists()
     make_audio(folders.inbox / "second.wav", seconds=1.0, seed=2)
     paused = d.wait_event("submitting_paused")
     assert paused[0]["kind"] == "budget"
+    d.wait_event("pause_notice_written")
+    note = (folders.inbox / "DHWATCH-PAUSED.txt").read_text()
+    assert "daily budget" in note and "midnight" in note and "daily_budget_seconds" in note
     d.wait_event("file_queued", count=2)
     assert "second.wav" in folders.files(folders.inbox)
     assert len(emulator.jobs) == 1

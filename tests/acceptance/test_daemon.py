@@ -178,6 +178,35 @@ def test_bad_key_pauses_then_resumes(folders: Folders, emulator: DeepHearingEmul
     assert API_KEY not in d.output()
 
 
+def test_pause_is_explained_in_the_inbox(folders: Folders, emulator: DeepHearingEmulator, daemons) -> None:
+    """With pause_notice set, a refused key puts a note in the inbox saying why and that nothing is lost.
+
+    The note is never taken for a recording; it survives a restart while still paused and
+    is gone once the key works, when the waiting file is delivered.
+    """
+    emulator.set_keys({"some-other-key"})
+    make_audio(folders.inbox / "a.wav")
+    cfg = write_config(folders, base_url=emulator.base_url, extra='pause_notice = "DHWATCH-PAUSED.txt"')
+    d = daemons(cfg)
+    d.wait_event("pause_notice_written")
+    note = (folders.inbox / "DHWATCH-PAUSED.txt").read_text()
+    assert "PAUSED" in note and "Nothing is lost" in note
+    assert "key" in note.lower() and "re-checks" in note
+    assert sorted(folders.files(folders.inbox)) == ["DHWATCH-PAUSED.txt", "a.wav"]
+    assert d.stop() == 0
+    d = daemons(cfg)  # still refused after a restart: the note stays
+    d.wait_event("submitting_paused")
+    assert (folders.inbox / "DHWATCH-PAUSED.txt").is_file()
+    emulator.set_keys({API_KEY})
+    d.wait_event("submitting_resumed")
+    d.wait_event("file_done")
+    wait_for(lambda: not (folders.inbox / "DHWATCH-PAUSED.txt").exists(), timeout=10, what="the note to go")
+    assert folders.files(folders.outbox) == ["a.wav"]
+    assert folders.files(folders.failed) == []
+    assert [j.file_name for j in emulator.jobs] == ["a.wav"]
+    assert API_KEY not in note
+
+
 def test_stuck_job_times_out(folders: Folders, emulator: DeepHearingEmulator, daemons) -> None:
     """A job that never finishes fails after job_timeout with a report that says so."""
     emulator.inject("stuck", "enhance", count=1)

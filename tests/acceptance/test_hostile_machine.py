@@ -489,4 +489,5 @@ def test_second_daemon_with_another_config_on_same_state_dir(folders: Folders, t
             assert first.stop() == 0
     assert folders.files(folders.outbox) == ["mine.wav"]
     assert other.files(other.inbox) == ["theirs.wav"] and other.files(other.outbox) == []
+    assert not other.outbox.exists() and not other.failed.exists() and not other.archive.exists()  # no trace left
     assert [r["rel_path"] for r in ledger_rows(folders)] == ["mine.wav"]

@@ -165,6 +165,17 @@ def test_unknown_key_is_named(tmp_path: Path, extra: str, key: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "name", ["take.WAV", "notes.flac", "sub/PAUSED.txt", "..", "x.wav.error.json"]
+)
+def test_pause_notice_must_be_a_plain_non_audio_name(tmp_path: Path, name: str) -> None:
+    """A pause note named like audio would be taken for a recording; a path would leave the inbox: both refused."""
+    message = load_error(write_config(tmp_path, FOLDERS + f'pause_notice = "{name}"\n'))
+    assert "pause_notice" in message
+    ok = load_settings(write_config(tmp_path / "ok", FOLDERS + 'pause_notice = "DHWATCH-PAUSED.txt"\n'))
+    assert ok.pause_notice == "DHWATCH-PAUSED.txt"
+
+
+@pytest.mark.parametrize(
     ("extra", "key"),
     [
         ("settle_seconds = \"soon\"\n", "settle_seconds"),
