@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from dhwatch.audioformat import sniff
 from dhwatch.context import Context
 from dhwatch.errors import NotRegularFile, SourceChanged
-from dhwatch.ledger import FinishedVersion
 from dhwatch.settle import SettleTracker
 from dhwatch.sourcefile import Fingerprint, Identity, fingerprint
 from dhwatch.states import State
@@ -59,7 +58,6 @@ class Intake:
         )
         self._hash_slots = asyncio.Semaphore(2)
         self._hashing: set[str] = set()
-        self._finished: dict[str, FinishedVersion] = {}
         self._logged_skips: set[str] = set()
         self._next_scan = 0.0
         #: the first full scan has run (burst mode waits for it before calling the inbox drained)
@@ -120,7 +118,6 @@ class Intake:
 
     async def full_scan(self) -> None:
         """Look at every file in the inbox (at start, and every ``rescan_interval``)."""
-        self._finished = self.ctx.ledger.finished_versions()
         entries = await self._scan("")
         self.ctx.log.debug("scan_done", entries=entries, candidates=len(self.tracker))
 
@@ -142,7 +139,9 @@ class Intake:
     async def _take_results(self, results: list[ScanResult]) -> None:
         if not results:
             return
-        active = self.ctx.ledger.active_paths()
+        seen = [r.rel_path for r in results if not isinstance(r, Skipped)]
+        active = self.ctx.ledger.active_among(seen)
+        finished = self.ctx.ledger.finished_among(seen)
         now = self.ctx.clock()
         for result in results:
             rel = result.rel_path
@@ -153,20 +152,13 @@ class Intake:
                 continue
             if rel in active or rel in self._hashing:
                 continue
-            if self._is_finished_version(rel, result.st):
-                continue
+            done = finished.get(rel)
+            if done is not None and done.same_file(result.st.st_size, result.st.st_mtime_ns, result.st.st_ino):
+                continue  # still the version that was finished (kept, or could not be moved away)
             if isinstance(result, Refused):
                 self._refuse(rel, result.st, result.reason, now)
                 continue
             self.tracker.observe(rel, Identity.of(result.st), now)
-
-    def _is_finished_version(self, rel: str, st: os.stat_result) -> bool:
-        """Still the version that was already finished (kept, or could not be moved away)?
-
-        The full scan caches every finished version; a path seen between scans is looked up.
-        """
-        done = self._finished.get(rel) if rel in self._finished else self.ctx.ledger.finished_version(rel)
-        return done is not None and done.same_file(st.st_size, st.st_mtime_ns, st.st_ino)
 
     async def _sweep(self) -> None:
         now = self.ctx.clock()
@@ -241,7 +233,6 @@ class Intake:
         done = ctx.ledger.finished_version(rel)
         if done is not None and done.state is State.DONE and done.sha256 == fp.sha256 and settings.on_success == "keep":
             ctx.ledger.update(done.id, State.DONE, now=now, size=ident.size, mtime_ns=ident.mtime_ns, inode=ident.inode)
-            self._finished[rel] = FinishedVersion(done.id, ident.size, ident.mtime_ns, ident.inode, done.sha256, done.state)
             ctx.log.info("unchanged_kept_file", file=rel)
             return
         refused = refusal(fp, settings)

@@ -17,7 +17,7 @@ import os
 import sqlite3
 import urllib.parse
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -99,6 +99,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _TEXT_COLUMNS = frozenset({"error_message", "remote_status"})  # never result_url: its signature is needed
 #: absolute paths, which may hold bytes that are not UTF-8
 _PATH_COLUMNS = frozenset({"output_path", "failed_path", "archived_path"})
+#: paths per ``IN (...)`` list: well under SQLite's oldest host-parameter limit (999)
+_IN_CHUNK = 500
 
 
 def _stored(changes: dict[str, Any]) -> dict[str, Any]:
@@ -201,7 +203,7 @@ class Event:
 
 @dataclass(frozen=True)
 class FinishedVersion:
-    """The identity of a path's last finished version (see :meth:`Ledger.finished_versions`)."""
+    """The identity of a path's last finished version (see :meth:`Ledger.finished_among`)."""
 
     id: int
     size: int
@@ -497,24 +499,38 @@ class Ledger:
         ).fetchone()
         return None if row is None else FileRow.from_sql(row)
 
-    def active_paths(self) -> set[str]:
-        """Every inbox path a non-terminal row owns (one query for a whole scan)."""
-        marks = ", ".join("?" for _ in ACTIVE)
-        rows = self._conn.execute(
-            f"SELECT rel_path FROM files WHERE state IN ({marks})", tuple(s.value for s in ACTIVE)
-        )
-        return {decode_path(r[0]) for r in rows}
+    def _among(self, columns: str, rel_paths: Iterable[str], states: Iterable[State]) -> Iterator[tuple[Any, ...]]:
+        """Rows (oldest first) of the given paths in the given states, through the path index.
 
-    def finished_versions(self) -> dict[str, FinishedVersion]:
-        """Path → its latest done or failed version: a scan skips an inbox file that is still that version.
+        A scan asks about the paths it just saw, a batch at a time, so the cost follows the
+        batch, not the ledger's whole history (which grows for as long as the daemon runs).
+        """
+        state_values = tuple(s.value for s in states)
+        state_marks = ", ".join("?" for _ in state_values)
+        encoded = [encode_path(p) for p in rel_paths]
+        found: list[tuple[Any, ...]] = []
+        for start in range(0, len(encoded), _IN_CHUNK):
+            chunk = encoded[start : start + _IN_CHUNK]
+            found += self._conn.execute(
+                f"SELECT {columns} FROM files WHERE rel_path IN ({', '.join('?' for _ in chunk)}) "
+                f"AND state IN ({state_marks})",
+                (*chunk, *state_values),
+            ).fetchall()
+        found.sort(key=lambda r: r[0])
+        return iter(found)
+
+    def active_among(self, rel_paths: Iterable[str]) -> set[str]:
+        """Which of these inbox paths a non-terminal row owns."""
+        return {decode_path(r[1]) for r in self._among("id, rel_path", rel_paths, ACTIVE)}
+
+    def finished_among(self, rel_paths: Iterable[str]) -> dict[str, FinishedVersion]:
+        """Path → its latest done or failed version, for these paths: a scan skips an inbox file still that version.
 
         This is what stops a kept file (``on_success = "keep"``), or one that could not be
         moved away, from being processed and billed again after every scan or restart.
         """
-        rows = self._conn.execute(
-            "SELECT id, rel_path, size, mtime_ns, inode, sha256, state FROM files WHERE state IN (?, ?) ORDER BY id",
-            (State.DONE.value, State.FAILED.value),
-        )
+        rows = self._among("id, rel_path, size, mtime_ns, inode, sha256, state", rel_paths,
+                           (State.DONE, State.FAILED))  # fmt: skip
         return {decode_path(r[1]): FinishedVersion(r[0], r[2], r[3], r[4], r[5], State(r[6])) for r in rows}
 
     def finished_version(self, rel_path: str) -> FinishedVersion | None:

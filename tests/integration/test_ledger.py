@@ -357,10 +357,10 @@ def test_invalid_utf8_path_round_trips(ledger: Ledger) -> None:
     row_id = add(ledger, rel)
     assert ledger.get(row_id).rel_path == rel
     assert ledger.active_for_path(rel) is not None and ledger.active_for_path(rel).id == row_id  # type: ignore[union-attr]
-    assert ledger.active_paths() == {rel}
+    assert ledger.active_among([rel, "other.wav"]) == {rel}
     ledger.transition(row_id, State.QUEUED, State.FAILING, now=1.0)
     ledger.transition(row_id, State.FAILING, State.FAILED, now=2.0)
-    assert set(ledger.finished_versions()) == {rel}
+    assert set(ledger.finished_among([rel])) == {rel}
     assert ledger.active_for_path(rel) is None
 
 
@@ -394,6 +394,18 @@ def _finish(lg: Ledger, row_id: int, state: State = State.QUEUED) -> None:
     lg.transition(row_id, State.FAILING, State.FAILED, now=2.0)
 
 
+def test_path_lookups_answer_for_the_asked_paths_only_in_any_number(ledger: Ledger) -> None:
+    """active_among/finished_among answer for exactly the paths asked, also for more than one IN list holds."""
+    paths = [f"s/take{i:04d}.wav" for i in range(1203)]
+    ids = {p: add(ledger, p) for p in paths}
+    for p in paths[::2]:
+        _finish(ledger, ids[p])
+    asked = [*paths[100:1203], "not/there.wav"]
+    assert ledger.active_among(asked) == {p for p in paths[101:1203:2]}
+    assert set(ledger.finished_among(asked)) == {p for p in paths[100:1203:2]}
+    assert ledger.active_among([]) == set() and ledger.finished_among([]) == {}
+
+
 def test_finished_versions_keeps_the_latest_done_or_failed_per_path(ledger: Ledger) -> None:
     """Each path maps to its newest finished version; active and discarded rows are not listed."""
     old = add(ledger, "a.wav", sha=SHA_A)
@@ -404,7 +416,7 @@ def test_finished_versions_keeps_the_latest_done_or_failed_per_path(ledger: Ledg
     add(ledger, "active.wav")
     gone = add(ledger, "gone.wav")
     ledger.transition(gone, State.QUEUED, State.VANISHED, now=5.0)
-    versions = ledger.finished_versions()
+    versions = ledger.finished_among(["a.wav", "active.wav", "gone.wav", "never.wav"])
     assert set(versions) == {"a.wav"}
     v = versions["a.wav"]
     assert (v.id, v.sha256, v.state) == (new, SHA_B, State.DONE)
