@@ -11,6 +11,7 @@ import importlib
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
+from typing import TypeAlias
 
 from dhwatch import __version__
 from dhwatch.errors import DhwatchError
@@ -24,12 +25,15 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
+#: what each command module's ``register(sub)`` gets (generic only in the type stubs, so quoted)
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
 #: modules under dhwatch.commands; each has ``register(sub)`` adding its subcommand(s)
 COMMAND_MODULES = ("run", "emulate", "serve", "status", "jobs", "retry", "check", "process")
 
 
 def add_command(
-    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    sub: SubParsers,
     name: str,
     summary: str,
     description: str,

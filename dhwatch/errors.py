@@ -135,9 +135,18 @@ class InvalidFile(BackendError):
 
 
 class JobFailed(BackendError):
-    """The service reports that processing failed."""
+    """The service reports that processing failed.
+
+    ``code`` overrides the default where the backend knows more precisely why (the local
+    engine stopping a job at ``job_timeout`` is a ``JOB_TIMEOUT``, not a broken file).
+    """
 
     code = "PROCESSING_FAILED"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
 
 
 class JobLost(BackendError):

@@ -13,7 +13,7 @@ import asyncio
 import threading
 from pathlib import Path
 
-from dhwatch.emulators.deephearing import DeepHearingEmulator, ProcessedFile
+from dhwatch.emulators.deephearing import DeepHearingEmulator, ProcessedFile, Processor
 from dhwatch.errors import ConfigError
 
 
@@ -30,7 +30,7 @@ def read_keys(path: Path) -> set[str]:
     return keys
 
 
-def engine_processor(engine: str, atten_lim_db: float | None, timeout: float):  # type: ignore[no-untyped-def]
+def engine_processor(engine: str, atten_lim_db: float | None, timeout: float) -> Processor:
     """A processor for the protocol server that denoises in a worker process."""
     from dhwatch.engine import EngineOptions, run_job
 

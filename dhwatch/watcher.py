@@ -124,7 +124,7 @@ def lstat_rel(inbox: Path, rel_path: str) -> os.stat_result | None:
 class _Hints(FileSystemEventHandler):
     """Collects changed paths from watchdog's thread; calls ``wake`` once per batch."""
 
-    def __init__(self, inbox: Path, wake: Callable[[], None]) -> None:
+    def __init__(self, inbox: Path, wake: Callable[[], object]) -> None:
         self._inbox = str(inbox)
         self._wake = wake
         self._lock = threading.Lock()
@@ -161,7 +161,7 @@ class _Hints(FileSystemEventHandler):
 class InboxWatcher:
     """watchdog's inotify observer (or its polling one, for NFS/SMB shares) on the inbox."""
 
-    def __init__(self, inbox: Path, *, mode: str, poll_interval: float, wake: Callable[[], None]) -> None:
+    def __init__(self, inbox: Path, *, mode: str, poll_interval: float, wake: Callable[[], object]) -> None:
         self.inbox = inbox
         self.mode = mode
         self._poll_interval = poll_interval

@@ -25,7 +25,7 @@ import enum
 import json
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = [
     "Base64Decoder",
@@ -307,7 +307,7 @@ class JsonScanner:
 
     # ----------------------------------------------------------------- internals
 
-    def _fail(self, what: str, i: int) -> None:
+    def _fail(self, what: str, i: int) -> NoReturn:
         raise JsonStreamError(f"not valid JSON: {what} at byte {self._offset + i}")
 
     def _path(self) -> Path:
@@ -475,7 +475,7 @@ class JsonScanner:
             if decoded is None:
                 self._fail("a bad escape in a string", i - 1)
             self._escape = None
-            self._on_stream(decoded)  # type: ignore[arg-type]
+            self._on_stream(decoded)
             return i
         if len(esc) < 6:
             return i

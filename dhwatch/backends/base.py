@@ -81,7 +81,7 @@ class FileResult:
         self._f = f
         self.expected_length: int | None = size
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+    async def __aiter__(self) -> AsyncIterator[bytes]:
         while chunk := await asyncio.to_thread(self._f.read, 1024 * 1024):
             yield chunk
 

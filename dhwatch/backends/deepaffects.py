@@ -363,7 +363,7 @@ class ResultStore:
         if stored is not None:
             paths.append(stored)
         self._failures.pop(job_id, None)
-        await asyncio.to_thread(lambda: [_unlink_quietly(p) for p in paths])
+        await asyncio.to_thread(_unlink_all_quietly, paths)
 
     # ----------------------------------------------------------------- start-up
 
@@ -395,6 +395,12 @@ def _unlink_quietly(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _unlink_all_quietly(paths: list[Path]) -> None:
+    """Delete each of ``paths`` (in one worker thread: one hop off the event loop, not one per file)."""
+    for path in paths:
+        _unlink_quietly(path)
 
 
 def _reason_in(scanner: JsonScanner) -> str | None:

@@ -46,7 +46,7 @@ class _Result:
     expected_length: int | None
     _response: httpx.Response
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+    async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._response.aiter_raw(1024 * 1024):
                 yield chunk

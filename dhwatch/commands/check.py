@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dhwatch.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, add_command
+from dhwatch.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, SubParsers, add_command
 from dhwatch.commands import _format as fmt
 from dhwatch.errors import ConfigError, DhwatchError
 
@@ -364,7 +364,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if failures else EXIT_OK
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: SubParsers) -> None:
     parser = add_command(
         sub, "check", "check the config, folders, ledger, limits and API before (or while) running",
         """

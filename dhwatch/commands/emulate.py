@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dhwatch.cli import add_command
+from dhwatch.cli import SubParsers, add_command
 
 
 def cmd_emulate(args: argparse.Namespace) -> int:
@@ -13,7 +13,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     return deephearing.run(args)
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: SubParsers) -> None:
     from dhwatch.emulators import deephearing
 
     parser = add_command(

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dhwatch.cli import EXIT_FAILURE, EXIT_OK, add_command
+from dhwatch.cli import EXIT_FAILURE, EXIT_OK, SubParsers, add_command
 from dhwatch.commands import _format as fmt
 from dhwatch.errors import ConfigError
 from dhwatch.states import State
@@ -154,7 +154,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: SubParsers) -> None:
     jobs = add_command(
         sub, "jobs", "list files by state and time",
         """

@@ -15,8 +15,9 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TextIO
 
-from dhwatch.cli import EXIT_FAILURE, EXIT_OK, add_command
+from dhwatch.cli import EXIT_FAILURE, EXIT_OK, SubParsers, add_command
 from dhwatch.errors import DhwatchError
 from dhwatch.naming import is_audio_name
 
@@ -24,7 +25,7 @@ from dhwatch.naming import is_audio_name
 class ProgressBar:
     """One redrawn line on a terminal; a line per change elsewhere (CI logs, pipes)."""
 
-    def __init__(self, total: int, stream=sys.stderr) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, total: int, stream: TextIO = sys.stderr) -> None:
         self.total = total
         self.stream = stream
         self.tty = stream.isatty()
@@ -113,7 +114,7 @@ def cmd_process(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if failures else EXIT_OK
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: SubParsers) -> None:
     parser = add_command(
         sub, "process", "clean files now, without the daemon (progress bar; same pipeline and backends)",
         """

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from dhwatch.cli import EXIT_FAILURE, EXIT_OK, add_command
+from dhwatch.cli import EXIT_FAILURE, EXIT_OK, SubParsers, add_command
 from dhwatch.commands import _format as fmt
 from dhwatch.naming import TEMP_PREFIX, TEMP_SUFFIX, display_path, error_file_name, numbered_alternative
 from dhwatch.states import State
@@ -303,7 +303,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return EXIT_OK if all(o.ok for o in outcomes) else EXIT_FAILURE
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: SubParsers) -> None:
     parser = add_command(
         sub, "retry", "put failed files back into the inbox (their error files removed)",
         """

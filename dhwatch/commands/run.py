@@ -7,7 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from dhwatch.cli import EXIT_CONFIG, add_command
+from dhwatch.cli import EXIT_CONFIG, SubParsers, add_command
 from dhwatch.errors import DhwatchError
 
 
@@ -26,7 +26,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: SubParsers) -> None:
     parser = add_command(
         sub, "run", "run the daemon in the foreground (what systemd starts)",
         """

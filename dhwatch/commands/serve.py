@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from dhwatch.cli import EXIT_CONFIG, EXIT_OK, add_command
+from dhwatch.cli import EXIT_CONFIG, EXIT_OK, SubParsers, add_command
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -51,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: SubParsers) -> None:
     parser = add_command(
         sub, "serve", "serve the DeepHearing API from this machine's local denoiser (for the whole studio)",
         """

@@ -12,7 +12,7 @@ import textwrap
 import time
 from typing import TYPE_CHECKING, Any
 
-from dhwatch.cli import EXIT_OK, add_command
+from dhwatch.cli import EXIT_OK, SubParsers, add_command
 from dhwatch.commands import _format as fmt
 
 if TYPE_CHECKING:
@@ -163,7 +163,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: SubParsers) -> None:
     parser = add_command(
         sub, "status", "is it running, paused, busy, failing; what it cost today",
         textwrap.dedent("""

@@ -529,15 +529,15 @@ class DeepAffectsEmulator(EmulatorService):
         return job
 
     def _process(self, job: _Job, job_dir: Path) -> None:
+        output: ProcessedFile | None = None
+        error: str | None = None
         try:
             out_dir = job_dir / "result"
             out_dir.mkdir()
             output = self.processor(job.src, out_dir, f"result{_SUFFIX[job.container]}")
         except Exception as exc:  # noqa: BLE001 - the job fails, as the service would say
             logger.exception("processing job %s failed", job.request_id)
-            output, error = None, f"Denoising failed: {type(exc).__name__}"
-        else:
-            error = None
+            error = f"Denoising failed: {type(exc).__name__}"
         if self._timers is not None:
             self._timers.at(job.due, lambda: self._finish(job, output, error))
 

@@ -341,11 +341,9 @@ def make_fault(kind: str, route: str, *, retry_after: float | None = 1.0, slow_s
     if kind == "slow":
         return Fault.slow(slow_seconds)
     if kind == "invalid":  # the service's verdict on a file that looks like audio
-        body = _api_error(400, "INVALID_FILE", "Invalid file type from input")
-        return Fault.http(400, body.body, content_type=body.content_type, label="invalid")  # type: ignore[arg-type]
+        return _answering(_api_error(400, "INVALID_FILE", "Invalid file type from input"), label="invalid")
     if kind == "bad_key":  # one request answered as if the key were unknown
-        body = _api_error(401, "API_KEY_NOT_FOUND", "Unregistered API Key")
-        return Fault.http(401, body.body, content_type=body.content_type, label="bad_key")  # type: ignore[arg-type]
+        return _answering(_api_error(401, "API_KEY_NOT_FOUND", "Unregistered API Key"), label="bad_key")
     status = 404 if kind == "result_404" else int(kind)
     headers = {"Retry-After": f"{retry_after:g}"} if status == 429 and retry_after is not None else {}
     label = kind if kind == "result_404" else None
@@ -355,8 +353,13 @@ def make_fault(kind: str, route: str, *, retry_after: float | None = 1.0, slow_s
         error = Response(status, _gateway_page(status), content_type="text/html")
     else:
         error = _api_server_error(status, "injected fault")
-    assert isinstance(error.body, bytes)
-    return Fault.http(status, error.body, headers, content_type=error.content_type, label=label)
+    return _answering(error, headers=headers, label=label)
+
+
+def _answering(response: Response, *, headers: dict[str, str] | None = None, label: str | None = None) -> Fault:
+    """A fault that sends ``response`` instead of running the handler (built in memory: bytes)."""
+    assert isinstance(response.body, bytes)
+    return Fault.http(response.status, response.body, headers, content_type=response.content_type, label=label)
 
 
 # --------------------------------------------------------------------------- multipart

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import io
 import json
 import logging
 import random
@@ -58,7 +59,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 __all__ = [
@@ -346,7 +347,7 @@ class RequestLog:
 class _BodyReader:
     """Reads exactly one request body off a keep-alive connection (Content-Length or chunked)."""
 
-    def __init__(self, rfile: BinaryIO, headers: Message) -> None:
+    def __init__(self, rfile: io.BufferedIOBase, headers: Message) -> None:
         self._rfile = rfile
         self._chunked = False
         self._remaining = 0  # bytes left in the whole body (Content-Length) or in this chunk
@@ -378,7 +379,7 @@ class _BodyReader:
             if self.complete:
                 return b""
         try:
-            data = self._rfile.read1(min(n, self._remaining))  # type: ignore[attr-defined]
+            data = self._rfile.read1(min(n, self._remaining))
         except (TimeoutError, ConnectionError) as exc:
             raise ClientGone(str(exc)) from exc
         if not data:
@@ -551,8 +552,10 @@ class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
 
     def setup(self) -> None:
-        self.timeout = self.server.owner.io_timeout
         super().setup()
+        # Per server, not per class: what StreamRequestHandler.setup does with a class-level
+        # ``timeout``. Every read of the request (rfile) and write of the answer obeys it.
+        self.connection.settimeout(self.server.owner.io_timeout)
         # Headers and body go out in separate writes; with Nagle on, the second waits for the
         # client's delayed ACK (40 ms per request).
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -202,10 +202,8 @@ def assess_result_for(measured: Measurements) -> dict[str, Any]:
         "dnsmos_bak": _prop("dnsmos_bak", measured.dnsmos_bak, "", 2, ranges["dnsmos_bak"]),
     }
     failing = [name for name, prop in props.items() if prop["status"] != 0]
-    props["suggestion"] = (
-        "The audio meets the requirements." if not failing else f"Improve: {', '.join(failing)}."
-    )
-    return props
+    suggestion = "The audio meets the requirements." if not failing else f"Improve: {', '.join(failing)}."
+    return {**props, "suggestion": suggestion}
 
 
 # --------------------------------------------------------------------------- error bodies

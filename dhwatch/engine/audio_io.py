@@ -48,6 +48,8 @@ from dhwatch.engine.errors import UnsupportedAudio
 
 Library = Literal["sndfile", "av"]
 Block = npt.NDArray[np.float32]
+#: samples as FFmpeg's packed or planar sample formats hold them (flt, dbl, s16, s32)
+AvSamples = npt.NDArray[np.float32] | npt.NDArray[np.float64] | npt.NDArray[np.int16] | npt.NDArray[np.int32]
 
 #: libsndfile's lossy encoders: 0 = best quality, 1 = smallest file. 0.2 is transparent
 #: for Vorbis and MP3 VBR; a re-encode must not give back what the denoiser gained.
@@ -432,7 +434,9 @@ def _quantize(block: Block, bits: int) -> npt.NDArray[np.int16] | npt.NDArray[np
     steps = float(2 ** (bits - 1))
     rounded = np.clip(np.rint(block.astype(np.float64) * steps), -steps, steps - 1)
     scaled = rounded * float(2 ** (container_bits - bits))
-    return scaled.astype(np.int16 if container_bits == 16 else np.int32)
+    if container_bits == 16:
+        return scaled.astype(np.int16)
+    return scaled.astype(np.int32)
 
 
 class _AvWriter(_Closing):
@@ -451,8 +455,12 @@ class _AvWriter(_Closing):
         )
         try:
             layout = channel_layout or {1: "mono", 2: "stereo"}.get(channels, f"{channels}c")
-            self._stream = self._container.add_stream(fmt.codec, rate=sample_rate, layout=layout)
-            ctx = self._stream.codec_context
+            stream = self._container.add_stream(fmt.codec, rate=sample_rate, layout=layout)
+            # fmt.codec is one of _MP4_CODECS, all audio; PyAV types a codec named by a plain str
+            # as any kind of stream
+            assert isinstance(stream, av.AudioStream), f"{fmt.codec} gave a {stream.type} stream"
+            self._stream = stream
+            ctx = stream.codec_context
             supported = [f.name for f in ctx.codec.audio_formats or ()]
             if fmt.sample_format in supported:
                 ctx.format = fmt.sample_format
@@ -486,21 +494,16 @@ class _AvWriter(_Closing):
             self._container.close()
 
 
-def _float_to_av(block: Block, sample_format: str) -> npt.NDArray[np.generic]:
+def _float_to_av(block: Block, sample_format: str) -> AvSamples:
     """float32 ``(samples, channels)`` in the layout and type an FFmpeg sample format wants."""
     planar = sample_format.endswith("p")
     base = sample_format.rstrip("p")
+    # Arranged first: the conversions below are element-wise and keep the C order.
+    arranged = np.ascontiguousarray(block.T if planar else block.reshape(1, -1))
     if base == "flt":
-        data: npt.NDArray[np.generic] = np.clip(block, -1.0, 1.0).astype(np.float32)
-    elif base == "dbl":
-        data = np.clip(block, -1.0, 1.0).astype(np.float64)
-    elif base in ("s16", "s32"):
-        bits = 16 if base == "s16" else 32
-        steps = float(2 ** (bits - 1))
-        data = np.clip(np.rint(block.astype(np.float64) * steps), -steps, steps - 1).astype(
-            np.int16 if bits == 16 else np.int32
-        )
-    else:
-        raise UnsupportedAudio(f"cannot encode the sample format {sample_format}")
-    return np.ascontiguousarray(data.T) if planar else np.ascontiguousarray(data.reshape(1, -1))
-
+        return np.clip(arranged, -1.0, 1.0).astype(np.float32)
+    if base == "dbl":
+        return np.clip(arranged, -1.0, 1.0).astype(np.float64)
+    if base in ("s16", "s32"):
+        return _quantize(arranged, 16 if base == "s16" else 32)
+    raise UnsupportedAudio(f"cannot encode the sample format {sample_format}")

@@ -39,7 +39,7 @@ import resource
 import signal
 import time
 from dataclasses import dataclass
-from multiprocessing.context import BaseContext
+from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Literal
@@ -82,7 +82,7 @@ class EnginePool:
         self.workers = workers if workers is not None else (os.cpu_count() or 1)
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
-        self._context = multiprocessing.get_context(start_method)
+        self._context = _context_for(start_method)
         self._slots = asyncio.Semaphore(self.workers)
         self._running: set[BaseProcess] = set()
         self._closed = False
@@ -138,12 +138,19 @@ async def run_job(
     start_method: StartMethod = "spawn",
 ) -> EngineResult:
     """Run one job in a worker process, without a concurrency limit (see :class:`EnginePool`)."""
-    context = multiprocessing.get_context(start_method)
+    context = _context_for(start_method)
     return await _run_in_child(context, src, dst, options or EngineOptions(), timeout, None, set())
 
 
+def _context_for(start_method: StartMethod) -> SpawnContext | ForkServerContext:
+    """The multiprocessing context for ``start_method``, typed as one that has ``Process``."""
+    if start_method == "forkserver":
+        return multiprocessing.get_context("forkserver")
+    return multiprocessing.get_context("spawn")
+
+
 async def _run_in_child(
-    context: BaseContext,
+    context: SpawnContext | ForkServerContext,
     src: Path,
     dst: Path,
     options: EngineOptions,
@@ -153,7 +160,7 @@ async def _run_in_child(
 ) -> EngineResult:
     """Start the child, wait for it without blocking the loop, and turn its end into a result."""
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(  # type: ignore[attr-defined]
+    process = context.Process(
         target=_child_main,
         args=(sender, os.fspath(src), os.fspath(dst), options, fault),
         name=f"dhwatch-engine[{src.name}]",
@@ -185,11 +192,11 @@ async def _run_in_child(
     if outcome is None:
         dst.unlink(missing_ok=True)
         raise _crash_error(src, process.exitcode)
-    if outcome[0] == "ok":
-        _, report, peak_rss = outcome
-        return EngineResult(report=report, peak_rss_bytes=peak_rss, wall_s=wall)
-    dst.unlink(missing_ok=True)
-    raise from_wire(outcome[1], outcome[2])
+    if isinstance(outcome, EngineError):
+        dst.unlink(missing_ok=True)
+        raise outcome
+    report, peak_rss = outcome
+    return EngineResult(report=report, peak_rss_bytes=peak_rss, wall_s=wall)
 
 
 async def _exited(process: BaseProcess) -> None:
@@ -209,15 +216,23 @@ async def _exited(process: BaseProcess) -> None:
         loop.remove_reader(sentinel)
 
 
-def _read_outcome(receiver: multiprocessing.connection.Connection) -> tuple[object, ...] | None:
-    """The child's last message, or None if it died before sending a complete one."""
+def _read_outcome(receiver: multiprocessing.connection.Connection) -> tuple[DenoiseReport, int] | EngineError | None:
+    """What the child reported: its report and peak memory, or its error rebuilt.
+
+    None if it died before sending a complete message (or sent one of another shape, which
+    only a child that broke half-way could do): the caller treats that as a crash.
+    """
     try:
-        if receiver.poll():
-            message = receiver.recv()
-            if isinstance(message, tuple) and message:
-                return message
+        if not receiver.poll():
+            return None
+        message = receiver.recv()
     except (EOFError, OSError, ValueError, AttributeError, ImportError, IndexError):
-        pass
+        return None
+    match message:
+        case ("ok", DenoiseReport() as report, int() as peak_rss):
+            return report, peak_rss
+        case ("error", str() as class_name, str() as text):
+            return from_wire(class_name, text)
     return None
 
 

@@ -48,14 +48,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dhwatch.backends.http import transient_from_exception, transient_from_response, with_short_retries
 from dhwatch.errors import AuthError, BackendError, ConfigError, JobFailed, JobLost, TransientError
-from dhwatch.quality.report import Actual, ExpectedRange, MetricResult, QualityReport
+from dhwatch.quality.report import Actual, ExpectedRange, MetricResult, QualityReport, Status
 
 TokenProvider = Callable[[], "str | None"]
 
@@ -106,6 +106,14 @@ class MetaStudioError(BackendError):
         self.error_code = error_code
         self.error_msg = error_msg
         self.http_status = http_status
+
+
+class _ErrorFields(TypedDict, total=False):
+    """What :class:`MetaStudioError` keeps of an API error answer."""
+
+    error_code: str | None
+    error_msg: str | None
+    http_status: int | None
 
 
 class MetaStudioRejected(MetaStudioError):
@@ -490,7 +498,7 @@ def error_for(response: httpx.Response, *, job_scoped: bool = False) -> MetaStud
     except (ValueError, json.JSONDecodeError):
         pass
     said = f"{error_code or status}: {error_msg or response.text[:200] or 'no detail'}"
-    common = {"error_code": error_code, "error_msg": error_msg, "http_status": status}
+    common: _ErrorFields = {"error_code": error_code, "error_msg": error_msg, "http_status": status}
     if status in (401, 403) or (error_code or "").startswith(_AUTH_CODE_PREFIXES):
         return MetaStudioAuthError(f"MetaStudio refused the IAM token ({said})", **common)
     transient = transient_from_response(response)
@@ -503,7 +511,7 @@ def error_for(response: httpx.Response, *, job_scoped: bool = False) -> MetaStud
     return MetaStudioProtocolError(f"MetaStudio answered HTTP {status} ({said})", **common)
 
 
-def _unavailable(transient: TransientError, **common: Any) -> MetaStudioUnavailable:
+def _unavailable(transient: TransientError, **common: Unpack[_ErrorFields]) -> MetaStudioUnavailable:
     """Re-type a shared :class:`TransientError` as this service's, keeping its retry hints."""
     return MetaStudioUnavailable(
         str(transient), retry_after=transient.retry_after, counts=transient.counts, kind=transient.kind, **common
@@ -532,6 +540,14 @@ def pack_audio(path: Path, package: Path) -> Path:
 # assess_result -> QualityReport
 
 
+def _status(value: int | None) -> Status | None:
+    """The vendor's judgement if it is one the report knows (-1 below, 0 inside, 1 above)."""
+    match value:
+        case -1 | 0 | 1 as status:
+            return status
+    return None
+
+
 def report_from_assessment(
     after: AssessResult,
     before: AssessResult | None = None,
@@ -554,13 +570,12 @@ def report_from_assessment(
         if prop is None:
             continue
         earlier = before_props.get(vendor_name)
-        status = prop.status if prop.status in (-1, 0, 1) else None
         raw = f"after: {prop.actual!r}" + (f"; before: {earlier.actual!r}" if earlier is not None else "")
         metrics[report_name] = MetricResult(
             expected=parse_expected(prop.expected),
             expected_text=prop.expected or "",
             actual=Actual(before=parse_number(earlier.actual) if earlier else None, after=parse_number(prop.actual)),
-            status=status,  # type: ignore[arg-type]
+            status=_status(prop.status),
             suggestion=prop.suggestion_en or prop.suggestion or "",
             note=f"MetaStudio {vendor_name}: {raw}",
         )

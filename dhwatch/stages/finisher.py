@@ -6,7 +6,7 @@ import asyncio
 import os
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TypedDict
 from pathlib import Path, PurePosixPath
 
 from dhwatch import crashpoints
@@ -26,6 +26,11 @@ from dhwatch.states import State
 from dhwatch.watcher import lstat_rel
 
 
+class _DoneChanges(TypedDict, total=False):
+    """What DELIVERED → DONE records besides the state (quality_status only if a report is due)."""
+
+    archived_path: str | None
+    quality_status: str
 
 
 class Finisher:
@@ -100,7 +105,7 @@ class Finisher:
             await asyncio.to_thread(remove_from_inbox, inbox, row.rel_path)
         crashpoints.reached("after_original_handled")
         now = ctx.clock()
-        extra: dict[str, object] = {"archived_path": None if archived is None else str(archived)}
+        extra: _DoneChanges = {"archived_path": None if archived is None else str(archived)}
         if report_later:
             extra["quality_status"] = "pending"
         ctx.ledger.transition(row.id, State.DELIVERED, State.DONE, now=now,

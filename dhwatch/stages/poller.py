@@ -71,11 +71,12 @@ class Poller:
             for row in rows:
                 if job_timed_out(row.submitted_at or row.created_at, now, timeout):
                     minutes = timeout / 60
-                    self._try(lambda r=row: fail(
-                        ctx, r, State.SUBMITTED, "JOB_TIMEOUT",
-                        f"job {job_id} did not finish within job_timeout ({minutes:g} minutes); "
-                        f"last status: {r.remote_status or 'none'}",
-                    ))  # fmt: skip
+                    with contextlib.suppress(TransitionConflict):  # another stage moved the row meanwhile
+                        fail(
+                            ctx, row, State.SUBMITTED, "JOB_TIMEOUT",
+                            f"job {job_id} did not finish within job_timeout ({minutes:g} minutes); "
+                            f"last status: {row.remote_status or 'none'}",
+                        )  # fmt: skip
                 else:
                     live.append(row)
             if not live:
@@ -85,16 +86,18 @@ class Poller:
                     status = await ctx.backend.status(job_id)
             except JobLost as exc:
                 for row in live:
-                    self._try(lambda r=row, e=exc: ctx.ledger.transition(
-                        r.id, State.SUBMITTED, State.QUEUED, now=ctx.clock(), detail=f"{e}; submitting again",
-                        job_id=None, adopted=0, next_attempt_at=ctx.clock(),
-                    ))  # fmt: skip
+                    with contextlib.suppress(TransitionConflict):
+                        ctx.ledger.transition(
+                            row.id, State.SUBMITTED, State.QUEUED, now=ctx.clock(), detail=f"{exc}; submitting again",
+                            job_id=None, adopted=0, next_attempt_at=ctx.clock(),
+                        )  # fmt: skip
                 ctx.log.warning("job_lost", job=job_id, files=[r.rel_path for r in live], error=str(exc))
                 ctx.kick("upload")
                 return
             except (JobFailed, InvalidFile) as exc:
                 for row in live:
-                    self._try(lambda r=row, e=exc: fail(ctx, r, State.SUBMITTED, e.code, str(e)))
+                    with contextlib.suppress(TransitionConflict):
+                        fail(ctx, row, State.SUBMITTED, exc.code, str(exc))
                 return
             except BackendUnavailable as exc:
                 ctx.pause(f"{exc} — jobs already submitted are kept and followed once the key works")
@@ -114,17 +117,19 @@ class Poller:
             if status.billed_seconds and any(not r.adopted for r in rows):
                 ctx.metrics.billed.inc(status.billed_seconds)
             for row in rows:
-                self._try(lambda r=row: ctx.ledger.transition(
-                    r.id, State.SUBMITTED, State.FETCHING, now=now, detail=f"job {status.raw_status}",
-                    remote_status=status.raw_status, result_url=status.result_url,
-                    billed_seconds=status.billed_seconds, next_attempt_at=now, fetch_attempts=0,
-                ))  # fmt: skip
+                with contextlib.suppress(TransitionConflict):
+                    ctx.ledger.transition(
+                        row.id, State.SUBMITTED, State.FETCHING, now=now, detail=f"job {status.raw_status}",
+                        remote_status=status.raw_status, result_url=status.result_url,
+                        billed_seconds=status.billed_seconds, next_attempt_at=now, fetch_attempts=0,
+                    )  # fmt: skip
             ctx.log.info("job_complete", job=job_id, files=[r.rel_path for r in rows], billed_seconds=status.billed_seconds)
             ctx.kick("fetch")
         elif status.phase is RemotePhase.FAILED:
             for row in rows:
-                self._try(lambda r=row: fail(ctx, r, State.SUBMITTED, "PROCESSING_FAILED",
-                                             status.message or f"the service reported '{status.raw_status}'"))
+                with contextlib.suppress(TransitionConflict):
+                    fail(ctx, row, State.SUBMITTED, "PROCESSING_FAILED",
+                         status.message or f"the service reported '{status.raw_status}'")
         else:
             if not status.known and (job_id, status.raw_status) not in self._warned:
                 self._warned.add((job_id, status.raw_status))
@@ -141,11 +146,5 @@ class Poller:
                 changes["remote_status"] = status.raw_status
                 if status.billed_seconds is not None:
                     changes["billed_seconds"] = status.billed_seconds
-            self._try(lambda r=row: ctx.ledger.update(r.id, State.SUBMITTED, now=now, **changes))
-
-    @staticmethod
-    def _try(action: object) -> None:
-        try:
-            action()  # type: ignore[operator]
-        except TransitionConflict:
-            pass
+            with contextlib.suppress(TransitionConflict):
+                ctx.ledger.update(row.id, State.SUBMITTED, now=now, **changes)

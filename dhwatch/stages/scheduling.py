@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
 
 from dhwatch.context import Context
 from dhwatch.ledger import FileRow
@@ -27,10 +28,27 @@ async def sleep_until_due(ctx: Context, stage: str, states: tuple[State, ...]) -
     await ctx.idle(stage, timeout)
 
 
-def fail(ctx: Context, row: FileRow, expected: State, code: str, message: str, **changes: object) -> None:
-    """Move a row to FAILING with a reason; the finisher moves the file and writes the report."""
+class _FailChanges(TypedDict, total=False):
+    attempts: int
+    fetch_attempts: int
+
+
+def fail(
+    ctx: Context, row: FileRow, expected: State, code: str, message: str, *,
+    attempts: int | None = None, fetch_attempts: int | None = None,
+) -> None:  # fmt: skip
+    """Move a row to FAILING with a reason; the finisher moves the file and writes the report.
+
+    ``attempts`` / ``fetch_attempts`` record the upload / download attempts used up, when
+    the failure used one; each is left as it is when not given.
+    """
+    extra: _FailChanges = {}
+    if attempts is not None:
+        extra["attempts"] = attempts
+    if fetch_attempts is not None:
+        extra["fetch_attempts"] = fetch_attempts
     ctx.ledger.transition(
         row.id, expected, State.FAILING, now=ctx.clock(), detail=f"{code}: {message}",
-        error_code=code, error_message=message, **changes,
+        error_code=code, error_message=message, **extra,
     )  # fmt: skip
     ctx.kick("finish")

@@ -86,3 +86,30 @@ def test_local_job_redone_after_kill9(folders: Folders, daemons) -> None:
     assert folders.files(folders.outbox) == ["long.wav"]
     assert not any(".dhwatch-" in f for f in folders.files(folders.outbox))
     assert not list((folders.state / "local-jobs").iterdir())
+
+
+def test_local_engine_timeout_fails_files_with_job_timeout(folders: Folders, daemons) -> None:
+    """When the local engine stops a job at job_timeout, every file on that job fails as JOB_TIMEOUT.
+
+    The poller's own deadline counts from each file's submission, the engine's from the
+    worker's start. A copy that joined the running job later (same content, no second
+    job) is still within its own deadline when the engine gives up, so it learns of the
+    timeout from the engine: that answer must be a JOB_TIMEOUT failure, not a crashed poll.
+    """
+    long = make_audio(folders.inbox / "long.wav", seconds=120.0, sr=48000)  # ~10 s of work here
+    cfg = write_config(folders, backend="local", api_key=None, local="workers = 1\njob_timeout = 3",
+                       extra="settle_seconds = 1.0")
+    d = daemons(cfg)
+    d.wait_event("file_submitted", timeout=60)
+    (folders.inbox / "copy.wav").write_bytes(long.read_bytes())
+    queued = d.wait_event("file_queued", count=2, timeout=30)
+    assert queued[1]["file"] == "copy.wav" and queued[1].get("reused_from") == 1  # joined the running job
+    d.wait_event("file_failed", count=2, timeout=60)
+    assert folders.files(folders.outbox) == []
+    for rel in ("long.wav", "copy.wav"):
+        assert folders.error_report(rel)["code"] == "JOB_TIMEOUT"
+    # the copy's answer came from the engine's own deadline (the path under test) ...
+    assert "local denoiser ran past job_timeout" in folders.error_report("copy.wav")["detail"]
+    # ... and no poll crashed on the way there
+    assert d.events("poll_crashed") == []
+    assert "Traceback" not in d.output() and "TypeError" not in d.output()
