@@ -513,7 +513,7 @@ class Ledger:
             chunk = encoded[start : start + _IN_CHUNK]
             found += self._conn.execute(
                 f"SELECT {columns} FROM files WHERE rel_path IN ({', '.join('?' for _ in chunk)}) "
-                f"AND state IN ({state_marks})",
+                f"AND +state IN ({state_marks})",  # "+": the path index, never the state one
                 (*chunk, *state_values),
             ).fetchall()
         found.sort(key=lambda r: r[0])
