@@ -63,8 +63,6 @@ def plan_files(n: int, flat: bool, broken_share: float, rng: random.Random) -> l
     for i in range(n):
         folder = "flat" if flat else f"s{i % 40:02d}"
         name = f"take{i:06d}.wav" if flat or i % 10 else odd[(i // 10) % len(odd)].format(i=i)
-        if "\u202e" in name:  # the emulator cannot take non-Latin-1 names yet (see the tests' xfails)
-            name = f"plain{i:06d}.wav"
         kind = rng.random()
         if kind < broken_share / 3:
             files.append((f"{folder}/empty{i:06d}.wav", b"", "INVALID_FILE"))
