@@ -1,4 +1,4 @@
-"""``dhwatch emulate``: the DeepHearing API emulator, for trying dhwatch without an account."""
+"""``dhwatch emulate`` and ``dhwatch emulate-deepaffects``: the vendors' APIs, locally, for trying dhwatch without an account."""
 
 from __future__ import annotations
 
@@ -13,8 +13,14 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     return deephearing.run(args)
 
 
+def cmd_emulate_deepaffects(args: argparse.Namespace) -> int:
+    from dhwatch.emulators import deepaffects
+
+    return deepaffects.run(args)
+
+
 def register(sub: SubParsers) -> None:
-    from dhwatch.emulators import deephearing
+    from dhwatch.emulators import deepaffects, deephearing
 
     parser = add_command(
         sub, "emulate", "run a local DeepHearing API emulator (try dhwatch without an account)",
@@ -30,3 +36,18 @@ def register(sub: SubParsers) -> None:
         cmd_emulate,
     )
     deephearing.configure_parser(parser)
+    parser = add_command(
+        sub, "emulate-deepaffects", "run a local DeepAffects async denoise API emulator",
+        """
+        A strict DeepAffects emulator on 127.0.0.1: JSON upload with base64 audio, the
+        webhook callback (with its faults: late, lost, duplicated, for an unknown job) and
+        the status endpoint the daemon falls back to. Point [deepaffects] base_url at the
+        URL it prints.
+        """,
+        """
+        dhwatch emulate-deepaffects --port 8090 --key dev-key
+        dhwatch emulate-deepaffects --port 8090 --fault-rate lost=0.5 --seed 1
+        """,
+        cmd_emulate_deepaffects,
+    )
+    deepaffects.configure_parser(parser)

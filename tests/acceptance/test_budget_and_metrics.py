@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
 import httpx
 
 from dhwatch.emulators.deephearing import DeepHearingEmulator
-from tests.conftest import Folders, make_audio, wait_for, write_config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.conftest import Folders, free_port, make_audio, wait_for, write_config
 
 
 def test_daily_budget_pauses_submitting(folders: Folders, emulator: DeepHearingEmulator, daemons) -> None:
@@ -45,7 +38,7 @@ def test_daily_budget_pauses_submitting(folders: Folders, emulator: DeepHearingE
 
 def test_metrics_and_health(folders: Folders, emulator: DeepHearingEmulator, daemons) -> None:
     """/metrics exposes files by state, bytes, latency, retries and the paused flag; /healthz reports ok or paused."""
-    port = _free_port()
+    port = free_port()
     emulator.inject("503", "status", count=1)
     make_audio(folders.inbox / "a.wav")
     d = daemons(write_config(folders, base_url=emulator.base_url, extra=f'metrics_address = "127.0.0.1:{port}"'))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,16 +11,10 @@ import pytest
 import soundfile as sf
 
 from dhwatch.emulators.deepaffects import FAILED_REASON, DeepAffectsEmulator
-from tests.conftest import Daemon, Folders, make_audio, wait_for, write_config
+from tests.conftest import Daemon, Folders, free_port, make_audio, wait_for, write_config
 
 #: distinctive, so any leak into a byte the daemon wrote is unmistakable
 KEY = "DAk-7f3e9c1b2a-SECRET-41d"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def deepaffects_config(folders: Folders, emu: DeepAffectsEmulator, *, port: int | None = None,

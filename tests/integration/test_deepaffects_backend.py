@@ -29,13 +29,11 @@ from dhwatch.emulators.deepaffects import FAILED_REASON, DeepAffectsEmulator
 from dhwatch.emulators.deephearing import ProcessedFile
 from dhwatch.errors import AuthError, InvalidFile, JobFailed, JobLost, TransientError
 from dhwatch.sourcefile import verified_chunks
-from tests.conftest import make_audio, wait_for
+from tests.conftest import free_port, make_audio, wait_for
 
 T = TypeVar("T")
 #: a distinctive key, so a leak anywhere is unmistakable
 KEY = "DA-key-5ecret-9b17c3e"
-
-
 
 
 @pytest.fixture
@@ -386,7 +384,7 @@ def test_results_and_callback_secrets_survive_a_restart(emu: DeepAffectsEmulator
     emu.late_seconds = 0.0
     emu.callback_retry_delay = 0.5
     make_audio(inbox / "take.wav")
-    port = _free_port()
+    port = free_port()
 
     job_id = run(emu, inbox, state, lambda b: _submit(b, inbox), listen_port=port)  # then "the daemon stops"
     wait_for(lambda: emu.callbacks and emu.callbacks[0].status is None, 10, 0.02, "a callback nobody answers")
@@ -411,14 +409,6 @@ def test_results_and_callback_secrets_survive_a_restart(emu: DeepAffectsEmulator
 
 async def _submit(b: DeepAffectsBackend, inbox: Path) -> str:
     return (await b.submit([upload(inbox, "take.wav")]))["f0"]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- refusals and faults
