@@ -4,8 +4,8 @@ Scans and watchdog hints feed the :class:`~dhwatch.settle.SettleTracker`; a sett
 file is fingerprinted (a thread reads and hashes it through a no-follow descriptor) and
 then becomes exactly one of: nothing (it is already tracked, or is the version that was
 already finished), a QUEUED row, a SUBMITTED row that adopts the job of identical content
-already paid for, or a FAILING row (not audio, too large, too long, not a regular file) that never
-costs anything.
+already paid for, or a FAILING row (not audio, too large, too long, not a regular file)
+that never costs anything.
 """
 
 from __future__ import annotations
@@ -23,16 +23,7 @@ from dhwatch.errors import NotRegularFile, SourceChanged
 from dhwatch.settle import SettleTracker
 from dhwatch.sourcefile import Fingerprint, Identity, fingerprint
 from dhwatch.states import State
-from dhwatch.watcher import (
-    Found,
-    InboxWatcher,
-    Refused,
-    ScanResult,
-    Skipped,
-    classify,
-    lstat_rel,
-    scan,
-)
+from dhwatch.watcher import Found, InboxWatcher, Refused, ScanResult, Skipped, classify, lstat_rel, scan
 
 if TYPE_CHECKING:
     from dhwatch.config import Settings
