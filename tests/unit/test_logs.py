@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -179,6 +180,32 @@ def test_json_logging_puts_one_event_on_one_line_without_secrets(capsys: pytest.
     assert record["file"] == "evil\\nname\\u202e.wav"
     assert record["timestamp"].endswith("Z")
     assert REDACTED in record["url"] and REDACTED in record["error"]
+
+
+class Writes:
+    """A stdout that keeps every write() call apart."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_each_event_is_written_whole_with_its_newline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One write per event, newline included: a kill between writes can never leave a line unterminated."""
+    out = Writes()
+    monkeypatch.setattr(sys, "stdout", out)
+    logs.configure("info", "json")
+    logs.get_logger().info("file_queued", file="a.wav")
+    logs.get_logger().warning("file_refused", file="b.wav")
+    assert len(out.calls) == 2
+    assert all(call.endswith("\n") and call.count("\n") == 1 for call in out.calls), out.calls
+    assert [json.loads(call)["event"] for call in out.calls] == ["file_queued", "file_refused"]
 
 
 def test_exception_tracebacks_are_redacted(capsys: pytest.CaptureFixture[str]) -> None:
