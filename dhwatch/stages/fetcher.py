@@ -9,19 +9,12 @@ from pathlib import PurePosixPath
 from dhwatch import crashpoints
 from dhwatch.backends.base import RemotePhase, RemoteStatus
 from dhwatch.context import Context
-from dhwatch.delivery import (
-    write_atomically,
-)  # fmt: skip
-from dhwatch.errors import (
-    JobLost, ResultError, TransientError,
-    TransitionConflict,
-)  # fmt: skip
+from dhwatch.delivery import write_atomically
+from dhwatch.errors import JobLost, ResultError, TransientError, TransitionConflict
 from dhwatch.ledger import FileRow
 from dhwatch.policy import Backoff, after_failure
+from dhwatch.stages.scheduling import InFlight, fail, sleep_until_due
 from dhwatch.states import State
-
-
-from dhwatch.stages.scheduling import sleep_until_due, fail
 
 
 class Fetcher:
@@ -31,7 +24,7 @@ class Fetcher:
         self.ctx = ctx
         self._slots = asyncio.Semaphore(ctx.settings.download_concurrency)
         self._busy: set[int] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._running = InFlight()
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -45,9 +38,7 @@ class Fetcher:
                     break
                 await self._slots.acquire()
                 self._busy.add(row.id)
-                task = asyncio.create_task(self._fetch(row))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._running.start(self._fetch(row))
             await sleep_until_due(ctx, "fetch", (State.FETCHING,))
 
     async def _fetch(self, row: FileRow) -> None:
@@ -130,6 +121,4 @@ class Fetcher:
             pass
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._running.aclose()

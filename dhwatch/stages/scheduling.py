@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypedDict
 
 from dhwatch.context import Context
 from dhwatch.ledger import FileRow
 from dhwatch.policy import Backoff
 from dhwatch.states import State
+
+
+class InFlight:
+    """The requests a stage has running: started without waiting, all cancelled on stop."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def backoff_for(ctx: Context) -> Backoff:

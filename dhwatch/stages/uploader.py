@@ -15,10 +15,8 @@ from dhwatch.errors import (
 )  # fmt: skip
 from dhwatch.ledger import FileRow
 from dhwatch.policy import after_failure, day_start, over_budget
+from dhwatch.stages.scheduling import InFlight, backoff_for, fail, poll_interval, sleep_until_due
 from dhwatch.states import State
-
-
-from dhwatch.stages.scheduling import backoff_for, poll_interval, sleep_until_due, fail
 
 
 class Uploader:
@@ -29,7 +27,7 @@ class Uploader:
         self._slots = asyncio.Semaphore(ctx.settings.upload_concurrency)
         self._busy: set[int] = set()
         self._solo: set[int] = set()  # rows whose batch was rejected: find the bad file alone
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._running = InFlight()
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -50,9 +48,7 @@ class Uploader:
             await self._slots.acquire()
             for r in batch:
                 self._busy.add(r.id)
-            task = asyncio.create_task(self._upload(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._running.start(self._upload(batch))
 
     def _over_budget(self) -> bool:
         """The cost guard: pause submitting once today's billed seconds reach the budget.
@@ -245,6 +241,4 @@ class Uploader:
             pass
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._running.aclose()

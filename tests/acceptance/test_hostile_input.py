@@ -594,6 +594,18 @@ class Run:
     late_delivered: bool
 
 
+def finish_run(folders: Folders, d: JsonLogDaemon, emu: DeepHearingEmulator, expected: dict[str, str],
+               finished: bool) -> Run:  # fmt: skip
+    """After the hostile files: does the same daemon still deliver a good one? Then stop it."""
+    late = False
+    if d.alive():
+        make_audio(folders.inbox / "late.wav", seed=99)
+        late = wait_quietly(lambda: delivered(folders, "late.wav"), 15, d)
+    if d.alive():
+        d.stop()
+    return Run(folders, d, emu, expected, finished, late)
+
+
 def _single_run(tmp: Path, make: Callable[[Folders], dict[str, str]], *, extra: str = "",
                 timeout: float = 30.0) -> Iterator[Run]:
     folders = Folders(tmp)
@@ -603,13 +615,7 @@ def _single_run(tmp: Path, make: Callable[[Folders], dict[str, str]], *, extra: 
     d = start_daemon(write_config(folders, base_url=emu.base_url, extra=extra))
     try:
         finished = wait_quietly(lambda: all_ended(folders, expected), timeout, d)
-        late = False
-        if d.alive():
-            make_audio(folders.inbox / "late.wav", seed=99)
-            late = wait_quietly(lambda: delivered(folders, "late.wav"), 15, d)
-        if d.alive():
-            d.stop()
-        yield Run(folders, d, emu, expected, finished, late)
+        yield finish_run(folders, d, emu, expected, finished)
     finally:
         if d.alive():
             d.kill()
@@ -646,13 +652,7 @@ def byte_names(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             shown = os.fsdecode(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
             wait_quietly(lambda shown=shown, event=event: any(e.get("file") == shown for e in d.events(event)), 10, d)
         finished = wait_quietly(lambda: all_ended(folders, expected), 30, d)
-        late = False
-        if d.alive():
-            make_audio(folders.inbox / "late.wav", seed=99)
-            late = wait_quietly(lambda: delivered(folders, "late.wav"), 15, d)
-        if d.alive():
-            d.stop()
-        yield Run(folders, d, emu, expected, finished, late)
+        yield finish_run(folders, d, emu, expected, finished)
     finally:
         if d.alive():
             d.kill()
