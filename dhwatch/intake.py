@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dhwatch.audioformat import sniff
+from dhwatch.backends.base import keeps_results_after_release
 from dhwatch.context import Context
 from dhwatch.errors import NotRegularFile, SourceChanged
 from dhwatch.settle import SettleTracker
@@ -233,7 +234,7 @@ class Intake:
             ctx.log.warning("file_refused", file=rel, row=row_id, code=code, reason=reason)
             ctx.kick("finish")
             return
-        earlier = ctx.ledger.reusable_job(fp.sha256, settings.backend)
+        earlier = ctx.ledger.reusable_job(fp.sha256, settings.backend, finished=keeps_results_after_release(ctx.backend))
         if earlier is not None and earlier.job_id:
             row_id = insert(
                 state=State.SUBMITTED, job_id=earlier.job_id, adopted=1, submitted_at=now,

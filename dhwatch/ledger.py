@@ -99,6 +99,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _TEXT_COLUMNS = frozenset({"error_message", "remote_status"})  # never result_url: its signature is needed
 #: absolute paths, which may hold bytes that are not UTF-8
 _PATH_COLUMNS = frozenset({"output_path", "failed_path", "archived_path"})
+#: the daemon-table key prefix of a job the backend lost (see :meth:`Ledger.mark_job_lost`)
+_LOST_JOB = "lost_job:"
 #: paths per ``IN (...)`` list: well under SQLite's oldest host-parameter limit (999)
 _IN_CHUNK = 500
 
@@ -542,22 +544,31 @@ class Ledger:
         ).fetchone()
         return None if r is None else FinishedVersion(r[0], r[1], r[2], r[3], r[4], State(r[5]))
 
-    def reusable_job(self, sha256: str, backend: str) -> FileRow | None:
-        """The latest row with this content whose job is in flight or done (to avoid paying twice)."""
+    def reusable_job(self, sha256: str, backend: str, *, finished: bool = True) -> FileRow | None:
+        """The latest row with this content whose job may be adopted (to avoid paying twice).
+
+        Jobs in flight (submitted, fetching) and just delivered (not yet released) always
+        qualify; jobs of DONE rows only when ``finished`` (the backend keeps results after
+        ``release``). A job the backend said it lost (:meth:`mark_job_lost`) never does, so a
+        lost job cannot be adopted, lost and adopted again in a loop.
+        """
+        states = [State.SUBMITTED, State.FETCHING, State.DELIVERED] + ([State.DONE] if finished else [])
         row = self._conn.execute(
-            "SELECT * FROM files WHERE sha256 = ? AND backend = ? AND job_id IS NOT NULL AND state IN (?, ?, ?, ?) "
+            f"SELECT * FROM files WHERE sha256 = ? AND backend = ? AND job_id IS NOT NULL "
+            f"AND state IN ({', '.join('?' for _ in states)}) "
+            f"AND NOT EXISTS (SELECT 1 FROM daemon WHERE key = '{_LOST_JOB}' || files.job_id) "
             "ORDER BY id DESC LIMIT 1",
-            (sha256, backend, State.SUBMITTED.value, State.FETCHING.value, State.DELIVERED.value, State.DONE.value),
+            (sha256, backend, *(s.value for s in states)),
         ).fetchone()
         return None if row is None else FileRow.from_sql(row)
 
-    def content_leader(self, sha256: str, backend: str, row_id: int) -> FileRow | None:
+    def content_leader(self, sha256: str, backend: str, row_id: int, *, finished: bool = True) -> FileRow | None:
         """The row a queued row with this content should follow instead of paying again.
 
-        A row whose job exists (in flight or done) is adopted; otherwise an earlier row with
-        the same content that is queued or uploading goes first and this one waits.
+        A row whose job may be adopted (see :meth:`reusable_job`) is; otherwise an earlier row
+        with the same content that is queued or uploading goes first and this one waits.
         """
-        reusable = self.reusable_job(sha256, backend)
+        reusable = self.reusable_job(sha256, backend, finished=finished)
         if reusable is not None:
             return reusable
         row = self._conn.execute(
@@ -565,6 +576,18 @@ class Ledger:
             (sha256, backend, row_id, State.QUEUED.value, State.UPLOADING.value),
         ).fetchone()
         return None if row is None else FileRow.from_sql(row)
+
+    def mark_job_lost(self, job_id: str, reason: str) -> None:
+        """Remember that the backend no longer has this job: it is never adopted again.
+
+        Kept as a daemon flag (``lost_job:<id>``, the reason as value), so it survives a
+        restart without a schema change; one short row per lost job.
+        """
+        self.set_flag(_LOST_JOB + job_id, reason)
+
+    def job_lost(self, job_id: str) -> bool:
+        """Whether :meth:`mark_job_lost` was called for this job."""
+        return self.get_flag(_LOST_JOB + job_id) is not None
 
     def quality_pending(self, limit: int) -> list[FileRow]:
         """Finished rows whose quality report is still to be made."""

@@ -16,7 +16,8 @@ durable. The diagram (kept true by ``tests/unit/test_states.py``)::
    QUEUED ──► SUBMITTED             (identical content already has a job: adopt it, pay nothing)
    QUEUED/UPLOADING ──► DISCARDED   (changed while uploading: a new version row follows)
    QUEUED/UPLOADING ──► VANISHED    (deleted from the inbox before anything was paid)
-   SUBMITTED/FETCHING ──► QUEUED    (the backend lost the job, e.g. local engine restart)
+   SUBMITTED/FETCHING ──► QUEUED    (the backend lost the job, e.g. local engine restart: sent again
+                                    after a back-off; the job id is remembered as lost, never adopted again)
 
 Crash recovery (``RECOVERY``): UPLOADING → QUEUED (no job id was recorded, so none is
 being followed: send again); every other state resumes as it is.

@@ -245,3 +245,49 @@ def daemons() -> Iterator[Callable[..., Daemon]]:
     for d in started:
         if d.proc is not None and d.proc.poll() is None:
             d.kill()
+
+
+def _tree_cpu_ticks(pid: int) -> int:
+    """utime+stime of ``pid`` and every live descendant, plus what its reaped children used (clock ticks)."""
+    total = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile: a reaped child's time shows in its parent's cutime/cstime
+        # fields[0] is field 3 (state): utime, stime, cutime, cstime are fields 14-17
+        total += int(fields[11]) + int(fields[12])
+        if p == pid:
+            total += int(fields[13]) + int(fields[14])
+        for task in os.listdir(f"/proc/{p}/task") if os.path.isdir(f"/proc/{p}/task") else []:
+            try:
+                todo += [int(c) for c in open(f"/proc/{p}/task/{task}/children").read().split()]
+            except OSError:
+                pass
+    return total
+
+
+def assert_idle(daemon: Daemon, seconds: float = 10.0, max_cpu_seconds: float = 0.3, max_log_bytes: int = 4096) -> None:
+    """Fail unless the daemon, once all its files are done, stays idle: over the next ``seconds``
+    its process tree (daemon + children) uses under ``max_cpu_seconds`` of CPU and it writes
+    under ``max_log_bytes`` of log. A loop anywhere (a retry without back-off, a poll that
+    spins, a log line per turn) fails it.
+
+    Call it after the test saw everything it waited for; the ``seconds`` are a measuring
+    window, not a wait for something to happen.
+    """
+    assert daemon.proc is not None and daemon.proc.poll() is None, "the daemon is not running"
+    pid = daemon.proc.pid
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu0 = _tree_cpu_ticks(pid)
+    log0 = sum(len(line.encode()) for line in list(daemon.raw))
+    time.sleep(seconds)
+    assert daemon.proc.poll() is None, f"the daemon exited ({daemon.proc.returncode}) while it should idle"
+    cpu = (_tree_cpu_ticks(pid) - cpu0) / ticks
+    lines = list(daemon.raw)
+    log_bytes = sum(len(line.encode()) for line in lines) - log0
+    tail = "".join(lines[-10:])
+    assert cpu < max_cpu_seconds, f"not idle: the daemon's process tree used {cpu:.2f} s of CPU in {seconds:g} s\n{tail}"
+    assert log_bytes < max_log_bytes, f"not idle: the daemon wrote {log_bytes} bytes of log in {seconds:g} s\n{tail}"

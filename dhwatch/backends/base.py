@@ -12,6 +12,10 @@ Lifecycle of one job, as the pipeline drives it::
     async with backend.open_result(job_id, status) as result:
         async for chunk in result: ...                  # streamed into the outbox
     await backend.release(job_id)                       # after the output is safely renamed
+
+A job the backend no longer knows raises :class:`~dhwatch.errors.JobLost`; the pipeline
+records that job id as lost (:meth:`dhwatch.ledger.Ledger.mark_job_lost`) and never adopts
+it again for identical content.
 """
 
 from __future__ import annotations
@@ -86,6 +90,12 @@ class FileResult:
             yield chunk
 
 
+def keeps_results_after_release(backend: object) -> bool:
+    """:attr:`Backend.results_kept_after_release`, False for a backend that does not say (the safe answer:
+    identical content is then sent again rather than adopting a job that may be gone)."""
+    return bool(getattr(backend, "results_kept_after_release", False))
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A denoising service, remote or local."""
@@ -94,6 +104,12 @@ class Backend(Protocol):
     name: ClassVar[str]
     #: how many files one submit call may carry
     max_batch_files: int
+    #: whether a finished job's result can still be fetched (``status`` + ``open_result``) after
+    #: :meth:`release`. Only then may a later file with identical content adopt a job that is
+    #: already delivered; otherwise it adopts only jobs still in flight, and is sent again once
+    #: the earlier one is released (the local engine forgets released jobs; a DeepAffects
+    #: result URL works once). A backend that cannot promise it says False.
+    results_kept_after_release: ClassVar[bool]
 
     async def submit(self, uploads: Sequence[Upload]) -> Mapping[str, str]:
         """Submit files; return ``{upload.key: job_id}`` for every upload.
@@ -117,7 +133,10 @@ class Backend(Protocol):
         ...
 
     async def release(self, job_id: str) -> None:
-        """The result is safely delivered: free whatever the backend keeps for it."""
+        """The result is safely delivered: free whatever the backend keeps for it.
+
+        After this the job may be gone (see :attr:`results_kept_after_release`).
+        """
         ...
 
     async def check_auth(self) -> None:

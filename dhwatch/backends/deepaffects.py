@@ -474,6 +474,7 @@ class DeepAffectsBackend:
     """:class:`~dhwatch.backends.base.Backend` for the DeepAffects async denoise API."""
 
     name: ClassVar[str] = "deepaffects"
+    results_kept_after_release: ClassVar[bool] = False  # release() deletes the stored result; the vendor's result URL works once
     #: one JSON document per file: no batching
     max_batch_files = 1
 

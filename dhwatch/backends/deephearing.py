@@ -58,6 +58,7 @@ class DeepHearingBackend:
     """:class:`~dhwatch.backends.base.Backend` for the DeepHearing API."""
 
     name: ClassVar[str] = "deephearing"
+    results_kept_after_release: ClassVar[bool] = True  # the service keeps results; a status request gives a fresh result URL
 
     def __init__(
         self,

@@ -45,6 +45,7 @@ class LocalBackend:
     """:class:`~dhwatch.backends.base.Backend` running the local engine in worker processes."""
 
     name: ClassVar[str] = "local"
+    results_kept_after_release: ClassVar[bool] = False  # release() deletes the job and its output
     max_batch_files = 1
 
     def __init__(self, settings: Settings) -> None:

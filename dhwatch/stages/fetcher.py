@@ -13,7 +13,7 @@ from dhwatch.delivery import write_atomically
 from dhwatch.errors import JobLost, ResultError, TransientError, TransitionConflict
 from dhwatch.ledger import FileRow
 from dhwatch.policy import Backoff, after_failure
-from dhwatch.stages.scheduling import InFlight, fail, sleep_until_due
+from dhwatch.stages.scheduling import InFlight, fail, requeue_lost, sleep_until_due
 from dhwatch.states import State
 
 
@@ -90,13 +90,7 @@ class Fetcher:
         ctx.kick("finish")
 
     def _lost(self, row: FileRow, reason: str) -> None:
-        ctx = self.ctx
-        try:
-            ctx.ledger.transition(row.id, State.FETCHING, State.QUEUED, now=ctx.clock(), detail=f"{reason}; submitting again",
-                                  job_id=None, adopted=0, next_attempt_at=ctx.clock())
-        except TransitionConflict:
-            return
-        ctx.kick("upload")
+        requeue_lost(self.ctx, row.job_id or "", [row], State.FETCHING, reason)
 
     def _retry(self, row: FileRow, reason: str, *, counts: bool) -> None:
         ctx = self.ctx

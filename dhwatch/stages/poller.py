@@ -17,7 +17,7 @@ from dhwatch.policy import job_timed_out, next_poll_delay
 from dhwatch.states import State
 
 
-from dhwatch.stages.scheduling import poll_interval, poll_max_interval, sleep_until_due, fail
+from dhwatch.stages.scheduling import fail, poll_interval, poll_max_interval, requeue_lost, sleep_until_due
 
 
 class Poller:
@@ -85,14 +85,7 @@ class Poller:
                 with ctx.metrics.api_latency.labels("status").time():
                     status = await ctx.backend.status(job_id)
             except JobLost as exc:
-                for row in live:
-                    with contextlib.suppress(TransitionConflict):
-                        ctx.ledger.transition(
-                            row.id, State.SUBMITTED, State.QUEUED, now=ctx.clock(), detail=f"{exc}; submitting again",
-                            job_id=None, adopted=0, next_attempt_at=ctx.clock(),
-                        )  # fmt: skip
-                ctx.log.warning("job_lost", job=job_id, files=[r.rel_path for r in live], error=str(exc))
-                ctx.kick("upload")
+                requeue_lost(ctx, job_id, live, State.SUBMITTED, str(exc))
                 return
             except (JobFailed, InvalidFile) as exc:
                 for row in live:

@@ -7,8 +7,9 @@ from collections.abc import Coroutine
 from typing import Any, TypedDict
 
 from dhwatch.context import Context
+from dhwatch.errors import TransitionConflict
 from dhwatch.ledger import FileRow
-from dhwatch.policy import Backoff
+from dhwatch.policy import Backoff, after_failure
 from dhwatch.states import State
 
 
@@ -71,3 +72,34 @@ def fail(
         error_code=code, error_message=message, **extra,
     )  # fmt: skip
     ctx.kick("finish")
+
+
+def requeue_lost(ctx: Context, job_id: str, rows: list[FileRow], expected: State, reason: str) -> None:
+    """The backend no longer has ``job_id``: remember it as lost and send its files again, with back-off.
+
+    The job is recorded as lost first (:meth:`~dhwatch.ledger.Ledger.mark_job_lost`), so no
+    file with the same content adopts it again: without that, identical content adopted a
+    released local job, lost it and adopted it again hundreds of times a second. Each file
+    goes back to QUEUED after a back-off that grows with its attempts (a submit counts one),
+    and fails as RETRIES_EXHAUSTED once ``max_attempts`` jobs were lost or failed.
+    """
+    if job_id:
+        ctx.ledger.mark_job_lost(job_id, reason)
+    now = ctx.clock()
+    for row in rows:
+        attempts = max(1, row.attempts)
+        decision = after_failure(attempts=attempts, max_attempts=ctx.settings.max_attempts, now=now,
+                                 backoff=backoff_for(ctx), rand=ctx.rand())  # fmt: skip
+        try:
+            if decision.give_up:
+                fail(ctx, row, expected, "RETRIES_EXHAUSTED",
+                     f"the backend lost the job for this file {attempts} times; last: {reason}")
+            else:
+                ctx.ledger.transition(
+                    row.id, expected, State.QUEUED, now=now, detail=f"{reason}; submitting again",
+                    job_id=None, adopted=0, next_attempt_at=decision.next_attempt_at,
+                )  # fmt: skip
+        except TransitionConflict:  # another stage moved the row meanwhile
+            continue
+    ctx.log.warning("job_lost", job=job_id, files=[r.rel_path for r in rows], error=reason)
+    ctx.kick("upload")

@@ -7,7 +7,7 @@ import time
 from pathlib import PurePosixPath
 
 from dhwatch import crashpoints
-from dhwatch.backends.base import Upload
+from dhwatch.backends.base import Upload, keeps_results_after_release
 from dhwatch.context import Context
 from dhwatch.errors import (
     BackendError, BackendUnavailable, InvalidFile, SourceChanged, TransientError,
@@ -72,15 +72,18 @@ class Uploader:
     def _without_duplicates(self, rows: list[FileRow]) -> list[FileRow]:
         """Rows whose content is not already paid for or about to be.
 
-        A row with the content of an existing job adopts that job (SUBMITTED, no upload);
-        one whose twin is queued earlier or uploading waits for it.
+        A row with the content of an existing job adopts that job (SUBMITTED, no upload) if
+        the backend can still give its result (a delivered job only where results outlive
+        ``release``; never a job the backend lost); one whose twin is queued earlier or
+        uploading waits for it.
         """
         ctx = self.ctx
         now = ctx.clock()
         fresh: list[FileRow] = []
         seen: set[str] = set()
+        finished = keeps_results_after_release(ctx.backend)
         for row in rows:
-            leader = ctx.ledger.content_leader(row.sha256, row.backend, row.id)
+            leader = ctx.ledger.content_leader(row.sha256, row.backend, row.id, finished=finished)
             if leader is not None and leader.job_id:
                 try:
                     ctx.ledger.transition(

@@ -1,0 +1,95 @@
+"""Identical content under several names (issue 10, defect 1): every copy is delivered, and the
+daemon is idle afterwards, whether the earlier job is still running or long delivered.
+
+The local engine keeps a job only until its result is delivered; the DeepHearing service keeps
+results. Both must deliver every copy, and neither may re-adopt a job it was told is gone.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from dhwatch.emulators.deephearing import DeepHearingEmulator
+from tests.conftest import Daemon, Folders, assert_idle, make_audio, wait_for, write_config
+
+
+def _config(folders: Folders, backend: str, emulator: DeepHearingEmulator) -> Path:
+    if backend == "local":
+        return write_config(folders, backend="local", api_key=None, local="workers = 1")
+    return write_config(folders, base_url=emulator.base_url)
+
+
+def _states(folders: Folders) -> dict[str, str]:
+    conn = sqlite3.connect(f"file:{folders.state / 'ledger.sqlite3'}?mode=ro", uri=True, timeout=5)
+    try:
+        return {r[0]: r[1] for r in conn.execute("SELECT rel_path, state FROM files ORDER BY id")}
+    finally:
+        conn.close()
+
+
+def _copy_in(source: Path, folders: Folders, rel: str) -> None:
+    """Copy the way a user does: under a hidden name, then renamed into place."""
+    dest = folders.inbox / rel
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name("." + dest.name)
+    shutil.copyfile(source, tmp)
+    tmp.rename(dest)
+
+
+def _delivered(folders: Folders, names: list[str], frames: int) -> None:
+    assert folders.files(folders.outbox) == sorted(names)
+    for rel in names:
+        assert sf.info(folders.outbox / rel).frames == frames, rel
+    assert folders.files(folders.failed) == []
+
+
+@pytest.mark.parametrize("backend", ["local", "deephearing"])
+def test_identical_copies_after_delivery_are_delivered(
+    folders: Folders, emulator: DeepHearingEmulator, daemons: Callable[..., Daemon], backend: str, tmp_path: Path
+) -> None:
+    """A take delivered, then the same bytes under a second name, then under two more (one in a
+    subfolder): every copy comes out, and the daemon is idle afterwards."""
+    take = make_audio(tmp_path / "take.wav", seconds=2.0, sr=48000)
+    frames = sf.info(take).frames
+    d = daemons(_config(folders, backend, emulator))
+    _copy_in(take, folders, "take.wav")
+    d.wait_event("file_done", timeout=120)
+    _copy_in(take, folders, "take copy.wav")
+    d.wait_event("file_done", count=2, timeout=120)
+    _copy_in(take, folders, "take copy 2.wav")
+    _copy_in(take, folders, "sub/take.wav")
+    d.wait_event("file_done", count=4, timeout=120)
+    _delivered(folders, ["sub/take.wav", "take copy 2.wav", "take copy.wav", "take.wav"], frames)
+    assert len(d.events("job_lost")) <= 3, "a lost job is never adopted again"
+    assert_idle(d)
+    assert d.stop() == 0
+    if backend == "deephearing":
+        assert len(emulator.jobs) == 1, "the service keeps results: identical content is paid once"
+
+
+@pytest.mark.parametrize("backend", ["local", "deephearing"])
+def test_identical_copies_during_the_first_job_are_delivered(
+    folders: Folders, emulator: DeepHearingEmulator, daemons: Callable[..., Daemon], backend: str, tmp_path: Path
+) -> None:
+    """The same bytes under a second and a third name while the first job still runs: every copy comes out."""
+    take = make_audio(tmp_path / "take.wav", seconds=60.0 if backend == "local" else 2.0, sr=48000)
+    frames = sf.info(take).frames
+    if backend == "deephearing":
+        emulator.processing_seconds = 3.0
+    d = daemons(_config(folders, backend, emulator))
+    _copy_in(take, folders, "take.wav")
+    wait_for(lambda: _states(folders).get("take.wav") == "submitted", timeout=60, what="the first job running")
+    _copy_in(take, folders, "take copy.wav")
+    _copy_in(take, folders, "sub/take.wav")
+    d.wait_event("file_done", count=3, timeout=180)
+    _delivered(folders, ["sub/take.wav", "take copy.wav", "take.wav"], frames)
+    assert_idle(d)
+    assert d.stop() == 0
+    if backend == "deephearing":
+        assert len(emulator.jobs) == 1
