@@ -251,6 +251,20 @@ class StateDirLock:
             self._fd = None
 
 
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """The one way a ledger file is opened, by the daemon and by the read-only views alike.
+
+    The path goes into a ``file:`` URI percent-encoded, so a state_dir named ``Studio #2``
+    or ``takes?`` is not cut at the ``#`` or ``?`` (SQLite would read the rest as a fragment
+    or a query and open another file, or none). ``readonly`` opens with ``mode=ro``: safe
+    beside the running daemon, never creates anything.
+    """
+    uri = f"file:{urllib.parse.quote(str(path.resolve()))}" + ("?mode=ro" if readonly else "")
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=10.0)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
 class Ledger:
     """Typed access to the ledger; every write is a small transaction."""
 
@@ -279,12 +293,9 @@ class Ledger:
                 )
             if not create or readonly:
                 raise LedgerError(f"no ledger at {path}: has the daemon ever run with this state_dir?")
-        # Percent-encode: a state_dir named "Studio #2" must not be cut at the "#".
-        uri = f"file:{urllib.parse.quote(str(path.resolve()))}" + ("?mode=ro" if readonly else "")
         conn: sqlite3.Connection | None = None
         try:
-            conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=10.0)
-            conn.row_factory = sqlite3.Row
+            conn = connect(path, readonly=readonly)
             if not readonly:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")

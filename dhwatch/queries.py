@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from dhwatch.errors import LedgerCorrupt, LedgerError
-from dhwatch.ledger import LEDGER_NAME, LOCK_NAME, SCHEMA_VERSION, Event, FileRow, Ledger
+from dhwatch.ledger import (
+    LEDGER_ID_NAME, LEDGER_NAME, LOCK_NAME, SCHEMA_VERSION, Event, FileRow, Ledger, connect, encode_abs_path,
+)  # fmt: skip
 from dhwatch.naming import encode_path, error_file_name, numbered_alternative
 from dhwatch.states import State
 
@@ -78,11 +80,17 @@ def probe_daemon(state_dir: Path) -> DaemonProbe:
 
 
 # ====================================================================== opening
+def never_ran(state_dir: Path) -> bool:
+    """True when no daemon ever ran with this state_dir: no ledger, and no ``ledger.id`` saying there was one."""
+    return not (state_dir / LEDGER_NAME).exists() and not (state_dir / LEDGER_ID_NAME).exists()
+
+
 def connect_readonly(state_dir: Path) -> sqlite3.Connection:
     """A read-only connection to the ledger, refusing what the daemon refuses.
 
-    A missing ledger is reported by :meth:`Ledger.open` itself (so the message is the
-    daemon's: "missing although ledger.id shows there was one" is not "never ran"). Unlike
+    Opened by :func:`dhwatch.ledger.connect`, as the daemon opens it. A missing ledger is
+    reported by :meth:`Ledger.open` itself (so the message is the daemon's: "missing although
+    ledger.id shows there was one" is not "never ran", see :func:`never_ran`). Unlike
     :meth:`Ledger.open`, this skips ``PRAGMA quick_check``, which reads every page: that is
     ``dhwatch check``'s job, and too slow for a ``status`` run every few seconds.
     """
@@ -91,8 +99,7 @@ def connect_readonly(state_dir: Path) -> sqlite3.Connection:
         Ledger.open(state_dir, readonly=True)  # raises the daemon's own error
         raise LedgerError(f"no ledger at {path}")  # pragma: no cover - Ledger.open raised
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10.0)
-        conn.row_factory = sqlite3.Row
+        conn = connect(path, readonly=True)
         version = schema_version(conn)
     except sqlite3.OperationalError as exc:  # permissions, a missing -shm it may not create
         raise LedgerError(
@@ -288,10 +295,13 @@ def versions_of(conn: sqlite3.Connection, rel_paths: Iterable[str]) -> list[File
 
 
 def rows_at_location(conn: sqlite3.Connection, absolute: str) -> list[FileRow]:
-    """Rows whose recorded output or failed-file path is exactly ``absolute`` (a full scan; rare)."""
-    rows = conn.execute(
-        "SELECT * FROM files WHERE output_path = ? OR failed_path = ? ORDER BY id", (absolute, absolute)
-    )
+    """Rows whose recorded output or failed-file path is exactly ``absolute`` (a full scan; rare).
+
+    Compared in the ledger's stored form (:func:`dhwatch.ledger.encode_abs_path`): a path
+    that is not UTF-8 is stored as ``hex:…``.
+    """
+    stored = encode_abs_path(absolute)
+    rows = conn.execute("SELECT * FROM files WHERE output_path = ? OR failed_path = ? ORDER BY id", (stored, stored))
     return [FileRow.from_sql(r) for r in rows]
 
 

@@ -156,11 +156,18 @@ def counts_line(counts: dict[str, int], order: Sequence[str], always: Sequence[s
 
 
 # ====================================================================== JSON
+def json_path(path: str | None) -> str | None:
+    """A path as ``--json`` prints it: bytes that are not UTF-8 as ``\\xNN`` (JSON text must be
+    valid UTF-8), as for the ``path`` field. The ledger already gave back the real path
+    (:class:`dhwatch.ledger.FileRow` decodes its ``hex:`` form); this only spells it."""
+    return None if path is None else display_path(path)
+
+
 def row_json(row: FileRow) -> dict[str, Any]:
     """One ledger row as ``--json`` shows it, the same in every command.
 
-    Times are UTC ISO 8601 (``…Z``); the path is relative to the inbox, with bytes that
-    are not UTF-8 escaped as ``\\xNN``.
+    Times are UTC ISO 8601 (``…Z``); the path is relative to the inbox; in every path,
+    bytes that are not UTF-8 are escaped as ``\\xNN`` (see :func:`json_path`).
     """
     return {
         "id": row.id,
@@ -181,8 +188,8 @@ def row_json(row: FileRow) -> dict[str, Any]:
         "submitted_at": iso(row.submitted_at),
         "finished_at": iso(row.finished_at),
         "next_attempt_at": iso(row.next_attempt_at) if row.next_attempt_at else None,
-        "output_path": row.output_path,
-        "failed_path": row.failed_path,
+        "output_path": json_path(row.output_path),
+        "failed_path": json_path(row.failed_path),
         "error_code": row.error_code,
         "error_message": row.error_message,
     }
