@@ -18,6 +18,10 @@ from dhwatch.commands import _format as fmt
 if TYPE_CHECKING:
     from dhwatch.queries import DaemonProbe, StatusSnapshot
 
+#: the exit status of ``status`` when no daemon has ever run with the state_dir (no ledger yet)
+EXIT_NEVER_RAN = 3
+NEVER_RAN = "the daemon has never run with this state_dir"
+
 #: states shown on the counts line even when 0 (the rest only when there are some)
 _ALWAYS_SHOWN = ("queued", "submitted", "done", "failed")
 
@@ -41,7 +45,8 @@ JSON output (--json), times in UTC ISO 8601:
       {"id": 9919, "path": "sub/x.wav", "state": "failed", "error_code": "INVALID_FILE",
        "error_message": "...", "failed_at": "...", "failed_path": "/srv/failed/sub/x.wav",
        "attempts": 1}]},
-    "billed_seconds": {"today": 3723.0, "total": 1234567.0, "today_since": "..."}
+    "billed_seconds": {"today": 3723.0, "total": 1234567.0, "today_since": "..."},
+    "ever_ran": true        # false (exit 3): no ledger yet; every count 0, "detail" says so
   }
 """
 
@@ -84,7 +89,7 @@ def snapshot_json(probe: DaemonProbe, snap: StatusSnapshot, *, state_dir: str, n
                     "error_code": r.error_code,
                     "error_message": r.error_message,
                     "failed_at": fmt.iso(r.finished_at or r.updated_at),
-                    "failed_path": r.failed_path,
+                    "failed_path": fmt.json_path(r.failed_path),
                     "attempts": r.attempts,
                 }
                 for r in snap.failures
@@ -142,13 +147,32 @@ def snapshot_text(probe: DaemonProbe, snap: StatusSnapshot, *, state_dir: str, n
     return lines
 
 
+def never_ran_json(probe: DaemonProbe, *, state_dir: str, now: float) -> dict[str, Any]:
+    """The ``--json`` document before the daemon ever ran: the usual shape, all zero, ``ever_ran`` false.
+
+    A monitoring script reading ``.counts.failed`` gets 0, not a parse error on empty stdout.
+    """
+    from dhwatch.queries import StatusSnapshot
+    from dhwatch.states import State
+
+    empty = StatusSnapshot({s: 0 for s in State}, None, [], [], 0.0, 0.0, fmt.local_midnight(now))
+    return {**snapshot_json(probe, empty, state_dir=state_dir, now=now), "ever_ran": False,
+            "detail": f"{NEVER_RAN}: there is no ledger in {state_dir} yet"}  # fmt: skip
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from dhwatch.config import load_settings
-    from dhwatch.queries import connect_readonly, probe_daemon, status_snapshot
+    from dhwatch.queries import connect_readonly, never_ran, probe_daemon, status_snapshot
 
     settings = load_settings(args.config)
     now = time.time()
     probe = probe_daemon(settings.state_dir)
+    if never_ran(settings.state_dir) and not probe.running:
+        if args.json:
+            fmt.emit_json(never_ran_json(probe, state_dir=str(settings.state_dir), now=now))
+        else:
+            print(f"daemon:  {daemon_text(probe)}; {NEVER_RAN}: there is no ledger in {settings.state_dir} yet")
+        return EXIT_NEVER_RAN
     conn = connect_readonly(settings.state_dir)
     try:
         snap = status_snapshot(
@@ -157,7 +181,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     if args.json:
-        fmt.emit_json(snapshot_json(probe, snap, state_dir=str(settings.state_dir), now=now))
+        fmt.emit_json({**snapshot_json(probe, snap, state_dir=str(settings.state_dir), now=now), "ever_ran": True})
     else:
         print("\n".join(snapshot_text(probe, snap, state_dir=str(settings.state_dir), now=now)))
     return EXIT_OK
@@ -173,8 +197,12 @@ def register(sub: SubParsers) -> None:
         today (since local midnight) and in all.
 
         It only reads: the ledger is opened read-only and the daemon's lock is tested, never
-        taken. Safe to run at any time, with or without the daemon. Exit status 0, or 2 when
-        the config or the ledger cannot be read.
+        taken. Safe to run at any time, with or without the daemon.
+
+        Exit status: 0; 3 when the daemon has never run with this state_dir (there is no
+        ledger yet: --json still prints the document below, every count 0 and "ever_ran"
+        false); 2 when the config or the ledger cannot be read (a ledger that is missing
+        although the daemon ran before is 2: see the README, 'Recovering the ledger').
         """) + JSON_SHAPE,
         """
         dhwatch status
