@@ -188,9 +188,11 @@ class Settings(BaseSettings):
     auth_recheck_interval: float = Field(60.0, gt=0)
     #: files larger than this are failed before they cost anything
     max_file_bytes: int = Field(8 * 1024**3, ge=1)
-    #: files whose headers state a longer duration are failed before they cost anything
-    #: (a small compressed file can decode to days of audio, and the services bill by the second)
-    max_duration_seconds: float = Field(6 * 3600.0, gt=0)
+    #: files whose headers state a longer duration are failed (TOO_LONG) before they cost
+    #: anything; 0 (the default) = no fixed limit. Whatever it says, a header claiming more
+    #: audio than its bytes can hold (:data:`dhwatch.policy.MAX_SECONDS_PER_BYTE`) is refused:
+    #: that guard against small compressed files claiming days needs no setting.
+    max_duration_seconds: float = Field(0.0, ge=0)
 
     #: a note written into the inbox under this name while submitting is paused (bad key,
     #: budget) and removed when work resumes; empty = no note

@@ -32,7 +32,7 @@ EXPLANATIONS: dict[str, tuple[str, str]] = {
         "Split the recording into shorter parts, or ask the administrator to raise max_file_bytes.",
     ),
     "TOO_LONG": (
-        "The recording is longer than the limit the administrator set (or its header claims it is), "
+        "The recording is longer than the limit the administrator set (max_duration_seconds), "
         "so it was not sent.",
         "Split the recording into shorter parts, or ask the administrator to raise max_duration_seconds.",
     ),

@@ -4,8 +4,9 @@ Scans and watchdog hints feed the :class:`~dhwatch.settle.SettleTracker`; a sett
 file is fingerprinted (a thread reads and hashes it through a no-follow descriptor) and
 then becomes exactly one of: nothing (it is already tracked, or is the version that was
 already finished), a QUEUED row, a SUBMITTED row that adopts the job of identical content
-already paid for, or a FAILING row (not audio, too large, too long, not a regular file)
-that never costs anything.
+already paid for, or a FAILING row (not audio, too large, longer than an administrator's
+limit, a header claiming more audio than its bytes can hold, not a regular file) that
+never costs anything.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from dhwatch.audioformat import sniff
 from dhwatch.backends.base import keeps_results_after_release
 from dhwatch.context import Context
+from dhwatch.policy import MAX_SECONDS_PER_BYTE, duration_limit, duration_refusal
 from dhwatch.errors import NotRegularFile, SourceChanged
 from dhwatch.settle import SettleTracker
 from dhwatch.sourcefile import Fingerprint, Identity, fingerprint
@@ -181,7 +183,8 @@ class Intake:
             async with self._hash_slots:
                 try:
                     fp = await asyncio.to_thread(
-                        fingerprint, self.inbox, rel, stop_counting_after=ctx.settings.max_duration_seconds
+                        fingerprint, self.inbox, rel,
+                        stop_counting_after=duration_limit(settled.size, ctx.settings.max_duration_seconds),
                     )
                 except SourceChanged:
                     st = lstat_rel(self.inbox, rel)
@@ -270,9 +273,16 @@ def refusal(fp: Fingerprint, settings: Settings) -> tuple[str, str] | None:
         return "INVALID_FILE", "the file is empty; it was not sent to the denoiser"
     if sniff(fp.head) is None:
         return "INVALID_FILE", "the file does not start like any audio format dhwatch knows; it was not sent to the denoiser"
-    if fp.seconds is not None and fp.seconds > settings.max_duration_seconds:
+    why = None if fp.seconds is None else duration_refusal(fp.seconds, size, settings.max_duration_seconds)
+    if why == "too_long" and fp.seconds is not None:
         return "TOO_LONG", (f"the file says it is {_spoken(fp.seconds)} long; the limit (max_duration_seconds) is "
                             f"{_spoken(settings.max_duration_seconds)}; it was not sent to the denoiser")  # fmt: skip
+    if why == "implausible" and fp.seconds is not None:
+        return "INVALID_FILE", (
+            f"the file's headers say it is {_spoken(fp.seconds)} long, which {size:,} bytes cannot hold (more than "
+            f"{MAX_SECONDS_PER_BYTE:g} s of audio per byte; even digital silence takes more room): the header is damaged "
+            "or crafted; it was not sent to the denoiser"
+        )
     return None
 
 

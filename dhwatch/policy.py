@@ -75,3 +75,41 @@ def over_budget(billed_today: float, budget: float) -> bool:
 def job_timed_out(submitted_at: float, now: float, job_timeout: float) -> bool:
     """True once a job has been in flight for longer than ``job_timeout`` seconds."""
     return now - submitted_at > job_timeout
+
+
+#: The most audio one byte of a file can plausibly hold, in seconds. A header claiming more is
+#: refused before the file costs anything, whatever ``max_duration_seconds`` says.
+#:
+#: Why 1 s per byte: the most compressible audio there is, digital silence in FLAC, takes at
+#: least ~10 bytes per frame (frame header, a one-sample CONSTANT subframe, CRC-16) and a frame
+#: holds at most 65,535 samples: ~6,500 samples per byte, 0.82 s per byte at 8 kHz, the lowest
+#: rate anyone records speech at (and ~0.06 s per byte for the subset FLAC every common encoder
+#: writes: 10 min of silence is 14 kB). Ogg Vorbis and Opus need a page header per 255 packets
+#: (under 0.3 s per byte), AAC/MP3 frames carry a few bytes per 1,024/1,152 samples. So no real
+#: recording exceeds it, while a crafted header claiming hours in a few kB (or 1,000 hours in
+#: less than 3.6 MB) does. PCM WAV never reaches it: its duration is its data bytes over the
+#: byte rate, so a 1 GiB WAV of 9 h 19 min claims 0.00003 s per byte.
+MAX_SECONDS_PER_BYTE = 1.0
+
+
+def duration_limit(size: int, max_duration_seconds: float) -> float:
+    """The longest duration a file of ``size`` bytes may state before it is refused.
+
+    The plausibility bound (:data:`MAX_SECONDS_PER_BYTE`), and the administrator's fixed
+    ``max_duration_seconds`` when one is set (0: none).
+    """
+    plausible = size * MAX_SECONDS_PER_BYTE
+    return min(plausible, max_duration_seconds) if max_duration_seconds > 0 else plausible
+
+
+def duration_refusal(seconds: float, size: int, max_duration_seconds: float) -> str | None:
+    """Why a file stating ``seconds`` in ``size`` bytes must not be sent, or None if it may.
+
+    ``"too_long"``: over the administrator's ``max_duration_seconds``; ``"implausible"``: more
+    than :data:`MAX_SECONDS_PER_BYTE` (a damaged or crafted header, a decompression bomb).
+    """
+    if max_duration_seconds > 0 and seconds > max_duration_seconds:
+        return "too_long"
+    if seconds > size * MAX_SECONDS_PER_BYTE:
+        return "implausible"
+    return None
