@@ -1,8 +1,9 @@
 """Identical content under several names (issue 10, defect 1): every copy is delivered, and the
 daemon is idle afterwards, whether the earlier job is still running or long delivered.
 
-The local engine keeps a job only until its result is delivered; the DeepHearing service keeps
-results. Both must deliver every copy, and neither may re-adopt a job it was told is gone.
+The local engine keeps a job only until its result is delivered, DeepAffects' stored result is
+deleted on delivery, the DeepHearing service keeps results. Each must deliver every copy, and
+none may adopt again a job it was told is gone.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from dhwatch.emulators.deephearing import DeepHearingEmulator
+from tests.acceptance.test_deepaffects_daemon import deepaffects_config, emu  # noqa: F401 - the emulator fixture
 from tests.conftest import Daemon, Folders, assert_idle, make_audio, wait_for, write_config
 
 
-def _config(folders: Folders, backend: str, emulator: DeepHearingEmulator) -> Path:
+def _config(folders: Folders, backend: str, request: pytest.FixtureRequest) -> Path:
+    """A fast test daemon's config for ``backend``, with its emulator started when it has one."""
     if backend == "local":
         return write_config(folders, backend="local", api_key=None, local="workers = 1")
-    return write_config(folders, base_url=emulator.base_url)
+    if backend == "deepaffects":
+        return deepaffects_config(folders, request.getfixturevalue("emu"))
+    return write_config(folders, base_url=request.getfixturevalue("emulator").base_url)
 
 
 def _states(folders: Folders) -> dict[str, str]:
@@ -49,15 +53,15 @@ def _delivered(folders: Folders, names: list[str], frames: int) -> None:
     assert folders.files(folders.failed) == []
 
 
-@pytest.mark.parametrize("backend", ["local", "deephearing"])
+@pytest.mark.parametrize("backend", ["local", "deephearing", "deepaffects"])
 def test_identical_copies_after_delivery_are_delivered(
-    folders: Folders, emulator: DeepHearingEmulator, daemons: Callable[..., Daemon], backend: str, tmp_path: Path
+    folders: Folders, request: pytest.FixtureRequest, daemons: Callable[..., Daemon], backend: str, tmp_path: Path
 ) -> None:
     """A take delivered, then the same bytes under a second name, then under two more (one in a
     subfolder): every copy comes out, and the daemon is idle afterwards."""
     take = make_audio(tmp_path / "take.wav", seconds=2.0, sr=48000)
     frames = sf.info(take).frames
-    d = daemons(_config(folders, backend, emulator))
+    d = daemons(_config(folders, backend, request))
     _copy_in(take, folders, "take.wav")
     d.wait_event("file_done", timeout=120)
     _copy_in(take, folders, "take copy.wav")
@@ -70,19 +74,20 @@ def test_identical_copies_after_delivery_are_delivered(
     assert_idle(d)
     assert d.stop() == 0
     if backend == "deephearing":
-        assert len(emulator.jobs) == 1, "the service keeps results: identical content is paid once"
+        jobs = request.getfixturevalue("emulator").jobs
+        assert len(jobs) == 1, "the service keeps results: identical content is paid once"
 
 
-@pytest.mark.parametrize("backend", ["local", "deephearing"])
+@pytest.mark.parametrize("backend", ["local", "deephearing", "deepaffects"])
 def test_identical_copies_during_the_first_job_are_delivered(
-    folders: Folders, emulator: DeepHearingEmulator, daemons: Callable[..., Daemon], backend: str, tmp_path: Path
+    folders: Folders, request: pytest.FixtureRequest, daemons: Callable[..., Daemon], backend: str, tmp_path: Path
 ) -> None:
     """The same bytes under a second and a third name while the first job still runs: every copy comes out."""
     take = make_audio(tmp_path / "take.wav", seconds=60.0 if backend == "local" else 2.0, sr=48000)
     frames = sf.info(take).frames
-    if backend == "deephearing":
-        emulator.processing_seconds = 3.0
-    d = daemons(_config(folders, backend, emulator))
+    if backend != "local":
+        request.getfixturevalue("emulator" if backend == "deephearing" else "emu").processing_seconds = 3.0
+    d = daemons(_config(folders, backend, request))
     _copy_in(take, folders, "take.wav")
     wait_for(lambda: _states(folders).get("take.wav") == "submitted", timeout=60, what="the first job running")
     _copy_in(take, folders, "take copy.wav")
@@ -92,4 +97,4 @@ def test_identical_copies_during_the_first_job_are_delivered(
     assert_idle(d)
     assert d.stop() == 0
     if backend == "deephearing":
-        assert len(emulator.jobs) == 1
+        assert len(request.getfixturevalue("emulator").jobs) == 1, "one job for the three copies"
