@@ -10,7 +10,7 @@ import logging
 import os
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,7 +65,8 @@ def backend(emu: DeepAffectsEmulator, inbox: Path, state: Path, *, key: str | No
             **settings: Any) -> DeepAffectsBackend:  # fmt: skip
     """A backend whose listener takes any free port on 127.0.0.1 (unless told otherwise)."""
     values: dict[str, Any] = {"base_url": emu.base_url, "listen_host": "127.0.0.1", "listen_port": 0,
-                              "fallback_poll_interval": 60.0, "read_timeout": 10, "connect_timeout": 5}  # fmt: skip
+                              "fallback_poll_interval": 60.0, "read_timeout": 10, "connect_timeout": 5,
+                              "requests_per_minute": 6000}  # fmt: skip
     values.update(settings)
     return DeepAffectsBackend(DeepAffectsSettings(**values), inbox, state, lambda: key, short_retries=3)
 
@@ -106,7 +107,7 @@ def stored(state: Path) -> list[str]:
     return sorted(n for n in os.listdir(folder) if not n.startswith(".")) if folder.exists() else []
 
 
-def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+def events(logs: Sequence[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
     return [e for e in logs if e.get("event") == name]
 
 
@@ -134,9 +135,9 @@ def test_callback_first_completes_without_any_status_request(emu: DeepAffectsEmu
     assert suffix is None  # the same container: the output keeps the input's name
     assert emu.api_log.count("status") == 0  # the webhook did it all
     [callback] = emu.callbacks
-    assert (callback.request_id, callback.kind, callback.status) == (job_id, "result", 202)
+    assert (callback.request_id, callback.kind, callback.status) == (job_id, "result", 200)
     [job] = emu.jobs
-    assert job.request_id == job_id and job.encoding == "WAV" and job.sample_rate == sr
+    assert job.request_id == job_id and job.encoding == "Wave" and job.sample_rate == sr
     assert job.sha256 == hashlib.sha256((inbox / "take.wav").read_bytes()).hexdigest()
     cleaned, sr2 = sf.read(out / "take.wav")
     assert sr2 == sr and cleaned.shape == original.shape
@@ -189,7 +190,8 @@ def test_poll_first_then_the_late_callback_changes_nothing(emu: DeepAffectsEmula
     [callback] = emu.callbacks
     assert callback.status == 200  # "already received"
     assert inode_before == inode_after and stored(state) == [job_id]  # written once
-    assert [e["stored"] for e in events(logs, "fallback_poll")][-1] is True
+    assert [e["result_url"] for e in events(logs, "fallback_poll")][-1] is True
+    assert len(events(logs, "result_downloaded")) == 1 and emu.jobs[0].downloads == 1
     assert events(logs, "callback_duplicate") and not events(logs, "callback_received")
 
 
@@ -223,7 +225,8 @@ def test_callback_and_poll_at_once_store_the_result_once(emu: DeepAffectsEmulato
             finally:
                 poll_done.set()
 
-        code, status = await asyncio.gather(callback(), poll())
+        code, _ = await asyncio.gather(callback(), poll())
+        status = await until_done(b, job_id)
         return code, status, await read_result(b, job_id, status)
 
     with structlog.testing.capture_logs() as logs:
@@ -231,10 +234,7 @@ def test_callback_and_poll_at_once_store_the_result_once(emu: DeepAffectsEmulato
     assert status.phase is RemotePhase.COMPLETE
     assert code == 200  # the callback found the poll's copy
     assert len(stored(state)) == 1
-    stores = [e for e in events(logs, "fallback_poll") if e["stored"]] + [
-        e for e in events(logs, "callback_received") if e.get("outcome") == "result_stored"
-    ]
-    assert len(stores) == 1
+    assert len(events(logs, "result_downloaded")) == 1 and not events(logs, "callback_received")
     assert sf.info(__import__("io").BytesIO(result)).frames == sf.info(inbox / "take.wav").frames
 
 
@@ -282,7 +282,7 @@ def test_duplicate_callback_is_idempotent(emu: DeepAffectsEmulator, inbox: Path,
         return job_id, first, await read_result(b, job_id, await b.status(job_id))
 
     job_id, first, second = run(emu, inbox, state, scenario)
-    assert [(c.kind, c.status) for c in emu.callbacks] == [("result", 202), ("duplicate", 200)]
+    assert [(c.kind, c.status) for c in emu.callbacks] == [("result", 200), ("duplicate", 200)]
     assert first == second and stored(state) == [job_id]
 
 
@@ -371,8 +371,9 @@ def test_emulator_stray_callback_for_an_unknown_id_is_refused(emu: DeepAffectsEm
     with structlog.testing.capture_logs() as logs:
         status = run(emu, inbox, state, scenario)
     assert status.phase is RemotePhase.COMPLETE
-    assert [(c.kind, c.status) for c in emu.callbacks] == [("stray", 403), ("result", 202)]
-    assert [e["reason"] for e in events(logs, "callback_rejected")] == ["bad_secret"]
+    assert ("result", 200) in [(c.kind, c.status) for c in emu.callbacks]
+    assert {c.status for c in emu.callbacks if c.kind == "stray"} == {403}
+    assert {e["reason"] for e in events(logs, "callback_rejected")} == {"bad_secret"}
     assert emu.api_log.count("status") == 0
 
 
@@ -391,12 +392,12 @@ def test_results_and_callback_secrets_survive_a_restart(emu: DeepAffectsEmulator
 
     async def after_restart(b: DeepAffectsBackend) -> RemoteStatus:
         await b.status(job_id)  # the first look starts the listener again
-        await asyncio.to_thread(wait_for, lambda: any(c.status == 202 for c in emu.callbacks), 10, 0.02, "callback")
-        return await b.status(job_id)
+        await asyncio.to_thread(wait_for, lambda: any(c.status == 200 for c in emu.callbacks), 10, 0.02, "callback")
+        return await until_done(b, job_id)
 
     status = run(emu, inbox, state, after_restart, listen_port=port)
     assert status.phase is RemotePhase.COMPLETE
-    assert emu.callbacks[-1].status == 202 and emu.callbacks[0].status is None  # refused connection, then retried
+    assert emu.callbacks[-1].status == 200 and emu.callbacks[0].status is None  # refused connection, then retried
     assert emu.api_log.count("denoise") == 1  # never resubmitted
 
     async def third_run(b: DeepAffectsBackend) -> RemoteStatus:
