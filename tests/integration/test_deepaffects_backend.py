@@ -27,7 +27,7 @@ from dhwatch.config import DeepAffectsSettings
 from dhwatch.delivery import write_atomically
 from dhwatch.emulators.deepaffects import FAILED_REASON, DeepAffectsEmulator
 from dhwatch.emulators.deephearing import ProcessedFile
-from dhwatch.errors import AuthError, InvalidFile, JobFailed, JobLost, TransientError
+from dhwatch.errors import AuthError, BackendUnavailable, InvalidFile, JobFailed, JobLost, TransientError
 from dhwatch.sourcefile import verified_chunks
 from tests.conftest import free_port, make_audio, wait_for
 
@@ -144,6 +144,9 @@ def test_callback_first_completes_without_any_status_request(emu: DeepAffectsEmu
     gain = np.sqrt(np.mean(cleaned**2) / np.mean(original**2))
     assert gain == pytest.approx(10 ** (-6 / 20), rel=0.05)  # the emulator's real processing
     assert before == [job_id] and after == []  # release deletes the stored copy
+    assert job.api == "v2" and job.downloads == 1  # the v2 callback's one-time URL, fetched once
+    [download] = emu.storage_log.entries()
+    assert KEY not in download.target and all(KEY not in v for _, v in download.headers)
     assert not (state / "deepaffects" / "pending" / f"{job_id}.json").exists()
 
 
@@ -316,6 +319,137 @@ def test_failed_job_found_by_polling(emu: DeepAffectsEmulator, inbox: Path, stat
         run(emu, inbox, state, scenario, fallback_poll_interval=0.3)
     assert FAILED_REASON in str(info.value)
     assert emu.api_log.count("status") >= 1
+
+
+# --------------------------------------------------------------------------- result URLs
+
+
+def test_the_v1_flat_callback_with_inline_audio_still_delivers(emu: DeepAffectsEmulator, inbox: Path,
+                                                               state: Path) -> None:  # fmt: skip
+    """With api_version v1 the old flat callback's base64 content is stored; nothing is fetched."""
+    make_audio(inbox / "take.wav")
+
+    async def scenario(b: DeepAffectsBackend) -> tuple[RemoteStatus, bytes]:
+        job_id = (await b.submit([upload(inbox, "take.wav")]))["f0"]
+        status = await until_done(b, job_id)
+        return status, await read_result(b, job_id, status)
+
+    status, result = run(emu, inbox, state, scenario, api_version="v1")
+    assert status.phase is RemotePhase.COMPLETE and result[:4] == b"RIFF"
+    assert [j.api for j in emu.jobs] == ["v1"] and emu.storage_log.count() == 0
+    assert [c.status for c in emu.callbacks] == [200]
+
+
+def test_result_download_retries_transient_faults(emu: DeepAffectsEmulator, inbox: Path, state: Path) -> None:
+    """503s and a reset on the result URL are retried with back-off; the file arrives once."""
+    emu.inject("503", "result", count=2)
+    emu.inject("reset", "result")
+    make_audio(inbox / "take.wav")
+
+    async def scenario(b: DeepAffectsBackend) -> tuple[RemoteStatus, bytes]:
+        job_id = (await b.submit([upload(inbox, "take.wav")]))["f0"]
+        status = await until_done(b, job_id, timeout=30)
+        return status, await read_result(b, job_id, status)
+
+    status, result = run(emu, inbox, state, scenario)
+    assert status.phase is RemotePhase.COMPLETE and len(result) == (inbox / "take.wav").stat().st_size
+    assert emu.storage_log.count() == 4 and emu.jobs[0].downloads == 1
+    assert emu.api_log.count("status") == 0
+
+
+def test_a_spent_url_after_a_crash_is_replaced_through_the_status_endpoint(emu: DeepAffectsEmulator, inbox: Path,
+                                                                           state: Path) -> None:  # fmt: skip
+    """A crash left a result URL whose one use is spent: after the restart one status request brings a fresh one."""
+    emu.inject("lost")
+    make_audio(inbox / "take.wav")
+    job_id = run(emu, inbox, state, lambda b: _submit(b, inbox))
+    wait_for(lambda: emu.jobs[0].state == "Completed", 10)
+    spent = httpx.get(f"{emu.base_url}/transaction/generic/api/v1/async/status",
+                      params={"apikey": KEY, "request_id": job_id}).json()["response"]["response"]["url"]  # fmt: skip
+    assert httpx.get(spent).status_code == 200  # the download the crash cut short used it up
+    # what the crashed run left on disk: the URL, recorded before its download started
+    (state / "deepaffects" / "results" / f"{job_id}.url").write_text(json.dumps({"url": spent}))
+    before = emu.api_log.count("status")
+
+    async def after_restart(b: DeepAffectsBackend) -> tuple[RemoteStatus, bytes]:
+        status = await until_done(b, job_id)
+        return status, await read_result(b, job_id, status)
+
+    with structlog.testing.capture_logs() as logs:
+        status, result = run(emu, inbox, state, after_restart)
+    assert status.phase is RemotePhase.COMPLETE and result[:4] == b"RIFF"
+    assert emu.api_log.count("status") - before == 1 and emu.api_log.count("denoise") == 1
+    assert events(logs, "result_url_refused")
+
+
+def test_an_expired_url_fails_the_file_saying_the_result_is_unrecoverable(inbox: Path, state: Path) -> None:
+    """URLs that expire before use: one more status request, then RESULT_UNAVAILABLE saying why; no resubmit, no polling on."""
+    make_audio(inbox / "take.wav")
+    with DeepAffectsEmulator(keys={KEY}, processing_seconds=0.2, url_ttl=0.0) as emu:
+
+        async def scenario(b: DeepAffectsBackend) -> None:
+            job_id = (await b.submit([upload(inbox, "take.wav")]))["f0"]
+            await until_done(b, job_id)
+
+        with pytest.raises(JobFailed) as info:
+            run(emu, inbox, state, scenario, fallback_poll_interval=0.3)
+        assert emu.api_log.count("status") == 1 and emu.api_log.count("denoise") == 1
+    assert info.value.code == "RESULT_UNAVAILABLE"
+    text = str(info.value)
+    assert "one-time result link" in text and "unrecoverable" in text and "copy it into the inbox again" in text
+    assert stored(state) == []
+
+
+# --------------------------------------------------------------------------- what pauses, what fails
+
+
+@pytest.mark.parametrize(("fault", "words"), [
+    ("over_quota", ("quota", "402")),
+    ("params", ("parameter", "not the audio")),
+])  # fmt: skip
+def test_quota_and_parameter_refusals_pause_instead_of_failing_the_file(emu: DeepAffectsEmulator, inbox: Path,
+                                                                        state: Path, fault: str,
+                                                                        words: tuple[str, ...]) -> None:  # fmt: skip
+    """A 402 and a 400 about a parameter are BackendUnavailable (pause, keep the file), sent once, not retried."""
+    emu.inject(fault)
+    make_audio(inbox / "take.wav")
+    with pytest.raises(BackendUnavailable) as info:
+        run(emu, inbox, state, lambda b: _submit(b, inbox))
+    assert not isinstance(info.value, InvalidFile)
+    assert all(w in str(info.value) for w in words), str(info.value)
+    assert emu.api_log.count("denoise") == 1 and emu.jobs == []
+
+
+def test_a_404_on_the_submit_path_is_a_configuration_problem(inbox: Path, state: Path) -> None:
+    """A service that does not serve the configured path: BackendUnavailable naming api_version, no retry loop."""
+    make_audio(inbox / "take.wav")
+    with DeepAffectsEmulator(keys={KEY}, api_versions=("v1",)) as emu:
+        with pytest.raises(BackendUnavailable) as info:
+            run(emu, inbox, state, lambda b: _submit(b, inbox))
+        assert emu.api_log.count() == 1
+    assert "api_version" in str(info.value) and "404" in str(info.value)
+
+
+def test_submits_and_fallback_polls_share_the_request_budget(inbox: Path, state: Path) -> None:
+    """With requests_per_minute = 3 and callbacks lost, two submits and frequent looks cost three requests, never a 429."""
+    make_audio(inbox / "a.wav")
+    make_audio(inbox / "b.wav", seed=1)
+    with DeepAffectsEmulator(keys={KEY}, rate_limit_per_minute=3) as emu:
+        emu.inject("lost", count=2)
+
+        async def scenario(b: DeepAffectsBackend) -> list[RemoteStatus]:
+            a = (await b.submit([upload(inbox, "a.wav")]))["f0"]
+            c = (await b.submit([upload(inbox, "b.wav")]))["f0"]
+            await asyncio.to_thread(wait_for, lambda: {j.state for j in emu.jobs} == {"Completed"}, 10, 0.02, "jobs")
+            seen = []
+            for _ in range(40):  # 2 s of looks, many fallback polls due
+                seen += [await b.status(a), await b.status(c)]
+                await asyncio.sleep(0.05)
+            return seen
+
+        run(emu, inbox, state, scenario, requests_per_minute=3, fallback_poll_interval=0.05)
+        statuses = [e.status for e in emu.api_log.entries()]
+    assert len(statuses) == 3 and 429 not in statuses
 
 
 # --------------------------------------------------------------------------- forgeries
