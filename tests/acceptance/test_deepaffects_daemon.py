@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -229,3 +231,18 @@ def test_no_native_decoder_runs_in_the_daemon(folders: Folders, emu: DeepAffects
     assert folders.files(folders.outbox) == ["a.wav", "b.flac", "c.ogg", "d.mp3"]
     assert sorted(j.sample_rate for j in emu.jobs) == [16000] * 4
     d.stop()
+
+
+@pytest.mark.parametrize(("public_url", "warned"), [
+    ("http://localhost:8787", True), ("http://127.0.0.1:8787", True), ("http://192.168.1.20:8787", True),
+    ("https://studio.example.com/dhwatch", False),
+])  # fmt: skip
+def test_check_warns_when_the_webhook_is_not_reachable_from_the_internet(folders: Folders, emu: DeepAffectsEmulator,
+                                                                         public_url: str, warned: bool) -> None:  # fmt: skip
+    """`dhwatch check` warns when DeepAffects would be told to call back to localhost or a private address."""
+    config = deepaffects_config(folders, emu, section=f'public_url = "{public_url}"\n')
+    result = subprocess.run([sys.executable, "-m", "dhwatch", "check", "--timeout", "5", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    [line] = [line for line in result.stdout.splitlines() if "webhook" in line.lower()[:40]]
+    assert line.startswith("WARN") is warned, line
+    assert KEY not in result.stdout + result.stderr
