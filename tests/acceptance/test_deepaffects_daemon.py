@@ -246,3 +246,18 @@ def test_check_warns_when_the_webhook_is_not_reachable_from_the_internet(folders
     [line] = [line for line in result.stdout.splitlines() if "webhook" in line.lower()[:40]]
     assert line.startswith("WARN") is warned, line
     assert KEY not in result.stdout + result.stderr
+
+
+def test_an_expired_result_url_fails_the_file_saying_the_result_is_gone(folders: Folders, daemons) -> None:
+    """Result URLs that expire before use: the file goes to failed/ with RESULT_UNAVAILABLE saying why, no resubmit."""
+    with DeepAffectsEmulator(keys={KEY}, processing_seconds=0.2, url_ttl=0.0) as emu:
+        make_audio(folders.inbox / "a.wav")
+        d = daemons(deepaffects_config(folders, emu))
+        d.wait_event("file_failed", timeout=30)
+        report = folders.error_report("a.wav")
+        assert report["code"] == "RESULT_UNAVAILABLE"
+        assert "one-time result link" in report["detail"] and "copy it into the inbox again" in report["detail"]
+        assert folders.files(folders.failed) == ["a.wav", "a.wav.error.json"] and folders.files(folders.outbox) == []
+        assert emu.api_log.count("denoise") == 1 and emu.api_log.count("status") == 1
+        d.stop()
+    assert_key_nowhere(d, folders)
