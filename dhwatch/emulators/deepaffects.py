@@ -746,9 +746,13 @@ class DeepAffectsEmulator(EmulatorService):
     # ----------------------------------------------------------------- documents and callbacks
 
     def _issue_url(self, job: _Job) -> str:
+        """A fresh one-time URL (guess: one per callback attempt and per status answer)."""
         token = secrets.token_urlsafe(24)
+        now = time.monotonic()
         with self._lock:
-            self._urls[token] = _ResultUrl(job.request_id, time.monotonic() + self.url_ttl)
+            if len(self._urls) > 10_000:  # a long-running emulator forgets spent and expired ones
+                self._urls = {t: u for t, u in self._urls.items() if not u.used and u.expires > now}
+            self._urls[token] = _ResultUrl(job.request_id, now + self.url_ttl)
         return f"{self.storage.url}{RESULT_PATH_PREFIX}{token}"
 
     def _result_encoding(self, job: _Job) -> str:

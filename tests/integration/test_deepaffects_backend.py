@@ -712,3 +712,29 @@ def test_upload_body_is_the_file_in_camel_case_json(tmp_path: Path) -> None:
     doc = json.loads(raw)
     assert list(doc) == ["encoding", "sampleRate", "languageCode", "content"]
     assert base64.b64decode(doc["content"], validate=True) == data
+
+
+def test_a_downloaded_result_streams_to_disk_in_flat_memory(tmp_path: Path) -> None:
+    """Storing a 100 MB result from its URL allocates a few MB at most, and the file is whole."""
+    from dhwatch.backends.deepaffects import ResultStore
+
+    size = 100 * 1024 * 1024
+    piece = bytes(1024 * 1024)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"RIFF" + (size - 8).to_bytes(4, "little") + b"WAVE" + piece[12:]
+        for _ in range(size // len(piece) - 1):
+            yield piece
+
+    async def store() -> Path | None:
+        doc = await ResultStore(tmp_path / "da", retention=3600).absorb_audio("job1", body(), None)
+        return doc.stored
+
+    tracemalloc.start()
+    try:
+        path = asyncio.run(store())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert path is not None and path.stat().st_size == size
+    assert peak < 16 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB for a {size / 1e6:.0f} MB result"
