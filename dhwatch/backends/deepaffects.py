@@ -597,6 +597,9 @@ class DeepAffectsBackend:
         #: after a failed bind, the error is repeated (not retried) until this time (monotonic)
         self._listen_retry_at = 0.0
         self._listen_error: str | None = None
+        #: why the last submit paused ("quota", "path"): check_auth then probes the submit path
+        #: without any audio, so a paused daemon never re-uploads a file just to hear "no" again
+        self._paused_for: str | None = None
         self._log = get_logger(backend="deepaffects")
         timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
         limits = httpx.Limits(max_connections=16, max_keepalive_connections=8)
@@ -662,9 +665,11 @@ class DeepAffectsBackend:
         if code in (401, 403):
             raise AuthError(f"DeepAffects refused the API key (HTTP {code}){said}")
         if code == 402:
+            self._paused_for = "quota"
             raise BackendUnavailable(f"DeepAffects says the account is over its plan quota (HTTP 402){said}; "
                                      "raise the plan or wait for the quota to renew")  # fmt: skip
         if context == "upload" and code == 404:
+            self._paused_for = "path"
             raise BackendUnavailable(
                 f"DeepAffects does not know the submit path {self._settings.submit_path} (HTTP 404){said}: "
                 "check [deepaffects] api_version (\"v2\" is the documented one, \"v1\" only for old accounts), "
@@ -843,7 +848,6 @@ class DeepAffectsBackend:
         """Fetch the one-time URL; a refused one gets one more chance through the status endpoint."""
         attempts, asked_again = 0, False
         pending = self._store.pending(job_id)
-        low, high = DOWNLOAD_BACKOFF
         try:
             while (url := self._store.result_url(job_id)) is not None and self._store.result(job_id) is None:
                 try:
@@ -853,28 +857,31 @@ class DeepAffectsBackend:
                     if asked_again:
                         await self._result_gone(job_id, str(exc))
                         return
-                    asked_again = True
                     self._log.warning("result_url_refused", job=job_id, error=str(exc), next="asking the service again")
-                    doc = await self._ask(job_id, paced=False)
-                    if doc.stored is not None:
-                        return
-                    if doc.failed:
-                        reason = _clean(doc.reason) or "no reason given"
-                        await self._store.record_failure(job_id, f"DeepAffects reports that processing failed: {reason}")
-                        return
-                    if doc.url is None or doc.url == url:
-                        await self._result_gone(job_id, str(exc))
-                        return
-                    await self._store.record_url(job_id, doc.url)
+                    refused = str(exc)
                 except (TransientError, DocumentRefused) as exc:
                     attempts += 1
-                    self._log.warning("result_download_failed", job=job_id, attempt=attempts, error=str(exc))
-                    if attempts >= DOWNLOAD_ATTEMPTS:
-                        # Rest, then try again from status(): bounded by the pipeline's job_timeout.
-                        self._download_due[job_id] = self._clock() + self._settings.fallback_poll_interval
+                    if not await self._rest_after(job_id, attempts, exc):
                         return
-                    wait = min(high, low * 2 ** (attempts - 1))
-                    await asyncio.sleep(wait / 2 + self._rand() * wait / 2)
+                    continue
+                try:
+                    doc = await self._ask(job_id, paced=False)
+                except (TransientError, DocumentRefused) as exc:
+                    attempts += 1
+                    if not await self._rest_after(job_id, attempts, exc):
+                        return
+                    continue
+                asked_again = True
+                if doc.stored is not None:
+                    return
+                if doc.failed:
+                    reason = _clean(doc.reason) or "no reason given"
+                    await self._store.record_failure(job_id, f"DeepAffects reports that processing failed: {reason}")
+                    return
+                if doc.url is None or doc.url == url:
+                    await self._result_gone(job_id, refused)
+                    return
+                await self._store.record_url(job_id, doc.url)
         except JobLost:
             await self._result_gone(job_id, "the service no longer knows the job")
         except (AuthError, BackendUnavailable) as exc:
@@ -883,6 +890,17 @@ class DeepAffectsBackend:
         except Exception as exc:  # a bug must not leave the job waiting silently until job_timeout
             self._log.exception("result_download_crashed", job=job_id, error=str(exc))
             self._download_due[job_id] = self._clock() + self._settings.fallback_poll_interval
+
+    async def _rest_after(self, job_id: str, attempts: int, exc: Exception) -> bool:
+        """Back off after a transient fault; False once the tries are used up (status() starts again later)."""
+        self._log.warning("result_download_failed", job=job_id, attempt=attempts, error=str(exc))
+        if attempts >= DOWNLOAD_ATTEMPTS:
+            self._download_due[job_id] = self._clock() + self._settings.fallback_poll_interval
+            return False
+        low, high = DOWNLOAD_BACKOFF
+        wait = min(high, low * 2 ** (attempts - 1))
+        await asyncio.sleep(wait / 2 + self._rand() * wait / 2)
+        return True
 
     async def _fetch_url(self, job_id: str, url: str, pending: Pending | None) -> None:
         """GET the result URL, without the API key, streamed to the result store."""
@@ -1023,19 +1041,39 @@ class DeepAffectsBackend:
 
     # ------------------------------------------------------------------ lifecycle
     async def check_auth(self) -> None:
-        """Probe the key with a status request for a request id that cannot exist."""
+        """Probe the key with a status request for a request id that cannot exist.
+
+        After a 402 or a 404 on submit, also probe the submit path with an empty body (no
+        audio, no webhook: a known path answers 400 and creates no job), so the pause lasts
+        while the quota is spent or the path is wrong, without uploading a file again.
+        """
         await self._pacer.acquire()
         response = await self._send("GET", STATUS_PATH, {"apikey": self._key(), "request_id": "dhwatch-key-check"})
         try:
             if response.status_code in (401, 403):
                 raise AuthError(f"DeepAffects refused the API key ({await _error_text(response) or response.status_code})")
             if response.status_code == 402:
+                self._paused_for = "quota"
                 raise BackendUnavailable("DeepAffects says the account is still over its plan quota (HTTP 402)")
             transient = transient_from_response(response)
             if transient is not None:
                 raise transient
         finally:
             await response.aclose()
+        if self._paused_for is None:
+            return
+        await self._pacer.acquire()
+        response = await self._send("POST", self._settings.submit_path, {"apikey": self._key()}, content=b"{}",
+                                    headers={"Content-Type": "application/json"})  # fmt: skip
+        try:
+            if response.status_code in (401, 402, 403, 404):
+                self._raise_for(response, await _error_text(response), context="upload")
+            transient = transient_from_response(response)
+            if transient is not None:
+                raise transient
+        finally:
+            await response.aclose()
+        self._paused_for = None
 
     async def aclose(self) -> None:
         listener, self._listener = self._listener, None

@@ -539,6 +539,12 @@ class DeepAffectsEmulator(EmulatorService):
     def _denoise(self, request: Request) -> Response:
         apikey = self._authorize(request)
         api = "v1" if request.path == DENOISE_PATH_V1 else "v2"
+        # Guess: the plan quota is enforced by the API gateway, like the key, before any
+        # parameter is looked at (the docs give the 402 but not the order of the checks).
+        if (request.fault is not None and request.fault.label == "over_quota") or (
+            self.quota is not None and self.quota <= 0
+        ):
+            raise RequestRejected(_message(402, "Over quota: over plan quota on this endpoint"))
         webhook = request.query_value("webhook") or ""
         if not webhook:
             raise RequestRejected(_message(400, "params_invalid: webhook is required"))
@@ -563,8 +569,6 @@ class DeepAffectsEmulator(EmulatorService):
                 request.drain()
                 return Response.json(202, {"request_id": request_id, "api": request.path})
         label = request.fault.label if request.fault is not None else None
-        if label == "over_quota" or (self.quota is not None and self.quota <= 0):
-            raise RequestRejected(_message(402, "Over quota: over plan quota on this endpoint"))
         media = (request.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
         if media != "application/json":
             raise RequestRejected(_message(415, "Content-Type must be application/json"))

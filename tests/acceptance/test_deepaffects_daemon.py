@@ -168,6 +168,10 @@ def test_over_quota_pauses_and_resumes(folders: Folders, emu: DeepAffectsEmulato
     d = daemons(deepaffects_config(folders, emu, extra=f'pause_notice = "{NOTICE}"'))
 
     def renew() -> None:
+        d.wait_event("still_paused", count=2)  # rechecked twice, still over quota
+        uploads = [e for e in emu.api_log.entries("denoise") if e.body_size > 1000]
+        assert len(uploads) == 1  # the file was not uploaded again just to hear "over quota"
+        assert not d.events("submitting_resumed")
         emu.quota = None
 
     _pauses_then_resumes(folders, d, ("quota", "402"), renew)
@@ -199,6 +203,10 @@ def test_a_404_on_the_submit_path_pauses_as_misconfiguration(folders: Folders, d
         assert "api_version" in paused[0]["reason"] and "404" in paused[0]["reason"]
         assert folders.files(folders.failed) == [] and "a.wav" in folders.files(folders.inbox)
         assert not d.events("upload_failed")  # a configuration problem, not a transient fault
+        d.wait_event("still_paused", count=2)  # rechecked without uploading the file again
+        posts = [e for e in emu.api_log.entries() if "/async/denoise" in e.target]
+        assert len(posts) >= 2 and [e.body_size > 1000 for e in posts].count(True) == 1
+        assert not d.events("submitting_resumed")
         assert d.stop() == 0
         d2 = daemons(deepaffects_config(folders, emu, section='api_version = "v1"\n'))
         d2.wait_event("file_done", timeout=30)
