@@ -357,6 +357,23 @@ def test_result_download_retries_transient_faults(emu: DeepAffectsEmulator, inbo
     assert emu.api_log.count("status") == 0
 
 
+def test_a_transfer_cut_short_is_fetched_again_through_a_fresh_url(emu: DeepAffectsEmulator, inbox: Path,
+                                                                  state: Path) -> None:  # fmt: skip
+    """A result transfer cut short spends the one-time URL: one status request brings a new one, the file arrives whole."""
+    emu.inject("truncate", "result")
+    make_audio(inbox / "take.wav")
+
+    async def scenario(b: DeepAffectsBackend) -> tuple[RemoteStatus, bytes]:
+        job_id = (await b.submit([upload(inbox, "take.wav")]))["f0"]
+        status = await until_done(b, job_id, timeout=30)
+        return status, await read_result(b, job_id, status)
+
+    status, result = run(emu, inbox, state, scenario)
+    assert status.phase is RemotePhase.COMPLETE and len(result) == (inbox / "take.wav").stat().st_size
+    assert [e.status for e in emu.storage_log.entries()] == [200, 403, 200]  # cut short, spent, the fresh one
+    assert emu.api_log.count("status") == 1 and emu.api_log.count("denoise") == 1
+
+
 def test_a_spent_url_after_a_crash_is_replaced_through_the_status_endpoint(emu: DeepAffectsEmulator, inbox: Path,
                                                                            state: Path) -> None:  # fmt: skip
     """A crash left a result URL whose one use is spent: after the restart one status request brings a fresh one."""
