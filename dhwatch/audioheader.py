@@ -21,6 +21,7 @@ import math
 import re
 import struct
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from dhwatch.audioformat import SNIFF_BYTES, sniff
 
@@ -431,4 +432,138 @@ _PARSERS: dict[str, Callable[[ReadAt, int, float], float | None]] = {
     "mp4": _mp4,
     "mp3": _frames,
     "aac": _frames,
+}
+
+
+# ============================================================ container and sample rate
+#
+# Kept apart from the duration code above on purpose: a backend that must describe an
+# upload (DeepAffects sends ``encoding`` and ``sampleRate``) reads it here, in plain Python,
+# instead of opening the share's file with libsndfile or FFmpeg in the daemon process.
+
+
+@dataclass(frozen=True)
+class StatedFormat:
+    """What a file's headers say about how to decode it."""
+
+    container: str  #: the sniffed container (:func:`dhwatch.audioformat.sniff`'s word)
+    sample_rate: int  #: samples per second a decoder produces
+
+
+def stated_format(read_at: ReadAt, size: int) -> StatedFormat | None:
+    """The container and sample rate this file's headers state, or None if they cannot be read."""
+    container = sniff(read_at(0, SNIFF_BYTES))
+    reader = _RATE_READERS.get(container or "")
+    if container is None or reader is None:
+        return None
+    try:
+        rate = reader(read_at, size)
+    except (_Malformed, struct.error, IndexError, ValueError):
+        return None
+    if not rate or rate <= 0 or rate > 10_000_000:
+        return None
+    return StatedFormat(container, int(rate))
+
+
+def _wav_rate(read_at: ReadAt, size: int) -> int | None:
+    """The ``fmt `` chunk's sample rate (RIFF, RIFX, RF64)."""
+    endian = ">" if read_at(0, 4) == b"RIFX" else "<"
+    pos = 12
+    for _ in range(_MAX_BOXES):
+        header = read_at(pos, 8)
+        if len(header) < 8:
+            return None
+        (chunk_size,) = _unpack(endian + "I", header, 4)
+        if header[:4] == b"fmt ":
+            return _unpack(endian + "HHI", read_at(pos + 8, 8))[2]
+        if header[:4] == b"data":
+            return None  # audio before its format: nothing a decoder could use
+        pos += 8 + chunk_size + (chunk_size & 1)
+    return None
+
+
+def _flac_rate(read_at: ReadAt, size: int) -> int | None:
+    block = read_at(4, 4 + 34)
+    if not block or block[0] & 0x7F != 0:
+        return None
+    return _streaminfo(block[4:])[0]
+
+
+def _ogg_rate(read_at: ReadAt, size: int) -> int | None:
+    """The first stream's identification header; Opus always decodes at 48 kHz."""
+    page = read_at(0, 27 + 255)
+    segments = page[26]
+    table = page[27 : 27 + segments]
+    packet = read_at(27 + segments, min(sum(table), 64))
+    if packet.startswith(b"\x01vorbis"):
+        return _unpack("<I", packet, 12)[0]
+    if packet.startswith(b"OpusHead"):
+        return 48000
+    if packet.startswith(b"\x7fFLAC") and packet[9:13] == b"fLaC":
+        return _streaminfo(packet[17:])[0]
+    if packet.startswith(b"Speex   "):
+        return _unpack("<I", packet, 36)[0]
+    return None
+
+
+def _mp4_rate(read_at: ReadAt, size: int) -> int | None:
+    """The first sound track's sample entry rate (16.16), else its ``mdhd`` timescale."""
+    for box_type, body, end in _boxes(read_at, 0, size):
+        if box_type != b"moov":
+            continue
+        for trak, trak_body, trak_end in _boxes(read_at, body, end):
+            if trak != b"trak":
+                continue
+            for mdia, mdia_body, mdia_end in _boxes(read_at, trak_body, trak_end):
+                if mdia != b"mdia":
+                    continue
+                rate = _mp4_sound_rate(read_at, mdia_body, mdia_end)
+                if rate:
+                    return rate
+        return None
+    return None
+
+
+def _mp4_sound_rate(read_at: ReadAt, mdia_body: int, mdia_end: int) -> int | None:
+    timescale, sound, entry_rate = 0, False, 0
+    for box, box_body, box_end in _boxes(read_at, mdia_body, mdia_end):
+        if box == b"mdhd":
+            version = read_at(box_body, 1)
+            offset = 20 if version and version[0] == 1 else 12
+            (timescale,) = _unpack(">I", read_at(box_body + offset, 4))
+        elif box == b"hdlr":
+            sound = read_at(box_body + 8, 4) == b"soun"
+        elif box == b"minf":
+            for stbl, stbl_body, stbl_end in _boxes(read_at, box_body, box_end):
+                if stbl != b"stbl":
+                    continue
+                for stsd, stsd_body, _ in _boxes(read_at, stbl_body, stbl_end):
+                    if stsd == b"stsd":
+                        # full box (4) + entry count (4), then the entry: size, type, 6 reserved,
+                        # data ref (2), version, revision, vendor, channels, sample size, 2 x 2,
+                        # then the rate as 16.16 fixed point
+                        (entry_rate,) = _unpack(">I", read_at(stsd_body + 8 + 32, 4))
+                        entry_rate >>= 16
+    if not sound:
+        return None
+    return entry_rate or timescale or None
+
+
+def _frame_rate(read_at: ReadAt, size: int) -> int | None:
+    """MPEG audio or ADTS: the first confirmed frame's rate."""
+    found = _first_frame(read_at, _id3_end(read_at))
+    if found is None:
+        return None
+    pos, parse = found
+    frame = parse(read_at(pos, 8))
+    return frame[2] if frame else None
+
+
+_RATE_READERS: dict[str, Callable[[ReadAt, int], int | None]] = {
+    "wav": _wav_rate,
+    "flac": _flac_rate,
+    "ogg": _ogg_rate,
+    "mp4": _mp4_rate,
+    "mp3": _frame_rate,
+    "aac": _frame_rate,
 }

@@ -122,6 +122,12 @@ class DeepAffectsSettings(KeyedSection):
 
     credential_name: str = "deepaffects-api-key"
     base_url: str = "https://proxy.api.deepaffects.com"
+    #: the submit path's version: "v2" is the documented one; "v1" is what the old SDKs call
+    api_version: Literal["v2", "v1"] = "v2"
+    #: the submit path itself, overriding api_version ("" = from api_version)
+    denoise_path: str = ""
+    #: submits, fallback polls and key checks together stay under this (documented: 5 a minute)
+    requests_per_minute: int = Field(5, ge=1)
     #: where the callback listener binds; the service must reach it through public_url
     listen_host: str = "0.0.0.0"
     #: 0 = any free port (tests only: the URL then changes at every start)
@@ -146,7 +152,14 @@ class DeepAffectsSettings(KeyedSection):
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             raise ValueError("public_url must start with http:// or https://")
         self.public_url = self.public_url.rstrip("/")
+        if self.denoise_path and not self.denoise_path.startswith("/"):
+            raise ValueError("denoise_path must start with /")
         return self
+
+    @property
+    def submit_path(self) -> str:
+        """The path submits go to."""
+        return self.denoise_path or f"/audio/generic/api/{self.api_version}/async/denoise"
 
 
 class Settings(BaseSettings):

@@ -1,9 +1,11 @@
 """Audio inside JSON, streamed both ways, so a 1 GB recording never sits in memory.
 
-DeepAffects carries audio as ``{"encoding": "WAV", "sampleRate": 16000, "languageCode":
-"en-US", "content": "<base64 of the file>"}``: in the request body, in the status answer,
-in the webhook callback. Reading ``json.loads`` of that would hold the file three times
-over (bytes, base64 text, decoded bytes), so:
+DeepAffects carries audio as ``{"encoding": "Wave", "sampleRate": 16000, "languageCode":
+"en-US", "content": "<base64 of the file>"}``: in the request body, and (the pre-2019 v1
+way, which old accounts may still get) in the status answer and the webhook callback; the
+documented v2 result is a small document with a ``url`` instead, which the scanner keeps
+like any other short scalar. Reading ``json.loads`` of a ``content`` document would hold
+the file three times over (bytes, base64 text, decoded bytes), so:
 
 * sending: :func:`audio_json_parts` gives the document's head and tail and its exact
   length up front; :func:`base64_chunks` encodes the file's chunks on the way, carrying the
@@ -11,7 +13,7 @@ over (bytes, base64 text, decoded bytes), so:
   join into one valid base64 string;
 * receiving: :class:`JsonScanner` reads any JSON document incrementally, hands the one long
   string it is told about (``content``) to a sink piece by piece, and keeps only the small
-  scalars (``status``, ``request_id``, a failure reason); :class:`Base64Decoder` turns the
+  scalars (``status``, ``request_id``, ``url``, a failure reason); :class:`Base64Decoder` turns the
   pieces back into bytes, strictly.
 
 Everything here is pure (no I/O): the sinks decide where bytes go.

@@ -6,6 +6,10 @@ connection closed) without the body ever costing memory or disk; an accepted req
 is an async stream the handler consumes at its own pace. Parsing is h11's (the parser httpx
 uses), so framing, chunked bodies and keep-alive follow the RFC. Every read has a timeout,
 so a stalled client cannot hold a connection for ever.
+
+What the answer means is the handler's business; for DeepAffects anything but a 200 makes
+the vendor send the callback again (up to 5 times), so the handler answers 200 once the
+callback is safely stored, and a crashing handler's 500 simply asks for it again.
 """
 
 from __future__ import annotations

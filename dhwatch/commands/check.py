@@ -21,8 +21,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from ipaddress import ip_address
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from dhwatch.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, SubParsers, add_command
 from dhwatch.commands import _format as fmt
@@ -321,6 +323,39 @@ def check_local_engine(settings: Settings) -> Finding:
     return _ok("engine", f"{options.engine} loads ({time.monotonic() - t0:.2f} s)")
 
 
+def check_webhook(settings: Settings) -> Iterator[Finding]:
+    """DeepAffects calls back from the internet: a loopback or private webhook address never receives it.
+
+    The vendor's FAQ says never to give ``localhost`` or ``127.0.0.1`` as the webhook; with
+    one, every result comes by the (rate-limited, slow) fallback poll instead.
+    """
+    if settings.backend != "deepaffects":
+        return
+    section = settings.deepaffects
+    url = section.public_url
+    host = (urlsplit(url).hostname or "") if url else section.listen_host
+    where = f"public_url {url}" if url else f"listen_host {host} (public_url is empty)"
+    try:
+        address = ip_address(host.strip("[]"))
+    except ValueError:
+        address = None
+    loopback = host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(".localhost") \
+        or (address is not None and address.is_loopback)  # fmt: skip
+    if loopback:
+        yield _warn("webhook", f"DeepAffects is told to call back to {where}: this machine's loopback, which the "
+                               "service cannot reach (its FAQ says never to use localhost); results will only "
+                               "arrive by the slow fallback poll. Set [deepaffects] public_url to an address "
+                               "the internet reaches")  # fmt: skip
+    elif address is not None and (address.is_private or address.is_link_local):
+        yield _warn("webhook", f"DeepAffects is told to call back to {where}: a private address the internet "
+                               "cannot reach; set [deepaffects] public_url (e.g. behind a reverse proxy)")  # fmt: skip
+    elif not url:
+        yield _warn("webhook", f"[deepaffects] public_url is empty: callbacks go to this host's name on port "
+                               f"{section.listen_port}, which works only if that name resolves from the internet")
+    else:
+        yield _ok("webhook", f"DeepAffects calls back to {url} (make sure the internet reaches it)")
+
+
 def check_backend(settings: Settings, timeout: float) -> Finding:
     """The API answers and accepts the key, or the local engine loads."""
     if settings.backend == "local":
@@ -339,6 +374,7 @@ def run_checks(settings: Settings, config_path: Path, *, timeout: float) -> Iter
     yield from check_ledger(settings)
     yield from check_inotify(settings)
     yield from check_disk(settings)
+    yield from check_webhook(settings)
     yield check_backend(settings, timeout)
 
 

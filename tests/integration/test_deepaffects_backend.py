@@ -10,7 +10,7 @@ import logging
 import os
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,7 +27,7 @@ from dhwatch.config import DeepAffectsSettings
 from dhwatch.delivery import write_atomically
 from dhwatch.emulators.deepaffects import FAILED_REASON, DeepAffectsEmulator
 from dhwatch.emulators.deephearing import ProcessedFile
-from dhwatch.errors import AuthError, InvalidFile, JobFailed, JobLost, TransientError
+from dhwatch.errors import AuthError, BackendUnavailable, InvalidFile, JobFailed, JobLost, TransientError
 from dhwatch.sourcefile import verified_chunks
 from tests.conftest import free_port, make_audio, wait_for
 
@@ -65,7 +65,8 @@ def backend(emu: DeepAffectsEmulator, inbox: Path, state: Path, *, key: str | No
             **settings: Any) -> DeepAffectsBackend:  # fmt: skip
     """A backend whose listener takes any free port on 127.0.0.1 (unless told otherwise)."""
     values: dict[str, Any] = {"base_url": emu.base_url, "listen_host": "127.0.0.1", "listen_port": 0,
-                              "fallback_poll_interval": 60.0, "read_timeout": 10, "connect_timeout": 5}  # fmt: skip
+                              "fallback_poll_interval": 60.0, "read_timeout": 10, "connect_timeout": 5,
+                              "requests_per_minute": 6000}  # fmt: skip
     values.update(settings)
     return DeepAffectsBackend(DeepAffectsSettings(**values), inbox, state, lambda: key, short_retries=3)
 
@@ -106,7 +107,7 @@ def stored(state: Path) -> list[str]:
     return sorted(n for n in os.listdir(folder) if not n.startswith(".")) if folder.exists() else []
 
 
-def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+def events(logs: Sequence[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
     return [e for e in logs if e.get("event") == name]
 
 
@@ -134,15 +135,18 @@ def test_callback_first_completes_without_any_status_request(emu: DeepAffectsEmu
     assert suffix is None  # the same container: the output keeps the input's name
     assert emu.api_log.count("status") == 0  # the webhook did it all
     [callback] = emu.callbacks
-    assert (callback.request_id, callback.kind, callback.status) == (job_id, "result", 202)
+    assert (callback.request_id, callback.kind, callback.status) == (job_id, "result", 200)
     [job] = emu.jobs
-    assert job.request_id == job_id and job.encoding == "WAV" and job.sample_rate == sr
+    assert job.request_id == job_id and job.encoding == "Wave" and job.sample_rate == sr
     assert job.sha256 == hashlib.sha256((inbox / "take.wav").read_bytes()).hexdigest()
     cleaned, sr2 = sf.read(out / "take.wav")
     assert sr2 == sr and cleaned.shape == original.shape
     gain = np.sqrt(np.mean(cleaned**2) / np.mean(original**2))
     assert gain == pytest.approx(10 ** (-6 / 20), rel=0.05)  # the emulator's real processing
     assert before == [job_id] and after == []  # release deletes the stored copy
+    assert job.api == "v2" and job.downloads == 1  # the v2 callback's one-time URL, fetched once
+    [download] = emu.storage_log.entries()
+    assert KEY not in download.target and all(KEY not in v for _, v in download.headers)
     assert not (state / "deepaffects" / "pending" / f"{job_id}.json").exists()
 
 
@@ -189,7 +193,8 @@ def test_poll_first_then_the_late_callback_changes_nothing(emu: DeepAffectsEmula
     [callback] = emu.callbacks
     assert callback.status == 200  # "already received"
     assert inode_before == inode_after and stored(state) == [job_id]  # written once
-    assert [e["stored"] for e in events(logs, "fallback_poll")][-1] is True
+    assert [e["result_url"] for e in events(logs, "fallback_poll")][-1] is True
+    assert len(events(logs, "result_downloaded")) == 1 and emu.jobs[0].downloads == 1
     assert events(logs, "callback_duplicate") and not events(logs, "callback_received")
 
 
@@ -223,7 +228,8 @@ def test_callback_and_poll_at_once_store_the_result_once(emu: DeepAffectsEmulato
             finally:
                 poll_done.set()
 
-        code, status = await asyncio.gather(callback(), poll())
+        code, _ = await asyncio.gather(callback(), poll())
+        status = await until_done(b, job_id)
         return code, status, await read_result(b, job_id, status)
 
     with structlog.testing.capture_logs() as logs:
@@ -231,10 +237,7 @@ def test_callback_and_poll_at_once_store_the_result_once(emu: DeepAffectsEmulato
     assert status.phase is RemotePhase.COMPLETE
     assert code == 200  # the callback found the poll's copy
     assert len(stored(state)) == 1
-    stores = [e for e in events(logs, "fallback_poll") if e["stored"]] + [
-        e for e in events(logs, "callback_received") if e.get("outcome") == "result_stored"
-    ]
-    assert len(stores) == 1
+    assert len(events(logs, "result_downloaded")) == 1 and not events(logs, "callback_received")
     assert sf.info(__import__("io").BytesIO(result)).frames == sf.info(inbox / "take.wav").frames
 
 
@@ -282,7 +285,7 @@ def test_duplicate_callback_is_idempotent(emu: DeepAffectsEmulator, inbox: Path,
         return job_id, first, await read_result(b, job_id, await b.status(job_id))
 
     job_id, first, second = run(emu, inbox, state, scenario)
-    assert [(c.kind, c.status) for c in emu.callbacks] == [("result", 202), ("duplicate", 200)]
+    assert [(c.kind, c.status) for c in emu.callbacks] == [("result", 200), ("duplicate", 200)]
     assert first == second and stored(state) == [job_id]
 
 
@@ -316,6 +319,154 @@ def test_failed_job_found_by_polling(emu: DeepAffectsEmulator, inbox: Path, stat
         run(emu, inbox, state, scenario, fallback_poll_interval=0.3)
     assert FAILED_REASON in str(info.value)
     assert emu.api_log.count("status") >= 1
+
+
+# --------------------------------------------------------------------------- result URLs
+
+
+def test_the_v1_flat_callback_with_inline_audio_still_delivers(emu: DeepAffectsEmulator, inbox: Path,
+                                                               state: Path) -> None:  # fmt: skip
+    """With api_version v1 the old flat callback's base64 content is stored; nothing is fetched."""
+    make_audio(inbox / "take.wav")
+
+    async def scenario(b: DeepAffectsBackend) -> tuple[RemoteStatus, bytes]:
+        job_id = (await b.submit([upload(inbox, "take.wav")]))["f0"]
+        status = await until_done(b, job_id)
+        return status, await read_result(b, job_id, status)
+
+    status, result = run(emu, inbox, state, scenario, api_version="v1")
+    assert status.phase is RemotePhase.COMPLETE and result[:4] == b"RIFF"
+    assert [j.api for j in emu.jobs] == ["v1"] and emu.storage_log.count() == 0
+    assert [c.status for c in emu.callbacks] == [200]
+
+
+def test_result_download_retries_transient_faults(emu: DeepAffectsEmulator, inbox: Path, state: Path) -> None:
+    """503s and a reset on the result URL are retried with back-off; the file arrives once."""
+    emu.inject("503", "result", count=2)
+    emu.inject("reset", "result")
+    make_audio(inbox / "take.wav")
+
+    async def scenario(b: DeepAffectsBackend) -> tuple[RemoteStatus, bytes]:
+        job_id = (await b.submit([upload(inbox, "take.wav")]))["f0"]
+        status = await until_done(b, job_id, timeout=30)
+        return status, await read_result(b, job_id, status)
+
+    status, result = run(emu, inbox, state, scenario)
+    assert status.phase is RemotePhase.COMPLETE and len(result) == (inbox / "take.wav").stat().st_size
+    assert emu.storage_log.count() == 4 and emu.jobs[0].downloads == 1
+    assert emu.api_log.count("status") == 0
+
+
+def test_a_transfer_cut_short_is_fetched_again_through_a_fresh_url(emu: DeepAffectsEmulator, inbox: Path,
+                                                                  state: Path) -> None:  # fmt: skip
+    """A result transfer cut short spends the one-time URL: one status request brings a new one, the file arrives whole."""
+    emu.inject("truncate", "result")
+    make_audio(inbox / "take.wav")
+
+    async def scenario(b: DeepAffectsBackend) -> tuple[RemoteStatus, bytes]:
+        job_id = (await b.submit([upload(inbox, "take.wav")]))["f0"]
+        status = await until_done(b, job_id, timeout=30)
+        return status, await read_result(b, job_id, status)
+
+    status, result = run(emu, inbox, state, scenario)
+    assert status.phase is RemotePhase.COMPLETE and len(result) == (inbox / "take.wav").stat().st_size
+    assert [e.status for e in emu.storage_log.entries()] == [200, 403, 200]  # cut short, spent, the fresh one
+    assert emu.api_log.count("status") == 1 and emu.api_log.count("denoise") == 1
+
+
+def test_a_spent_url_after_a_crash_is_replaced_through_the_status_endpoint(emu: DeepAffectsEmulator, inbox: Path,
+                                                                           state: Path) -> None:  # fmt: skip
+    """A crash left a result URL whose one use is spent: after the restart one status request brings a fresh one."""
+    emu.inject("lost")
+    make_audio(inbox / "take.wav")
+    job_id = run(emu, inbox, state, lambda b: _submit(b, inbox))
+    wait_for(lambda: emu.jobs[0].state == "Completed", 10)
+    spent = httpx.get(f"{emu.base_url}/transaction/generic/api/v1/async/status",
+                      params={"apikey": KEY, "request_id": job_id}).json()["response"]["response"]["url"]  # fmt: skip
+    assert httpx.get(spent).status_code == 200  # the download the crash cut short used it up
+    # what the crashed run left on disk: the URL, recorded before its download started
+    (state / "deepaffects" / "results" / f"{job_id}.url").write_text(json.dumps({"url": spent}))
+    before = emu.api_log.count("status")
+
+    async def after_restart(b: DeepAffectsBackend) -> tuple[RemoteStatus, bytes]:
+        status = await until_done(b, job_id)
+        return status, await read_result(b, job_id, status)
+
+    with structlog.testing.capture_logs() as logs:
+        status, result = run(emu, inbox, state, after_restart)
+    assert status.phase is RemotePhase.COMPLETE and result[:4] == b"RIFF"
+    assert emu.api_log.count("status") - before == 1 and emu.api_log.count("denoise") == 1
+    assert events(logs, "result_url_refused")
+
+
+def test_an_expired_url_fails_the_file_saying_the_result_is_unrecoverable(inbox: Path, state: Path) -> None:
+    """URLs that expire before use: one more status request, then RESULT_UNAVAILABLE saying why; no resubmit, no polling on."""
+    make_audio(inbox / "take.wav")
+    with DeepAffectsEmulator(keys={KEY}, processing_seconds=0.2, url_ttl=0.0) as emu:
+
+        async def scenario(b: DeepAffectsBackend) -> None:
+            job_id = (await b.submit([upload(inbox, "take.wav")]))["f0"]
+            await until_done(b, job_id)
+
+        with pytest.raises(JobFailed) as info:
+            run(emu, inbox, state, scenario, fallback_poll_interval=0.3)
+        assert emu.api_log.count("status") == 1 and emu.api_log.count("denoise") == 1
+    assert info.value.code == "RESULT_UNAVAILABLE"
+    text = str(info.value)
+    assert "one-time result link" in text and "unrecoverable" in text and "copy it into the inbox again" in text
+    assert stored(state) == []
+
+
+# --------------------------------------------------------------------------- what pauses, what fails
+
+
+@pytest.mark.parametrize(("fault", "words"), [
+    ("over_quota", ("quota", "402")),
+    ("params", ("parameter", "not the audio")),
+])  # fmt: skip
+def test_quota_and_parameter_refusals_pause_instead_of_failing_the_file(emu: DeepAffectsEmulator, inbox: Path,
+                                                                        state: Path, fault: str,
+                                                                        words: tuple[str, ...]) -> None:  # fmt: skip
+    """A 402 and a 400 about a parameter are BackendUnavailable (pause, keep the file), sent once, not retried."""
+    emu.inject(fault)
+    make_audio(inbox / "take.wav")
+    with pytest.raises(BackendUnavailable) as info:
+        run(emu, inbox, state, lambda b: _submit(b, inbox))
+    assert not isinstance(info.value, InvalidFile)
+    assert all(w in str(info.value) for w in words), str(info.value)
+    assert emu.api_log.count("denoise") == 1 and emu.jobs == []
+
+
+def test_a_404_on_the_submit_path_is_a_configuration_problem(inbox: Path, state: Path) -> None:
+    """A service that does not serve the configured path: BackendUnavailable naming api_version, no retry loop."""
+    make_audio(inbox / "take.wav")
+    with DeepAffectsEmulator(keys={KEY}, api_versions=("v1",)) as emu:
+        with pytest.raises(BackendUnavailable) as info:
+            run(emu, inbox, state, lambda b: _submit(b, inbox))
+        assert emu.api_log.count() == 1
+    assert "api_version" in str(info.value) and "404" in str(info.value)
+
+
+def test_submits_and_fallback_polls_share_the_request_budget(inbox: Path, state: Path) -> None:
+    """With requests_per_minute = 3 and callbacks lost, two submits and frequent looks cost three requests, never a 429."""
+    make_audio(inbox / "a.wav")
+    make_audio(inbox / "b.wav", seed=1)
+    with DeepAffectsEmulator(keys={KEY}, rate_limit_per_minute=3) as emu:
+        emu.inject("lost", count=2)
+
+        async def scenario(b: DeepAffectsBackend) -> list[RemoteStatus]:
+            a = (await b.submit([upload(inbox, "a.wav")]))["f0"]
+            c = (await b.submit([upload(inbox, "b.wav")]))["f0"]
+            await asyncio.to_thread(wait_for, lambda: {j.state for j in emu.jobs} == {"Completed"}, 10, 0.02, "jobs")
+            seen = []
+            for _ in range(40):  # 2 s of looks, many fallback polls due
+                seen += [await b.status(a), await b.status(c)]
+                await asyncio.sleep(0.05)
+            return seen
+
+        run(emu, inbox, state, scenario, requests_per_minute=3, fallback_poll_interval=0.05)
+        statuses = [e.status for e in emu.api_log.entries()]
+    assert len(statuses) == 3 and 429 not in statuses
 
 
 # --------------------------------------------------------------------------- forgeries
@@ -371,8 +522,9 @@ def test_emulator_stray_callback_for_an_unknown_id_is_refused(emu: DeepAffectsEm
     with structlog.testing.capture_logs() as logs:
         status = run(emu, inbox, state, scenario)
     assert status.phase is RemotePhase.COMPLETE
-    assert [(c.kind, c.status) for c in emu.callbacks] == [("stray", 403), ("result", 202)]
-    assert [e["reason"] for e in events(logs, "callback_rejected")] == ["bad_secret"]
+    assert ("result", 200) in [(c.kind, c.status) for c in emu.callbacks]
+    assert {c.status for c in emu.callbacks if c.kind == "stray"} == {403}
+    assert {e["reason"] for e in events(logs, "callback_rejected")} == {"bad_secret"}
     assert emu.api_log.count("status") == 0
 
 
@@ -391,12 +543,12 @@ def test_results_and_callback_secrets_survive_a_restart(emu: DeepAffectsEmulator
 
     async def after_restart(b: DeepAffectsBackend) -> RemoteStatus:
         await b.status(job_id)  # the first look starts the listener again
-        await asyncio.to_thread(wait_for, lambda: any(c.status == 202 for c in emu.callbacks), 10, 0.02, "callback")
-        return await b.status(job_id)
+        await asyncio.to_thread(wait_for, lambda: any(c.status == 200 for c in emu.callbacks), 10, 0.02, "callback")
+        return await until_done(b, job_id)
 
     status = run(emu, inbox, state, after_restart, listen_port=port)
     assert status.phase is RemotePhase.COMPLETE
-    assert emu.callbacks[-1].status == 202 and emu.callbacks[0].status is None  # refused connection, then retried
+    assert emu.callbacks[-1].status == 200 and emu.callbacks[0].status is None  # refused connection, then retried
     assert emu.api_log.count("denoise") == 1  # never resubmitted
 
     async def third_run(b: DeepAffectsBackend) -> RemoteStatus:
@@ -577,3 +729,29 @@ def test_upload_body_is_the_file_in_camel_case_json(tmp_path: Path) -> None:
     doc = json.loads(raw)
     assert list(doc) == ["encoding", "sampleRate", "languageCode", "content"]
     assert base64.b64decode(doc["content"], validate=True) == data
+
+
+def test_a_downloaded_result_streams_to_disk_in_flat_memory(tmp_path: Path) -> None:
+    """Storing a 100 MB result from its URL allocates a few MB at most, and the file is whole."""
+    from dhwatch.backends.deepaffects import ResultStore
+
+    size = 100 * 1024 * 1024
+    piece = bytes(1024 * 1024)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"RIFF" + (size - 8).to_bytes(4, "little") + b"WAVE" + piece[12:]
+        for _ in range(size // len(piece) - 1):
+            yield piece
+
+    async def store() -> Path | None:
+        doc = await ResultStore(tmp_path / "da", retention=3600).absorb_audio("job1", body(), None)
+        return doc.stored
+
+    tracemalloc.start()
+    try:
+        path = asyncio.run(store())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert path is not None and path.stat().st_size == size
+    assert peak < 16 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB for a {size / 1e6:.0f} MB result"

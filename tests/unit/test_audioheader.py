@@ -12,7 +12,7 @@ import numpy.typing as npt
 import pytest
 import soundfile as sf
 
-from dhwatch.audioheader import stated_seconds
+from dhwatch.audioheader import stated_format, stated_seconds
 from dhwatch.engine.audio_io import AudioFormat, create_audio, open_audio
 
 
@@ -189,3 +189,47 @@ def test_damaged_headers_never_raise(tmp_path: Path) -> None:
             del data[rng.randrange(len(data)) :]
         seconds = Reader(bytes(data)).seconds(stop_after=3600)
         assert seconds is None or seconds >= 0
+
+
+# --------------------------------------------------------------------------- container and sample rate
+
+
+@pytest.mark.parametrize(("kind", "suffix", "rate", "channels"), FORMATS, ids=lambda v: str(v))
+def test_stated_format_matches_what_the_decoder_reports(tmp_path: Path, kind: str, suffix: str, rate: int,
+                                                        channels: int) -> None:  # fmt: skip
+    """For every format the daemon accepts, the headers' container and rate are what the decoder reports."""
+    path = tmp_path / f"take{suffix}"
+    _write(path, kind, _noise(rate, channels, 1.0), rate)
+    stated = stated_format(Reader(path.read_bytes()), path.stat().st_size)
+    assert stated is not None
+    with av.open(str(path)) as container:
+        decoded_rate = container.streams.audio[0].rate
+    expected = {".wav": "wav", ".flac": "flac", ".ogg": "ogg", ".opus": "ogg", ".mp3": "mp3", ".m4a": "mp4",
+                ".aac": "aac"}[suffix]  # fmt: skip
+    assert (stated.container, stated.sample_rate) == (expected, decoded_rate)
+
+
+@pytest.mark.parametrize("content", [b"", b"RIFF", b"RIFF\x00\x00\x00\x00WAVE", b"fLaC", b"OggS" + bytes(40),
+                                     b"ID3\x03\x00\x00\x00\x00\x00\x00", b"not audio at all\n" * 10,
+                                     b"RIFF\x24\x00\x00\x00WAVEdata\x00\x00\x00\x00"])
+def test_what_cannot_be_read_has_no_stated_format(content: bytes) -> None:
+    """Empty, cut-off, foreign bytes or audio before its format chunk: None, never an exception."""
+    assert stated_format(Reader(content), len(content)) is None
+
+
+def test_damaged_headers_never_raise_when_reading_the_format(tmp_path: Path) -> None:
+    """Seeded corruptions of every format: a format or None, never an error."""
+    rng = random.Random(9)
+    originals = []
+    for i, (kind, suffix, rate, channels) in enumerate(FORMATS):
+        path = tmp_path / f"f{i}{suffix}"
+        _write(path, kind, _noise(rate, channels, 0.5), rate)
+        originals.append(path.read_bytes())
+    for _ in range(2000):
+        data = bytearray(rng.choice(originals))
+        for _ in range(rng.randint(1, 6)):
+            data[rng.randrange(min(len(data), 256))] = rng.randrange(256)
+        if rng.random() < 0.3:
+            del data[rng.randrange(len(data)) :]
+        found = stated_format(Reader(bytes(data)), len(data))
+        assert found is None or found.sample_rate > 0
