@@ -18,9 +18,12 @@ file is left to the decoder, which refuses it.
 from __future__ import annotations
 
 import math
+import os
 import re
 import struct
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 from dhwatch.audioformat import SNIFF_BYTES, sniff
 
@@ -431,4 +434,173 @@ _PARSERS: dict[str, Callable[[ReadAt, int, float], float | None]] = {
     "mp4": _mp4,
     "mp3": _frames,
     "aac": _frames,
+}
+
+
+# --------------------------------------------------- what a file holds: container, rate, channels
+#
+# Used to check a downloaded result before it is delivered under the input's name: the
+# services do not document their output format (DeepHearing's model is named ``model_16k``).
+
+#: how each container is named to people
+_CONTAINER_LABELS = {"wav": "WAV", "flac": "FLAC", "ogg": "Ogg", "mp3": "MP3", "mp4": "MP4/M4A", "aac": "AAC"}
+
+
+@dataclass(frozen=True)
+class StatedFormat:
+    """What a file's headers say it holds; None where they do not say."""
+
+    container: str  #: a :func:`~dhwatch.audioformat.sniff` name: wav, flac, ogg, mp3, mp4, aac
+    sample_rate: int | None
+    channels: int | None
+    seconds: float | None
+
+    def describe(self) -> str:
+        """In words, e.g. ``16 kHz mono WAV``."""
+        parts = []
+        if self.sample_rate:
+            parts.append(f"{self.sample_rate / 1000:g} kHz")
+        if self.channels:
+            parts.append({1: "mono", 2: "stereo"}.get(self.channels, f"{self.channels}-channel"))
+        parts.append(_CONTAINER_LABELS.get(self.container, self.container))
+        return " ".join(parts)
+
+
+def stated_format(read_at: ReadAt, size: int) -> StatedFormat | None:
+    """Container, sample rate, channels and duration as the headers state them; None if not audio we know.
+
+    Rate or channels the headers do not state (or that do not parse) are None: a caller
+    compares only what both sides state.
+    """
+    container = sniff(read_at(0, SNIFF_BYTES))
+    if container is None:
+        return None
+    shape = _SHAPES.get(container)
+    try:
+        rate, channels = shape(read_at, size) if shape else (None, None)
+    except (_Malformed, struct.error, IndexError, ValueError):
+        rate, channels = None, None
+    return StatedFormat(container, rate or None, channels or None, stated_seconds(read_at, size))
+
+
+def file_format(path: Path) -> StatedFormat | None:
+    """:func:`stated_format` of a file of ours (a download, an output), opened without following a link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return stated_format(lambda offset, size: os.pread(fd, size, offset), os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def format_change(before: StatedFormat, after: StatedFormat) -> str | None:
+    """How ``after`` (a result) differs from ``before`` (its input) in container, rate or channels; None if not.
+
+    Only what both state is compared. The words are for people: ``the denoiser returned
+    16 kHz mono WAV for a 48 kHz stereo FLAC``.
+    """
+    differs = before.container != after.container
+    differs |= None not in (before.sample_rate, after.sample_rate) and before.sample_rate != after.sample_rate
+    differs |= None not in (before.channels, after.channels) and before.channels != after.channels
+    if not differs:
+        return None
+    return f"the denoiser returned {after.describe()} for a {before.describe()}"
+
+
+def shortfall(before: StatedFormat, after: StatedFormat) -> str | None:
+    """Why ``after`` (a result) is too short to be the whole of ``before``, or None.
+
+    Resampling and codec padding move a length by milliseconds; a result more than 0.1 s
+    and 1 % shorter than its input is missing audio.
+    """
+    if before.seconds is None or after.seconds is None:
+        return None
+    if after.seconds >= before.seconds - max(0.1, 0.01 * before.seconds):
+        return None
+    return f"the result is {after.seconds:.2f} s long but the input is {before.seconds:.2f} s: audio is missing"
+
+
+def _wav_shape(read_at: ReadAt, size: int) -> tuple[int | None, int | None]:
+    endian = ">" if read_at(0, 4) == b"RIFX" else "<"
+    pos = 12
+    for _ in range(_MAX_BOXES):
+        header = read_at(pos, 8)
+        if len(header) < 8:
+            break
+        (chunk_size,) = _unpack(endian + "I", header, 4)
+        if header[:4] == b"fmt ":
+            _tag, channels, rate = _unpack(endian + "HHI", read_at(pos + 8, 8))
+            return rate, channels
+        if header[:4] == b"data":
+            break
+        pos += 8 + chunk_size + (chunk_size & 1)
+    return None, None
+
+
+def _flac_shape(read_at: ReadAt, size: int) -> tuple[int | None, int | None]:
+    info = read_at(8, 18)
+    if len(info) < 18:
+        raise _Malformed("short STREAMINFO")
+    packed = int.from_bytes(info[10:18], "big")
+    return packed >> 44, ((packed >> 41) & 0x07) + 1
+
+
+def _ogg_shape(read_at: ReadAt, size: int) -> tuple[int | None, int | None]:
+    page = read_at(0, 27 + 255)
+    segments = page[26]
+    packet = read_at(27 + segments, min(sum(page[27 : 27 + segments]), 64))
+    if packet.startswith(b"\x01vorbis"):
+        (rate,) = _unpack("<I", packet, 12)
+        return rate, packet[11]
+    if packet.startswith(b"OpusHead"):
+        return 48000, packet[9]  # Opus always decodes at 48 kHz
+    if packet.startswith(b"\x7fFLAC") and packet[9:13] == b"fLaC":
+        packed = int.from_bytes(packet[17 + 10 : 17 + 18], "big")
+        return packed >> 44, ((packed >> 41) & 0x07) + 1
+    if packet.startswith(b"Speex   "):
+        rate, _mode, _bitstream, channels = _unpack("<IIII", packet, 36)
+        return rate, channels
+    return None, None
+
+
+def _frames_shape(read_at: ReadAt, size: int) -> tuple[int | None, int | None]:
+    found = _first_frame(read_at, _id3_end(read_at))
+    if found is None:
+        return None, None
+    h = read_at(found[0], 8)
+    frame = found[1](h)
+    if frame is None:
+        return None, None
+    if found[1] is _adts_frame:
+        config = ((h[2] & 0x01) << 2) | (h[3] >> 6)
+        return frame[2], {7: 8}.get(config, config) or None
+    return frame[2], 1 if h[3] >> 6 == 3 else 2
+
+
+def _mp4_shape(read_at: ReadAt, size: int) -> tuple[int | None, int | None]:
+    """The first audio sample entry (``moov/trak/mdia/minf/stbl/stsd``): channel count and rate."""
+    path = (b"moov", b"trak", b"mdia", b"minf", b"stbl", b"stsd")
+
+    def descend(start: int, end: int, depth: int) -> tuple[int | None, int | None]:
+        for box_type, body, box_end in _boxes(read_at, start, end):
+            if box_type != path[depth]:
+                continue
+            if depth == len(path) - 1:
+                entry = read_at(body + 8, 36)  # after version/flags and the entry count
+                channels, _bits, _pre, rate = _unpack(">HHIHxx", entry, 24)
+                return (rate, channels) if entry[4:8] in (b"mp4a", b"alac", b"Opus", b"fLaC") else (None, None)
+            found = descend(body, box_end, depth + 1)
+            if found != (None, None):
+                return found
+        return None, None
+
+    return descend(0, size, 0)
+
+
+_SHAPES: dict[str, Callable[[ReadAt, int], tuple[int | None, int | None]]] = {
+    "wav": _wav_shape,
+    "flac": _flac_shape,
+    "ogg": _ogg_shape,
+    "mp4": _mp4_shape,
+    "mp3": _frames_shape,
+    "aac": _frames_shape,
 }
