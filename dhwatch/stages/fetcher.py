@@ -74,7 +74,8 @@ class Fetcher:
         suffix = ctx.backend.output_suffix(status)
         if suffix and not rel.lower().endswith(suffix):
             rel = str(PurePosixPath(rel).with_suffix(suffix))
-        check = ResultCheck(PurePosixPath(rel).name, await asyncio.to_thread(input_format, ctx.settings.inbox, row))
+        check = ResultCheck(PurePosixPath(rel).name, await asyncio.to_thread(input_format, ctx.settings.inbox, row),
+                            taken=self._names_of_others(rel, row.rel_path))
         try:
             with ctx.metrics.api_latency.labels("result").time():
                 async with ctx.backend.open_result(row.job_id or "", status) as stream:
@@ -106,6 +107,19 @@ class Fetcher:
         ctx.log.info("file_delivered", file=row.rel_path, row=row.id, job=row.job_id, bytes=written.size,
                      seconds=round(time.monotonic() - t0, 3))
         ctx.kick("finish")
+
+    def _names_of_others(self, rel: str, own: str) -> frozenset[str]:
+        """The names a result of ``rel`` in another container could take that belong to other inputs' outputs.
+
+        ``take.flac`` answered with WAV would become ``take.wav``; if a ``take.wav`` is (or
+        was) an input beside it, that name is its output's, and must not be overwritten.
+        """
+        path = PurePosixPath(rel)
+        candidates = {str(path.with_suffix(f".{extensions[0]}")) for extensions in EXTENSIONS.values()} - {rel, own}
+        ledger = self.ctx.ledger
+        taken = ledger.active_among(candidates) | set(ledger.finished_among(candidates))
+        taken |= {c for c in candidates if os.path.lexists(self.ctx.settings.inbox / c)}
+        return frozenset(PurePosixPath(c).name for c in taken)
 
     def _lost(self, row: FileRow, reason: str) -> None:
         ctx = self.ctx
@@ -161,12 +175,14 @@ class ResultCheck:
     """Decides a downloaded result's final name from its own headers (``write_atomically``'s ``name_for``).
 
     ``name`` is the name the output would have; ``source`` what the input holds (None when it
-    cannot be read: then only the extension is checked). After a call, ``note`` says in words
-    what changed, or is None.
+    cannot be read: then only the extension is checked); ``taken`` the names other inputs'
+    outputs own (then ``take.flac.wav`` instead of ``take.wav``). After a call, ``note`` says
+    in words what changed, or is None.
     """
 
     name: str
     source: StatedFormat | None
+    taken: frozenset[str] = frozenset()
     note: str | None = None
 
     def __call__(self, downloaded: Path) -> str:
@@ -177,6 +193,8 @@ class ResultCheck:
         stem, dot, ext = name.rpartition(".")
         if ext.lower() not in EXTENSIONS.get(result.container, ()):
             name = f"{stem if dot else name}.{EXTENSIONS[result.container][0]}"
+            if name in self.taken:
+                name = f"{self.name}.{EXTENSIONS[result.container][0]}"
         notes = []
         if self.source is not None:
             missing = shortfall(self.source, result)

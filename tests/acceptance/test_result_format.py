@@ -103,3 +103,17 @@ def test_a_result_missing_audio_is_not_delivered(folders: Folders, daemons) -> N
     assert folders.files(folders.outbox) == []
     report = folders.error_report("a.wav")
     assert report["code"] == "RESULT_UNAVAILABLE" and "audio is missing" in report["detail"]
+
+
+def test_a_renamed_result_never_takes_another_inputs_output(folders: Folders, daemons) -> None:
+    """take.flac answered with WAV beside an input take.wav: the FLAC's result becomes take.flac.wav, take.wav stays take.wav's own."""
+    _take(folders)
+    make_audio(folders.inbox / "s" / "take.wav", seconds=1.0, seed=7)
+    with DeepHearingEmulator(keys={API_KEY}, processor=to_16k_mono_wav) as emu:
+        d = daemons(write_config(folders, base_url=emu.base_url))
+        d.wait_event("file_done", count=2, timeout=60)
+    assert folders.files(folders.outbox) == ["s/take.flac.wav", "s/take.wav"]
+    assert sf.info(folders.outbox / "s" / "take.flac.wav").duration == pytest.approx(1.0, abs=0.02)
+    [changed] = d.events("result_format_changed")
+    assert changed["file"] == "s/take.flac" and changed["output"].endswith("s/take.flac.wav")
+    assert folders.files(folders.archive) == ["s/take.flac", "s/take.wav"]
