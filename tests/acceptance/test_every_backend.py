@@ -88,6 +88,14 @@ def test_identical_content_under_many_names(subject: Subject, folders: Folders, 
     assert d.stop() == 0
 
 
+#: ledger states of a file between being taken and being done
+IN_FLIGHT = ("uploading", "submitted", "fetching", "delivered")
+
+
+def _in_flight(folders: Folders) -> list[str]:
+    return [rel for rel, state in ledger_states(folders).items() if state in IN_FLIGHT]
+
+
 def test_crash_loop_with_kill9(subject: Subject, folders: Folders, daemons) -> None:
     """kill -9 at seeded moments while files are in flight: each delivered exactly once, no temp files, every extra job explained.
 
@@ -95,22 +103,25 @@ def test_crash_loop_with_kill9(subject: Subject, folders: Folders, daemons) -> N
     way at a kill (accepted by the service, its job id not yet recorded): the restarts
     report those as ``recovered: {"uploading": n}``.
     """
-    rels = [f"k/take{i}.wav" for i in range(4)]
+    rels = [f"k/take{i}.wav" for i in range(5)]
     for i, rel in enumerate(rels):
-        make_audio(folders.inbox / rel, seconds=1.0, seed=20 + i)
+        make_audio(folders.inbox / rel, seconds=max(1.0, subject.busy_audio_seconds / 4), seed=20 + i)
     if subject.set_processing_seconds is not None:
-        subject.set_processing_seconds(1.0)
+        subject.set_processing_seconds(3.0)  # jobs outlive a restart: some are followed, not redone
     cfg = subject.config(folders)
     rng = random.Random(10)
     started: list[Daemon] = []
+    killed_in_flight = []
     for _ in range(3):
         d = daemons(cfg)
         started.append(d)
-        # kill after a seeded number of log lines: somewhere in the work, never after it is all done
-        lines = len(d.raw) + rng.randint(2, 30)
-        wait_for(lambda: len(d.raw) >= lines or _all_done(folders, rels), timeout=DONE_TIMEOUT,
-                 what="the daemon at work")
+        wait_for(lambda: _in_flight(folders) or _all_done(folders, rels), timeout=DONE_TIMEOUT, what="files in flight")
+        # then a seeded number of log lines more: a different moment of the work each time
+        lines = len(d.raw) + rng.randint(0, 8)
+        wait_for(lambda: len(d.raw) >= lines or _all_done(folders, rels), timeout=DONE_TIMEOUT, what="more work")
         d.kill()
+        killed_in_flight += _in_flight(folders)  # read after the kill: the states it died in
+    assert killed_in_flight, "no kill landed while a file was in flight: the scenario tested nothing"
     last = daemons(cfg)
     started.append(last)
     wait_for(lambda: _all_done(folders, rels), timeout=DONE_TIMEOUT, what="every file done")
