@@ -948,7 +948,7 @@ def run(args: argparse.Namespace) -> int:
         processing_seconds=args.processing_seconds,
         status_methods=methods,
         complete_word=args.complete_word,
-        processor=RESULT_FORMATS[getattr(args, "result_format", "same")],
+        processor=RESULT_FORMATS[args.result_format],
         faults=FaultPlan(seed=args.seed),
         host=args.host,
         port=args.port,
