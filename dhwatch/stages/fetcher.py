@@ -24,8 +24,8 @@ from dhwatch.context import Context
 from dhwatch.delivery import write_atomically
 from dhwatch.errors import DhwatchError, JobLost, ResultError, TransientError, TransitionConflict
 from dhwatch.ledger import FileRow
-from dhwatch.sourcefile import Identity, opened
 from dhwatch.policy import Backoff, after_failure
+from dhwatch.sourcefile import Identity, opened
 from dhwatch.stages.scheduling import InFlight, fail, sleep_until_due
 from dhwatch.states import State
 
