@@ -7,27 +7,29 @@ with ``on_success = "keep"``). With ``on_success = "delete"`` there is no origin
 afterwards, so that one report is made by the finisher just before the delete.
 
 Local reports are built one at a time in a long-lived worker *process* at the lowest CPU
-priority (nice 19): they use only idle CPU, never the daemon's GIL, and the analysis's
-memory (the DNSMOS ONNX session is ~200 MB) stays out of the daemon (bench/drain.py
-``--quality both`` measures the difference). A crashed worker is replaced; a report that
+priority (nice 19; :mod:`dhwatch.quality.worker`): they use only idle CPU, never the
+daemon's GIL, and the analysis's memory stays out of the daemon (``bench/quality_cost.py
+--daemon`` measures the whole process tree). A crashed worker is replaced; a report that
 cannot be made is logged and marked failed; it never fails the file.
+
+A stop never waits for a report: the stopping daemon cancels the report being made, which
+kills the worker; the row's ``quality_status`` stays ``pending`` and the report is made
+after the next start. When the finisher was making the report just before deleting the
+original (``on_success = "delete"``), the cancellation stops the finisher too, before the
+delete: the row stays DELIVERED with its original in the inbox, and the next start
+measures and deletes it then.
 """
 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
-import os
-import signal
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dhwatch.context import Context
 from dhwatch.errors import DhwatchError
 from dhwatch.ledger import FileRow
+from dhwatch.quality.worker import MadeReport, ReportWorker, ReportWorkerCrashed, write_made_report
 from dhwatch.states import State
 
 
@@ -38,7 +40,7 @@ class Reporter:
         self.ctx = ctx
         self._client: Any = None
         self._lock = asyncio.Lock()
-        self._pool: ProcessPoolExecutor | None = None
+        self._worker = ReportWorker()
 
     @property
     def enabled(self) -> bool:
@@ -61,11 +63,11 @@ class Reporter:
             return
         output = Path(row.output_path)
         async with self._lock:
+            ctx.log.debug("quality_report_started", file=row.rel_path, row=row.id)
             try:
                 made = await self._build(original, output)
-            except BrokenProcessPool:
-                self._pool = None  # the worker died (OOM, a native crash): a fresh one next time
-                ctx.log.warning("quality_report_failed", file=row.rel_path, row=row.id, error="report worker crashed")
+            except ReportWorkerCrashed as exc:  # OOM, a native crash: a fresh worker next time
+                ctx.log.warning("quality_report_failed", file=row.rel_path, row=row.id, error=str(exc))
                 self._record(row, "failed", None)
                 return
             except (DhwatchError, OSError) as exc:
@@ -80,13 +82,8 @@ class Reporter:
         settings = self.ctx.settings
         if settings.quality == "huawei":
             report = await self._metastudio().assess(output, input_path=original)
-            return await asyncio.to_thread(_write, report, output)
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_background_worker
-            )
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, _local_report, original, output, settings.quality_dnsmos)
+            return await asyncio.to_thread(write_made_report, report, output)
+        return await self._worker.build(original, output, settings.quality_dnsmos)
 
     def _metastudio(self) -> Any:
         if self._client is None:
@@ -108,49 +105,10 @@ class Reporter:
             ctx.log.warning("quality_record_failed", row=row.id, error=str(exc))
 
     async def aclose(self) -> None:
+        """Stop at once: kill the report worker (an unfinished report stays pending), close the client."""
+        self._worker.kill()
         if self._client is not None:
             await self._client.aclose()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-
-
-def _background_worker() -> None:
-    """In the report worker: lowest CPU priority, deaf to Ctrl-C (it reaches the whole terminal's
-    process group; the daemon stops this worker itself), and die with the daemon."""
-    from dhwatch.engine.worker import die_with_parent
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.nice(19)
-    die_with_parent()
-
-
-@dataclass(frozen=True)
-class MadeReport:
-    """A written report, as plain data (it crosses the process boundary)."""
-
-    path: str
-    json: str
-    problems: list[str]
-    suggestion: str
-
-
-def _write(report: Any, output: Path) -> MadeReport:
-    from dhwatch.quality import report_path_for, write_report
-
-    target = report_path_for(output)
-    write_report(report, target)
-    return MadeReport(str(target), report.to_json(), report.problems(), report.suggestion)
-
-
-def _local_report(original: Path | None, output: Path, dnsmos: bool) -> MadeReport:
-    """Runs in the report worker process: measure both files, write the report beside the output.
-
-    The daemon never imports the analysis (numpy/scipy/ONNX): its memory stays small.
-    """
-    from dhwatch.quality import AnalysisOptions, build_report
-
-    return _write(build_report(original, output, options=AnalysisOptions(dnsmos=dnsmos)), output)
 
 
 def _original_of(row: FileRow, ctx: Context) -> Path | None:
