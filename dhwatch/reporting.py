@@ -65,7 +65,7 @@ class Reporter:
         async with self._lock:
             ctx.log.debug("quality_report_started", file=row.rel_path, row=row.id)
             try:
-                made = await self._build(original, output)
+                made = await self._build(row, original, output)
             except ReportWorkerCrashed as exc:  # OOM, a native crash: a fresh worker next time
                 ctx.log.warning("quality_report_failed", file=row.rel_path, row=row.id, error=str(exc))
                 self._record(row, "failed", None)
@@ -78,12 +78,28 @@ class Reporter:
         ctx.log.info("quality_report", file=row.rel_path, row=row.id, report=made.path,
                      problems=made.problems, suggestion=made.suggestion)
 
-    async def _build(self, original: Path | None, output: Path) -> MadeReport:
+    async def _build(self, row: FileRow, original: Path | None, output: Path) -> MadeReport:
         settings = self.ctx.settings
         if settings.quality == "huawei":
-            report = await self._metastudio().assess(output, input_path=original)
+            report = await self._assess(row, original, output)
             return await asyncio.to_thread(write_made_report, report, output)
         return await self._worker.build(original, output, settings.quality_dnsmos)
+
+    async def _assess(self, row: FileRow, original: Path | None, output: Path) -> Any:
+        """MetaStudio's assessment; its jobs are kept in the ledger, so a restart follows them
+        instead of paying for new ones."""
+        from dhwatch.quality.metastudio import CreatedJob
+
+        ctx = self.ctx
+        known = {side: CreatedJob(job_id, url) for side, (job_id, url) in ctx.ledger.assessment_jobs(row.id).items()}
+        if known:
+            ctx.log.info("quality_assessment_resumed", file=row.rel_path, row=row.id,
+                         jobs={side: job.job_id for side, job in known.items()})
+
+        def created(side: str, job: CreatedJob) -> None:
+            ctx.ledger.record_assessment_job(row.id, side, job.job_id, job.data_uploading_url, now=ctx.clock())
+
+        return await self._metastudio().assess(output, input_path=original, known=known, on_created=created)
 
     def _metastudio(self) -> Any:
         if self._client is None:
@@ -101,6 +117,7 @@ class Reporter:
         try:
             current = ctx.ledger.get(row.id)
             ctx.ledger.update(row.id, current.state, now=ctx.clock(), quality_status=status, quality=report_json)
+            ctx.ledger.forget_assessment_jobs(row.id)
         except DhwatchError as exc:
             ctx.log.warning("quality_record_failed", row=row.id, error=str(exc))
 

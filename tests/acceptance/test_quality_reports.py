@@ -132,3 +132,24 @@ def test_sigterm_during_a_long_report_exits_at_once_and_the_report_is_made_after
     if mode == "delete":
         again.wait_event("file_done")
         assert not (folders.inbox / "long.wav").exists()
+
+
+def test_a_restart_during_a_metastudio_assessment_follows_the_same_jobs(folders: Folders, emulator: DeepHearingEmulator,
+                                                                         daemons) -> None:
+    """Stopped while MetaStudio assesses a file, the next start follows the same two jobs: none is paid twice."""
+    with MetaStudioEmulator(tokens={"iam-token-xyz"}, project_id="proj1", processing_seconds=4.0) as ms:
+        make_audio(folders.inbox / "a.wav", seconds=2.0)
+        cfg = write_config(folders, base_url=emulator.base_url, extra='quality = "huawei"')
+        section = f'[huawei]\nendpoint = "{ms.endpoint}"\nproject_id = "proj1"\napi_key = "iam-token-xyz"\n'
+        cfg.write_text(cfg.read_text() + section)
+        d = daemons(cfg)
+        wait_for(lambda: len(ms.jobs) == 2 and all(j.committed for j in ms.jobs), timeout=60, what="two committed jobs")
+        first = sorted(j.job_id for j in ms.jobs)
+        assert d.stop(timeout=5.0) == 0
+        assert _ledger_quality(folders)["a.wav"][0] == "pending"
+        again = daemons(cfg)
+        again.wait_event("quality_report", timeout=60)
+        report = json.loads((folders.outbox / "a.wav.quality.json").read_text())
+        assert sorted(report["details"]["job_id"].values()) == first
+        assert len(ms.jobs) == 2
+        assert again.events("quality_assessment_resumed")
