@@ -10,7 +10,9 @@ Local reports are built one at a time in a long-lived worker *process* at the lo
 priority (nice 19; :mod:`dhwatch.quality.worker`): they use only idle CPU, never the
 daemon's GIL, and the analysis's memory stays out of the daemon (``bench/quality_cost.py
 --daemon`` measures the whole process tree). A crashed worker is replaced; a report that
-cannot be made is logged and marked failed; it never fails the file.
+cannot be made is logged and marked failed; it never fails the file. When no report has
+been pending for a while the worker is stopped, so an idle daemon holds none of the
+analysis's memory (a new worker starts in about a second when the next file is done).
 
 A stop never waits for a report: the stopping daemon cancels the report being made, which
 kills the worker; the row's ``quality_status`` stays ``pending`` and the report is made
@@ -23,6 +25,7 @@ measures and deletes it then.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,9 @@ from dhwatch.errors import DhwatchError
 from dhwatch.ledger import FileRow
 from dhwatch.quality.worker import MadeReport, ReportWorker, ReportWorkerCrashed, write_made_report
 from dhwatch.states import State
+
+#: a report worker with nothing to do for this long is stopped (it restarts in about a second)
+WORKER_IDLE_SECONDS = 30.0
 
 
 class Reporter:
@@ -48,12 +54,17 @@ class Reporter:
 
     async def run(self) -> None:
         ctx = self.ctx
+        idle_since = time.monotonic()
         while True:
             ctx.beat("report")
             rows = ctx.ledger.quality_pending(8) if self.enabled else []
             for row in rows:
                 await self.report(row, original=_original_of(row, ctx))
-            if not rows:
+            if rows:
+                idle_since = time.monotonic()
+            else:
+                if time.monotonic() - idle_since > WORKER_IDLE_SECONDS and not self._lock.locked():
+                    self._worker.kill()  # nothing to do for a while: give its memory back until there is
                 await ctx.idle("report", 5.0)
 
     async def report(self, row: FileRow, original: Path | None) -> None:
