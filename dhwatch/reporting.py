@@ -134,7 +134,7 @@ class Reporter:
 
     async def aclose(self) -> None:
         """Stop at once: kill the report worker (an unfinished report stays pending), close the client."""
-        self._worker.kill()
+        await self._worker.aclose()
         if self._client is not None:
             await self._client.aclose()
 

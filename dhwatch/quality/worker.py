@@ -11,6 +11,9 @@ Why a process of its own, and why this one and not a ``ProcessPoolExecutor``:
   running, and the interpreter's exit hook then joins its manager thread, so the daemon
   waited for a nine-hour file's report before it could exit (issue 10, defect 3).
 
+It is a plain ``python -m dhwatch.quality.worker`` subprocess speaking JSON lines on its
+stdin/stdout, not a ``multiprocessing`` child: that would also start multiprocessing's
+resource tracker (a third Python process, ~13 MB) and re-import the daemon's main module.
 The parent waits on the pipe with the event loop (no thread); only plain data crosses it.
 This module imports nothing heavy at the top: the daemon imports it.
 """
@@ -18,19 +21,18 @@ This module imports nothing heavy at the top: the daemon imports it.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
-import multiprocessing.connection
+import json
 import os
 import signal
-from dataclasses import dataclass
-from multiprocessing.process import BaseProcess
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from dhwatch.errors import DhwatchError
 
-#: how long to wait for a killed worker to be reaped
-_REAP_SECONDS = 5.0
+#: the longest reply line accepted (a report is a few kB)
+_REPLY_LIMIT = 16 << 20
 
 
 class ReportWorkerCrashed(DhwatchError):
@@ -68,13 +70,14 @@ class ReportWorker:
     """Builds local reports one at a time in a child process that can be killed at any moment."""
 
     def __init__(self) -> None:
-        self._process: BaseProcess | None = None
-        self._conn: multiprocessing.connection.Connection | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._killed: list[asyncio.subprocess.Process] = []  # to reap in :meth:`aclose`
 
     @property
     def pid(self) -> int | None:
         """The worker's process id while it runs (for tests and status pages)."""
-        return self._process.pid if self._process is not None and self._process.is_alive() else None
+        process = self._process
+        return process.pid if process is not None and process.returncode is None else None
 
     async def build(self, original: Path | None, output: Path, dnsmos: bool) -> MadeReport:
         """Measure both files in the worker and write the report; cancelling kills the worker.
@@ -82,89 +85,90 @@ class ReportWorker:
         Raises :class:`ReportFailed` (the report cannot be made) or
         :class:`ReportWorkerCrashed` (the worker died; the next call starts a fresh one).
         """
-        conn = self._ensure_started()
+        process = await self._ensure_started()
+        assert process.stdin is not None and process.stdout is not None
+        request = {"original": None if original is None else os.fspath(original), "output": os.fspath(output),
+                   "dnsmos": dnsmos}
         try:
-            conn.send((None if original is None else os.fspath(original), os.fspath(output), dnsmos))
-            await _readable(conn)
-            reply = conn.recv()
-        except (EOFError, OSError) as exc:
-            code = self._process.exitcode if self._process is not None else None
+            process.stdin.write(json.dumps(request).encode("ascii") + b"\n")
+            await process.stdin.drain()
+            line = await process.stdout.readline()
+        except (OSError, ValueError) as exc:  # the pipe broke, or a reply longer than the limit
             self.kill()
-            raise ReportWorkerCrashed(f"the report worker died (exit code {code}): {exc or 'pipe closed'}") from None
+            raise ReportWorkerCrashed(f"the report worker failed: {exc}") from None
         except BaseException:  # cancelled (the daemon is stopping): the half-made report is abandoned
             self.kill()
             raise
-        match reply:
-            case ("ok", MadeReport() as made):
-                return made
-            case ("error", str() as message):
-                raise ReportFailed(message)
-        self.kill()
-        raise ReportWorkerCrashed(f"the report worker answered something unexpected: {type(reply).__name__}")
+        if not line:
+            code = await process.wait()
+            self._process = None
+            raise ReportWorkerCrashed(f"the report worker died (exit code {code})")
+        try:
+            reply = json.loads(line)
+            if "error" in reply:
+                raise ReportFailed(str(reply["error"]))
+            return MadeReport(**reply["ok"])
+        except (ValueError, KeyError, TypeError):
+            self.kill()
+            raise ReportWorkerCrashed(f"the report worker answered something unexpected: {line[:200]!r}") from None
 
     def kill(self) -> None:
-        """SIGKILL the worker (if any) and reap it; a report it was making is simply not made."""
-        process, conn = self._process, self._conn
-        self._process, self._conn = None, None
-        if conn is not None:
-            conn.close()
-        if process is not None and process.exitcode is None:
+        """SIGKILL the worker (if any); a report it was making is simply not made.
+
+        The event loop's child watcher reaps it; nothing here waits.
+        """
+        process, self._process = self._process, None
+        if process is not None and process.returncode is None:
             try:
                 process.kill()
-            except (OSError, ValueError):
+            except ProcessLookupError:
                 pass
-            process.join(_REAP_SECONDS)
+            self._killed = [p for p in self._killed if p.returncode is None] + [process]
 
-    def _ensure_started(self) -> multiprocessing.connection.Connection:
-        if self._process is not None and self._conn is not None and self._process.is_alive():
-            return self._conn
+    async def aclose(self) -> None:
+        """Kill the worker and reap every worker killed so far (briefly: SIGKILL is not refused)."""
         self.kill()
-        context = multiprocessing.get_context("spawn")
-        parent, child = context.Pipe(duplex=True)
-        process = context.Process(target=_serve, args=(child,), name="dhwatch-report", daemon=True)
-        process.start()
-        child.close()  # the worker holds the only other end now: its death closes the pipe
-        self._process, self._conn = process, parent
-        return parent
+        for process in self._killed:
+            try:
+                await asyncio.wait_for(process.wait(), 2.0)
+            except TimeoutError:
+                pass
+        self._killed = []
+
+    async def _ensure_started(self) -> asyncio.subprocess.Process:
+        if self._process is not None and self._process.returncode is None:
+            return self._process
+        self.kill()
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dhwatch.quality.worker",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=_REPLY_LIMIT,
+        )  # fmt: skip
+        return self._process
 
 
-async def _readable(conn: multiprocessing.connection.Connection) -> None:
-    """Wait until ``conn`` has something to read (a reply, or EOF because the worker died)."""
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    fd = conn.fileno()
+def main() -> None:
+    """``python -m dhwatch.quality.worker``: answer one JSON line per request line, until stdin closes.
 
-    def on_ready() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fd, on_ready)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
-
-
-def _serve(conn: multiprocessing.connection.Connection) -> None:
-    """The worker's main loop: lowest CPU priority, deaf to Ctrl-C, dies with the daemon.
-
-    Ctrl-C reaches the whole terminal's process group; the daemon stops this worker itself.
+    Lowest CPU priority, deaf to Ctrl-C (it reaches the whole terminal's process group; the
+    daemon stops this worker itself), and dies with the daemon. Whatever a library prints
+    goes to stderr, never into the replies.
     """
+    replies = os.fdopen(os.dup(1), "w", encoding="ascii")
+    os.dup2(2, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.nice(19)
     from dhwatch.engine.worker import die_with_parent
 
     die_with_parent()
-    while True:
+    for line in sys.stdin:
         try:
-            original, output, dnsmos = conn.recv()
-        except (EOFError, OSError):
-            return  # the daemon closed the pipe: nothing more to do
-        try:
-            reply: tuple[str, Any] = ("ok", _local_report(original, output, dnsmos))
+            request = json.loads(line)
+            made = _local_report(request["original"], request["output"], bool(request["dnsmos"]))
+            reply: dict[str, Any] = {"ok": asdict(made)}
         except Exception as exc:  # noqa: BLE001 - reported to the daemon, which logs it and goes on
-            reply = ("error", str(exc) if isinstance(exc, DhwatchError) else f"{type(exc).__name__}: {exc}")
-        conn.send(reply)
+            reply = {"error": str(exc) if isinstance(exc, DhwatchError) else f"{type(exc).__name__}: {exc}"}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
 
 
 def _local_report(original: str | None, output: str, dnsmos: bool) -> MadeReport:
@@ -174,3 +178,7 @@ def _local_report(original: str | None, output: str, dnsmos: bool) -> MadeReport
     out = Path(output)
     report = build_report(None if original is None else Path(original), out, options=AnalysisOptions(dnsmos=dnsmos))
     return write_made_report(report, out)
+
+
+if __name__ == "__main__":
+    main()
