@@ -12,7 +12,7 @@ daemon's GIL, and the analysis's memory stays out of the daemon (``bench/quality
 --daemon`` measures the whole process tree). A crashed worker is replaced; a report that
 cannot be made is logged and marked failed; it never fails the file. When no report has
 been pending for a while the worker is stopped, so an idle daemon holds none of the
-analysis's memory (a new worker starts in about a second when the next file is done).
+analysis's memory (a new worker starts, in a few seconds, when the next file is done).
 
 A stop never waits for a report: the stopping daemon cancels the report being made, which
 kills the worker; the row's ``quality_status`` stays ``pending`` and the report is made
@@ -32,10 +32,10 @@ from typing import Any
 from dhwatch.context import Context
 from dhwatch.errors import DhwatchError
 from dhwatch.ledger import FileRow
-from dhwatch.quality.worker import MadeReport, ReportWorker, ReportWorkerCrashed, write_made_report
+from dhwatch.quality.worker import MadeReport, ReportWorker, write_made_report
 from dhwatch.states import State
 
-#: a report worker with nothing to do for this long is stopped (it restarts in about a second)
+#: a report worker with nothing to do for this long is stopped (a new one starts in seconds)
 WORKER_IDLE_SECONDS = 30.0
 
 
@@ -77,11 +77,7 @@ class Reporter:
             ctx.log.debug("quality_report_started", file=row.rel_path, row=row.id)
             try:
                 made = await self._build(row, original, output)
-            except ReportWorkerCrashed as exc:  # OOM, a native crash: a fresh worker next time
-                ctx.log.warning("quality_report_failed", file=row.rel_path, row=row.id, error=str(exc))
-                self._record(row, "failed", None)
-                return
-            except (DhwatchError, OSError) as exc:
+            except (DhwatchError, OSError) as exc:  # a ReportWorkerCrashed too: a fresh worker next time
                 ctx.log.warning("quality_report_failed", file=row.rel_path, row=row.id, error=str(exc))
                 self._record(row, "failed", None)
                 return

@@ -32,7 +32,12 @@ an orphan job on the service, which costs nothing but a line in its console.
 What the docs leave open, and what this client assumes: the zip holds the audio file
 alone, under its own base name; ``actual``/``expected`` are free text, so numbers and
 ranges are parsed leniently (the raw text is kept in each metric's ``note``); ``sound`` is
-reported under its own name because its meaning is not documented.
+reported under its own name because its meaning is not documented; what each
+:class:`JobState` means for an assessment is read from its name; an unknown job id may
+answer a 400 saying so or a 404 (only 200 and 400 are documented).
+
+An assessment may take minutes, so its jobs outlive a restart: :meth:`MetaStudioClient.assess`
+reports every job it creates (``on_created``) and follows jobs created before (``known``).
 """
 
 from __future__ import annotations
