@@ -95,9 +95,12 @@ def main() -> None:
     parser.add_argument("--hours", type=float, default=9.32, help="--daemon: length of the long file (9.32 h = 1 GiB)")
     parser.add_argument("--files", type=int, default=2000, help="--daemon: how many small files")
     parser.add_argument("--only", choices=["long", "small"], help="--daemon: run one of the two cases")
+    parser.add_argument("--no-sigterm", action="store_true",
+                        help="--daemon: let the long file's report finish uninterrupted (to compare with a "
+                             "dhwatch whose stop waits for the report)")
     args = parser.parse_args()
     if args.daemon:
-        daemon_costs(args.hours, args.files, args.only)
+        daemon_costs(args.hours, args.files, args.only, sigterm=not args.no_sigterm)
         return
     dnsmos = dnsmos_unavailable_reason()
     print(f"{args.rate} Hz, {args.channels} ch; DNSMOS: {dnsmos or 'available'}")
@@ -201,7 +204,7 @@ def bench_config(root: Path, base_url: str, quality: str) -> Path:
     return config
 
 
-def run_long(src: Path, quality: str) -> tuple[float, float | None]:
+def run_long(src: Path, quality: str, sigterm: bool = True) -> tuple[float, float | None]:
     """Deliver ``src`` (and make its report); peak tree RSS in MiB, and SIGTERM-to-exit seconds
     during its report (reports on: the report is interrupted 20 s in, then made by a second start)."""
     with tempfile.TemporaryDirectory(prefix="dhwatch-bench-") as tmp, DeepHearingEmulator(keys={KEY}) as emu:
@@ -214,6 +217,8 @@ def run_long(src: Path, quality: str) -> tuple[float, float | None]:
         try:
             if quality == "off":
                 daemon.wait("file_done", 1, timeout=7200)
+            elif not sigterm:
+                daemon.wait("quality_report", 1, timeout=7200)
             else:
                 daemon.wait("quality_report_started", 1, timeout=7200)
                 time.sleep(min(20.0, hours_of(src) * 10))  # well into the report
@@ -249,7 +254,7 @@ def run_small(n: int, quality: str) -> float:
         return peak
 
 
-def daemon_costs(hours: float, files: int, only: str | None) -> None:
+def daemon_costs(hours: float, files: int, only: str | None, *, sigterm: bool = True) -> None:
     """Print the peak RSS of the daemon's process tree with reports on and off, and the SIGTERM time."""
     print(f"peak RSS of the daemon's process tree (daemon + report worker, sampled every 50 ms), MiB; "
           f"DNSMOS: {dnsmos_unavailable_reason() or 'available'}", flush=True)
@@ -260,7 +265,7 @@ def daemon_costs(hours: float, files: int, only: str | None) -> None:
             print(f"(a) one {hours:g} h 16 kHz mono WAV ({src.stat().st_size / 2**30:.2f} GiB) through the "
                   "DeepHearing emulator", flush=True)
             for quality in QUALITY:
-                peak, stop_s = run_long(src, quality)
+                peak, stop_s = run_long(src, quality, sigterm)
                 stop = f"; SIGTERM during its report -> exit in {stop_s:.2f} s" if stop_s is not None else ""
                 print(f"    {quality:>16}: {peak:6.0f} MiB{stop}", flush=True)
     if only in (None, "small"):
