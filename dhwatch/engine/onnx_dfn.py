@@ -54,7 +54,7 @@ from dhwatch.engine.features import Complexes, DfConfig, FeatureState, Floats, S
 #: frames (10 ms each) per network call: bounds the activations' memory (~125 kB a frame)
 CHUNK_FRAMES = 100
 #: chunks gathered before they are run: input, features and output are held for this many
-BATCH_CHUNKS = 10
+BATCH_CHUNKS = 4
 
 
 @dataclass
@@ -352,11 +352,11 @@ class ChunkedDeepFilterNet:
         self._fed += len(samples)
         self._pending = np.concatenate((self._pending, samples))
         batch = self._chunk * BATCH_CHUNKS * self._hop
-        if len(self._pending) < batch:
-            return np.zeros(0, dtype=np.float32)
-        whole = len(self._pending) // batch * batch
-        ready, self._pending = self._pending[:whole], self._pending[whole:]
-        return self._emit(self._run(ready))
+        out: list[Floats] = []
+        while len(self._pending) >= batch:  # a batch at a time, however much was fed
+            ready, self._pending = self._pending[:batch], self._pending[batch:]
+            out.append(self._emit(self._run(ready)))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
     def flush(self) -> npt.NDArray[np.float32]:
         """End the stream: push zeros through the look-ahead and return the remaining output."""
@@ -370,7 +370,8 @@ class ChunkedDeepFilterNet:
         padded = np.zeros((frames_needed - frames_done) * hop, dtype=np.float32)
         padded[: len(self._pending)] = self._pending
         self._pending = np.zeros(0, dtype=np.float32)
-        out = self._emit(self._run(padded))
+        batch = self._chunk * BATCH_CHUNKS * hop
+        out = np.concatenate([self._emit(self._run(padded[i : i + batch])) for i in range(0, len(padded), batch)] or [padded])
         self._emitted = self._fed
         return out[:remaining]
 
