@@ -338,6 +338,25 @@ def die_with_parent() -> None:
 _PR_SET_PDEATHSIG = 1
 
 
+def lean_malloc() -> None:
+    """Make glibc give freed memory back instead of keeping it per thread (worker RSS, measured).
+
+    One malloc arena instead of one per thread, buffers of 256 kB and more from ``mmap``
+    (returned on free), and the heap trimmed past 256 kB: a worker that peaked at 170 MB with
+    the default settings stays under 140 MB (docs/engine.md). glibc only; a no-op elsewhere.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_ARENA_MAX, 1)
+        libc.mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 * 1024)
+    except (OSError, AttributeError):
+        return
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+
+
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -347,6 +366,7 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
     """Entry point of a worker process: load the model once, then serve jobs until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
+    lean_malloc()
     from dhwatch.engine import onnx_dfn
 
     jobs = 0
