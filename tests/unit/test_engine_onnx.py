@@ -85,3 +85,13 @@ def test_the_erb_bands_cover_every_bin() -> None:
     """The 32 ERB bands hold at least two FFT bins each and 481 together, as the runtime's filter bank."""
     widths = erb_widths(DfConfig())
     assert len(widths) == 32 and widths.sum() == 481 and widths.min() >= 2
+
+
+def test_clean_speech_and_digital_silence_match_the_c_runtime() -> None:
+    """Where the runtime's local-SNR and silence rules could skip or zero frames (clean speech, then digital zeros), both engines agree."""
+    speech = speech_like(48000, 3.0, seed=3)
+    samples = np.concatenate((speech, np.zeros(48000, np.float32), speech))[:, None]
+    new = run(samples, 48000, 4096, EngineOptions())
+    ref = run(samples, 48000, 4096, EngineOptions(engine=REFERENCE_ENGINE))
+    assert difference_db(new[:, 0], ref[:, 0]) < SAME_DB
+    np.testing.assert_allclose(new[3 * 48000 + 2000 : 4 * 48000 - 2000], 0.0, atol=1e-6)  # silence stays silent
