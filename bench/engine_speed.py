@@ -9,7 +9,9 @@ What it does, in order:
    fresh pool so every figure includes starting the worker and loading the model, and prints:
    wall time, the worker's CPU time (user + system, all its threads, from getrusage) per
    second of audio, and the worker's peak RSS, which must not grow with the file's length;
-3. the same for the reference engine (DeepFilterNet's C runtime) on the shortest file, for
+3. the longest file again with a pool of 1 worker (one thread: CPU per audio second without
+   the pipeline's overhead);
+4. the same for the reference engine (DeepFilterNet's C runtime) on the shortest file, for
    the ratio measured in the same run.
 
 The machine's load average is printed: on a shared machine wall times are pessimistic,
@@ -73,6 +75,7 @@ def write_noisy_file(path: Path, minutes: float, loop: np.ndarray) -> None:
 
 
 async def one_file(src: Path, engine: str, workers: int) -> str:
+    """One job in a fresh pool of ``workers``: a markdown row of its figures."""
     pool = EnginePool(workers)
     dst = src.with_suffix(".out.wav")
     load = os.getloadavg()[0]
@@ -83,7 +86,7 @@ async def one_file(src: Path, engine: str, workers: int) -> str:
         dst.unlink(missing_ok=True)
     audio_s = result.report.duration_s
     return (
-        f"| {engine} | {audio_s / 60:g} min | {result.wall_s:.1f} s | {result.cpu_s / audio_s:.4f} | "
+        f"| {engine}, {workers} worker(s) | {audio_s / 60:g} min | {result.wall_s:.1f} s | {result.cpu_s / audio_s:.4f} | "
         f"{result.cpu_s / result.wall_s:.2f} | {result.peak_rss_bytes / 2**20:.0f} MiB | {load:.1f} |"
     )
 
@@ -105,6 +108,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|")
         for minutes, src in files.items():
             print(asyncio.run(one_file(src, DEFAULT_ENGINE, args.workers)), flush=True)
+        print(asyncio.run(one_file(files[max(files)], DEFAULT_ENGINE, 1)), flush=True)
         print(asyncio.run(one_file(files[min(files)], REFERENCE_ENGINE, args.workers)), flush=True)
 
 

@@ -18,10 +18,9 @@ Warm-up overlap instead of carried state does not work for this model: we measur
 recurrent state does not forget. Restarted 10 s before a chunk, the ERB mask still differed by
 0.05 (of 1) 19 s later, and outputs by -25 dB overall, some seconds by more than the signal.
 
-**Cores.** The chunks of one stream depend on each other, so one file is spread over cores
-as a pipeline: with ``threads`` > 1 the encoder runs one chunk ahead in a helper thread, and
-the two decoders of the current chunk run side by side (ONNX Runtime releases the GIL; the
-encoder costs about as much as the two decoders together).
+**Cores.** The chunks of one stream depend on each other, so one file is spread over two cores
+as a pipeline: with ``threads`` > 1 the encoder runs one chunk ahead, in a second thread,
+of the two decoders (ONNX Runtime releases the GIL; the halves cost about the same).
 
 **Frame rules.** DeepFilterNet's C API builds its runtime with a minimum local-SNR threshold
 of -15 dB and maximum thresholds of 35 dB, which the encoder's SNR output (bounded to
@@ -294,19 +293,12 @@ class _Network:
 
     def decode(self, enc: dict[str, Floats]) -> tuple[Floats, Complexes]:
         """ERB mask (frames, nb_erb) and deep-filter coefficients (frames, nb_df, order)."""
-        return self.mask(enc), self.coefs(enc)
-
-    def mask(self, enc: dict[str, Floats]) -> Floats:
-        """The ERB decoder: gains (frames, nb_erb)."""
-        mask = self.erb_dec.run({k: enc[k] for k in ("emb", "e3", "e2", "e1", "e0")}, ["m"])["m"]
-        return mask.reshape(-1, self.cfg.nb_erb)
-
-    def coefs(self, enc: dict[str, Floats]) -> Complexes:
-        """The deep-filter decoder: complex coefficients (frames, nb_df, order)."""
         cfg = self.cfg
+        n = enc["emb"].shape[1]
+        mask = self.erb_dec.run({k: enc[k] for k in ("emb", "e3", "e2", "e1", "e0")}, ["m"])["m"]
         coefs = self.df_dec.run({"emb": enc["emb"], "c0": enc["c0"]}, ["coefs"])["coefs"]
-        pairs = coefs.reshape(-1, cfg.nb_df, cfg.df_order, 2)
-        return (pairs[..., 0] + 1j * pairs[..., 1]).astype(np.complex64)
+        pairs = coefs.reshape(n, cfg.nb_df, cfg.df_order, 2)
+        return mask.reshape(n, cfg.nb_erb), (pairs[..., 0] + 1j * pairs[..., 1]).astype(np.complex64)
 
 
 def atten_gain(atten_lim_db: float | None) -> float | None:
@@ -333,7 +325,7 @@ class ChunkedDeepFilterNet:
     sample_rate = 48_000
 
     def __init__(self, atten_lim_db: float | None = None, *, threads: int = 1, chunk_frames: int = CHUNK_FRAMES) -> None:
-        """``threads`` > 1 runs the encoder of the next chunk beside the two decoders of this one."""
+        """``threads`` > 1 runs the encoder of the next chunk beside the decoders of this one."""
         self.cfg = load_model()
         self.sample_rate = self.cfg.sr
         self.delay = (self.cfg.fft_size - self.cfg.hop_size) + self.cfg.lookahead * self.cfg.hop_size
@@ -417,15 +409,14 @@ class ChunkedDeepFilterNet:
                 masks.append(m)
                 coefs.append(c)
         else:
-            # Three chains, each in order: encoder (a chunk ahead), DF decoder, ERB decoder.
-            with ThreadPoolExecutor(2, thread_name_prefix="dfn") as helpers:
-                ahead = helpers.submit(net.encode, erb[: bounds[0][1]], cplx[: bounds[0][1]])
+            with ThreadPoolExecutor(1, thread_name_prefix="dfn-encoder") as encoder:
+                ahead = encoder.submit(net.encode, erb[: bounds[0][1]], cplx[: bounds[0][1]])
                 for k in range(len(bounds)):
                     encoded = ahead.result()
                     if k + 1 < len(bounds):
                         lo, hi = bounds[k + 1]
-                        ahead = helpers.submit(net.encode, erb[lo:hi], cplx[lo:hi])
-                    df = helpers.submit(net.coefs, encoded)
-                    masks.append(net.mask(encoded))
-                    coefs.append(df.result())
+                        ahead = encoder.submit(net.encode, erb[lo:hi], cplx[lo:hi])
+                    m, c = net.decode(encoded)
+                    masks.append(m)
+                    coefs.append(c)
         return np.concatenate(masks), np.concatenate(coefs)

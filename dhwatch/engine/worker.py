@@ -22,9 +22,9 @@ Design choices, and why:
 * **Only small, plain data crosses the pipe**: paths and options in, a
   :class:`~dhwatch.engine.denoise.DenoiseReport` and the job's costs, or an error's class
   name and message, out.
-* **One file can use every core**: a job that starts while the other workers are idle is
-  told to run that many of its chunks at once (threads inside its worker; ONNX Runtime
-  releases the GIL), so a lone long recording is not limited to one core.
+* **One file can use two cores**: a job that starts while another worker slot is free runs
+  as a two-thread pipeline inside its worker (encoder a chunk ahead of the decoders; ONNX
+  Runtime releases the GIL). Chunks of one file carry state, so more threads would not help.
 * Workers ignore SIGINT: a Ctrl-C in the terminal is for the daemon, which then cancels its
   jobs (and so kills their workers) in order.
 
@@ -171,8 +171,8 @@ class EnginePool:
             if self._closed:
                 raise EngineError("the engine pool is shut down")
             options = options or EngineOptions()
-            # Cores nobody else is using now go to this job's chunks.
-            options = dataclasses.replace(options, threads=max(1, self.workers - len(self._busy)))
+            # A job alone on the machine runs its encoder a chunk ahead on a second core.
+            options = dataclasses.replace(options, threads=2 if self.workers - len(self._busy) >= 2 else 1)
             worker = self._idle.pop() if self._idle else _Worker(self._context)
             self._busy.add(worker)
             started = time.monotonic()
