@@ -74,7 +74,8 @@ class TreeWatch(threading.Thread):
         while not self.done.wait(0.2):
             for child in children_of(self.pid):
                 try:
-                    self.children[child] = peak_rss_mb(child)
+                    if "resource_tracker" not in Path(f"/proc/{child}/cmdline").read_text():
+                        self.children[child] = peak_rss_mb(child)
                 except OSError:
                     pass
 
@@ -131,7 +132,7 @@ def main() -> None:
         print(f"| `dhwatch run`, backend local, quality off (incl. daemon start-up) | {wall:.1f} s | {rate:.1f} | {rate / ref_rate:.2f}× |")
         workers = ", ".join(f"{v:.0f}" for v in sorted(watch.children.values()))
         print(f"\ndaemon peak RSS {daemon_rss:.0f} MiB; engine workers' peak RSS: {workers} MiB "
-              f"({len(watch.children)} worker process(es) in all)")
+              f"({len(watch.children)} worker process(es) in all; multiprocessing's resource tracker not counted)")
         print(f"load average at the daemon's start: {load:.1f} on {os.cpu_count()} cores")
 
 
