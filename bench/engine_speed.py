@@ -91,12 +91,37 @@ async def one_file(src: Path, engine: str, workers: int) -> str:
     )
 
 
+def in_process(minutes_list: list[float], workdir: Path | None) -> None:
+    """CPU seconds per audio second of the whole file pipeline, without worker or model start-up."""
+    import time
+
+    from dhwatch.engine import denoise_file
+    from dhwatch.engine.onnx_dfn import load_model
+
+    load_model()
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        loop = speech_loop(FILE_RATE)
+        for minutes in minutes_list:
+            src = Path(tmp) / f"noisy_{minutes:g}min.wav"
+            write_noisy_file(src, minutes, loop)
+            started = time.process_time()
+            report = denoise_file(src, src.with_suffix(".out.wav"), EngineOptions())
+            cpu = time.process_time() - started
+            print(f"in-process, one thread: {minutes:g} min, {cpu / report.duration_s:.4f} CPU s per audio s "
+                  f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 60])
     parser.add_argument("--workers", type=int, default=2, help="pool size (a lone file uses min(2, workers) cores)")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the test files")
+    parser.add_argument("--in-process", action="store_true",
+                        help="only CPU per audio second of denoise_file in this process, one thread, model preloaded")
     args = parser.parse_args()
+    if args.in_process:
+        in_process(args.minutes, args.workdir)
+        return
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         loop = speech_loop(FILE_RATE)
         files: dict[float, Path] = {}

@@ -52,9 +52,9 @@ from dhwatch.engine.errors import EngineUnavailable
 from dhwatch.engine.features import Complexes, DfConfig, FeatureState, Floats, Stft, enhance_spectra
 
 #: frames (10 ms each) per network call: bounds the activations' memory (~125 kB a frame)
-CHUNK_FRAMES = 100
+CHUNK_FRAMES = 50
 #: chunks gathered before they are run: input, features and output are held for this many
-BATCH_CHUNKS = 4
+BATCH_CHUNKS = 8
 
 
 @dataclass
