@@ -8,7 +8,7 @@ the reference output's energy, per file (worst and median), and the mean PESQ, S
 and DNSMOS of each engine, which must agree to two decimals.
 
 A second part checks the chunking on a long file: one 3-minute noisy-speech signal through
-the default chunking (100-frame chunks carrying the network's state), through 37-frame
+the default chunking (CHUNK_FRAMES-frame chunks carrying the network's state), through 37-frame
 chunks with the encoder a chunk ahead in a second thread, and through one whole-file pass,
 compared per second and in total.
 
