@@ -76,6 +76,7 @@ def build_error_report(
         "what_to_do": advice,
         "detail": redact_text(detail),
         "backend": row.backend,
+        "recipe": row.recipe,
         "job_id": row.job_id,
         "attempts": row.attempts,
         "download_attempts": row.fetch_attempts,

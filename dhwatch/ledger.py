@@ -92,6 +92,17 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX files_billed ON files(submitted_at, billed_seconds) WHERE billed_seconds IS NOT NULL AND adopted = 0;
     """,
+    # 4: reserved for the quality-assessment job ids (another branch); the lead renumbers at merge
+    """
+    SELECT 1;
+    """,
+    # 5: folder recipes: the recipe a file was taken under, its settings then (JSON), and what
+    # identical content must share to reuse one denoising ("" = the backend's defaults)
+    """
+    ALTER TABLE files ADD COLUMN recipe TEXT;
+    ALTER TABLE files ADD COLUMN recipe_settings TEXT;
+    ALTER TABLE files ADD COLUMN denoise TEXT NOT NULL DEFAULT '';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -141,6 +152,7 @@ _MUTABLE = frozenset(
         "job_id", "remote_status", "result_url", "attempts", "fetch_attempts", "polls", "next_attempt_at",
         "submitted_at", "billed_seconds", "output_path", "failed_path", "error_code", "error_message",
         "adopted", "finished_at", "size", "mtime_ns", "inode", "device", "archived_path", "quality_status", "quality",
+        "recipe", "recipe_settings", "denoise",
     }
 )  # fmt: skip
 
@@ -179,10 +191,17 @@ class FileRow:
     #: None (reports off), "pending", "done" or "failed"
     quality_status: str | None = None
     quality: str | None = None  #: the report, as JSON
+    #: the folder recipe the file was taken under (None: the top-level settings)
+    recipe: str | None = None
+    #: that recipe's settings when the file was taken, as JSON (see dhwatch.recipes.Recipe.snapshot)
+    recipe_settings: str | None = None
+    #: what identical content must share to reuse this row's denoising (see dhwatch.recipes.denoise_key)
+    denoise: str = ""
 
     @classmethod
     def from_sql(cls, row: sqlite3.Row) -> FileRow:
-        data = {name: row[name] for name in _ROW_FIELDS}
+        present = set(row.keys())  # a read-only view of a ledger the daemon has not migrated yet
+        data = {name: row[name] for name in _ROW_FIELDS if name in present}
         data["state"] = State(data["state"])
         data["rel_path"] = decode_path(data["rel_path"])
         for key in _PATH_COLUMNS:
@@ -555,7 +574,7 @@ class Ledger:
         ).fetchone()
         return None if r is None else FinishedVersion(r[0], r[1], r[2], r[3], r[4], State(r[5]))
 
-    def reusable_job(self, sha256: str, backend: str, *, finished: bool = True) -> FileRow | None:
+    def reusable_job(self, sha256: str, backend: str, *, finished: bool = True, denoise: str = "") -> FileRow | None:
         """The latest row with this content whose job may be adopted (to avoid paying twice).
 
         Jobs in flight (submitted, fetching) and just delivered (not yet released) always
@@ -565,26 +584,29 @@ class Ledger:
         """
         states = [State.SUBMITTED, State.FETCHING, State.DELIVERED] + ([State.DONE] if finished else [])
         row = self._conn.execute(
-            f"SELECT * FROM files WHERE sha256 = ? AND backend = ? AND job_id IS NOT NULL "
+            f"SELECT * FROM files WHERE sha256 = ? AND backend = ? AND denoise = ? AND job_id IS NOT NULL "
             f"AND state IN ({', '.join('?' for _ in states)}) "
             f"AND NOT EXISTS (SELECT 1 FROM daemon WHERE key = '{_LOST_JOB}' || files.job_id) "
             "ORDER BY id DESC LIMIT 1",
-            (sha256, backend, *(s.value for s in states)),
+            (sha256, backend, denoise, *(s.value for s in states)),
         ).fetchone()
         return None if row is None else FileRow.from_sql(row)
 
-    def content_leader(self, sha256: str, backend: str, row_id: int, *, finished: bool = True) -> FileRow | None:
+    def content_leader(
+        self, sha256: str, backend: str, row_id: int, *, finished: bool = True, denoise: str = ""
+    ) -> FileRow | None:
         """The row a queued row with this content should follow instead of paying again.
 
         A row whose job may be adopted (see :meth:`reusable_job`) is; otherwise an earlier row
         with the same content that is queued or uploading goes first and this one waits.
         """
-        reusable = self.reusable_job(sha256, backend, finished=finished)
+        reusable = self.reusable_job(sha256, backend, finished=finished, denoise=denoise)
         if reusable is not None:
             return reusable
         row = self._conn.execute(
-            "SELECT * FROM files WHERE sha256 = ? AND backend = ? AND id < ? AND state IN (?, ?) ORDER BY id LIMIT 1",
-            (sha256, backend, row_id, State.QUEUED.value, State.UPLOADING.value),
+            "SELECT * FROM files WHERE sha256 = ? AND backend = ? AND denoise = ? AND id < ? AND state IN (?, ?) "
+            "ORDER BY id LIMIT 1",
+            (sha256, backend, denoise, row_id, State.QUEUED.value, State.UPLOADING.value),
         ).fetchone()
         return None if row is None else FileRow.from_sql(row)
 
