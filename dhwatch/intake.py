@@ -277,7 +277,7 @@ def recipe_fields(rel: str, settings: Settings) -> dict[str, Any]:
         return {"recipe": None, "recipe_settings": None, "denoise": ""}
     name, recipe = found
     return {"recipe": name, "recipe_settings": recipe.snapshot(),
-            "denoise": denoise_key(settings.backend, recipe.atten_lim_db)}  # fmt: skip
+            "denoise": denoise_key(settings.backend, recipe.atten_lim_db, settings.local.atten_lim_db)}  # fmt: skip
 
 
 def refusal(fp: Fingerprint, settings: Settings) -> tuple[str, str] | None:

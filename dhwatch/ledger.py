@@ -102,6 +102,17 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE files ADD COLUMN recipe TEXT;
     ALTER TABLE files ADD COLUMN recipe_settings TEXT;
     ALTER TABLE files ADD COLUMN denoise TEXT NOT NULL DEFAULT '';
+    ALTER TABLE files ADD COLUMN finishing TEXT;
+    CREATE TABLE notifications (
+        id              INTEGER PRIMARY KEY,
+        file_id         INTEGER NOT NULL REFERENCES files(id),
+        url             TEXT    NOT NULL,
+        body            TEXT    NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL    NOT NULL DEFAULT 0,
+        created_at      REAL    NOT NULL
+    );
+    CREATE INDEX notifications_due ON notifications(next_attempt_at);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -152,7 +163,7 @@ _MUTABLE = frozenset(
         "job_id", "remote_status", "result_url", "attempts", "fetch_attempts", "polls", "next_attempt_at",
         "submitted_at", "billed_seconds", "output_path", "failed_path", "error_code", "error_message",
         "adopted", "finished_at", "size", "mtime_ns", "inode", "device", "archived_path", "quality_status", "quality",
-        "recipe", "recipe_settings", "denoise",
+        "recipe", "recipe_settings", "denoise", "finishing",
     }
 )  # fmt: skip
 
@@ -197,6 +208,8 @@ class FileRow:
     recipe_settings: str | None = None
     #: what identical content must share to reuse this row's denoising (see dhwatch.recipes.denoise_key)
     denoise: str = ""
+    #: what finishing did (loudness before/after, gain, limiter), as JSON; None when nothing was finished
+    finishing: str | None = None
 
     @classmethod
     def from_sql(cls, row: sqlite3.Row) -> FileRow:
@@ -220,6 +233,17 @@ class Event:
     from_state: str | None
     to_state: str
     detail: str | None
+
+
+@dataclass(frozen=True)
+class Notification:
+    """A queued POST to a notify_url (see :mod:`dhwatch.notify`)."""
+
+    id: int
+    file_id: int
+    url: str
+    body: str
+    attempts: int
 
 
 @dataclass(frozen=True)
@@ -660,6 +684,39 @@ class Ledger:
             (since,),
         ).fetchone()
         return float(row[0])
+
+    # ------------------------------------------------------------------ notifications (notify_url)
+    def add_notification(self, file_id: int, url: str, body: str, now: float) -> int:
+        """Queue a note about a finished file; it survives a restart until it is sent or given up."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "INSERT INTO notifications (file_id, url, body, next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?)",
+                (file_id, url, redact_text(body), now, now),
+            )
+            return int(cur.lastrowid or 0)
+
+    def due_notifications(self, now: float, limit: int) -> list[Notification]:
+        """Notes whose next attempt has come, oldest first."""
+        rows = self._conn.execute(
+            "SELECT id, file_id, url, body, attempts FROM notifications WHERE next_attempt_at <= ? "
+            "ORDER BY next_attempt_at, id LIMIT ?", (now, limit),
+        )  # fmt: skip
+        return [Notification(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    def next_notification_at(self) -> float | None:
+        """When the next queued note is due (None: nothing queued)."""
+        row = self._conn.execute("SELECT MIN(next_attempt_at) FROM notifications").fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def notification_retry(self, note_id: int, attempts: int, next_attempt_at: float) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE notifications SET attempts = ?, next_attempt_at = ? WHERE id = ?",
+                         (attempts, next_attempt_at, note_id))  # fmt: skip
+
+    def notification_done(self, note_id: int) -> None:
+        """Sent, or given up (the log says which): the note is forgotten."""
+        with self._tx() as conn:
+            conn.execute("DELETE FROM notifications WHERE id = ?", (note_id,))
 
     # ------------------------------------------------------------------ daemon flags
     def get_flag(self, key: str) -> str | None:

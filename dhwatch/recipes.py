@@ -151,9 +151,9 @@ def recipe_for(rel_path: str, recipes: Mapping[str, Recipe]) -> tuple[str, Recip
     return None if best is None else (best[1], best[2])
 
 
-def denoise_key(backend: str, atten_lim_db: float | None) -> str:
+def denoise_key(backend: str, atten_lim_db: float | None, default_atten_lim_db: float) -> str:
     """What identical content must share for one denoising to serve both files ("" = the defaults)."""
-    if backend == "local" and atten_lim_db is not None:
+    if backend == "local" and atten_lim_db is not None and atten_lim_db != default_atten_lim_db:
         return f"atten_lim_db={atten_lim_db:g}"
     return ""
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dhwatch import notify
 from dhwatch.context import Context
 from dhwatch.errors import DhwatchError
 from dhwatch.ledger import FileRow
@@ -42,7 +43,23 @@ class Reporter:
 
     @property
     def enabled(self) -> bool:
-        return self.ctx.settings.quality != "off"
+        """Some file may get a report (top level, or a recipe asks for one)."""
+        return self.ctx.settings.quality != "off" or any(r.quality not in (None, "off")
+                                                         for r in self.ctx.settings.recipes.values())
+
+    def kind_for(self, row: FileRow) -> str:
+        """``local``, ``huawei`` or ``off`` for this file: its recipe's (as recorded when taken), else the top level."""
+        if row.recipe_settings:
+            from dhwatch.recipes import Recipe
+
+            chosen = Recipe.from_snapshot(row.recipe_settings).quality
+            if chosen is not None:
+                return chosen
+        return self.ctx.settings.quality
+
+    def enabled_for(self, row: FileRow) -> bool:
+        """Whether this file gets a quality report."""
+        return self.kind_for(row) != "off"
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -62,31 +79,34 @@ class Reporter:
         output = Path(row.output_path)
         async with self._lock:
             try:
-                made = await self._build(original, output)
+                made = await self._build(original, output, self.kind_for(row), _extras(row))
             except BrokenProcessPool:
                 self._pool = None  # the worker died (OOM, a native crash): a fresh one next time
                 ctx.log.warning("quality_report_failed", file=row.rel_path, row=row.id, error="report worker crashed")
                 self._record(row, "failed", None)
+                notify.enqueue(ctx, row.id)
                 return
             except (DhwatchError, OSError) as exc:
                 ctx.log.warning("quality_report_failed", file=row.rel_path, row=row.id, error=str(exc))
                 self._record(row, "failed", None)
+                notify.enqueue(ctx, row.id)
                 return
         self._record(row, "done", made.json)
+        notify.enqueue(ctx, row.id, quality=notify.quality_summary(made.json))
         ctx.log.info("quality_report", file=row.rel_path, row=row.id, report=made.path,
                      problems=made.problems, suggestion=made.suggestion)
 
-    async def _build(self, original: Path | None, output: Path) -> MadeReport:
+    async def _build(self, original: Path | None, output: Path, kind: str, extras: dict[str, Any]) -> MadeReport:
         settings = self.ctx.settings
-        if settings.quality == "huawei":
+        if kind == "huawei":
             report = await self._metastudio().assess(output, input_path=original)
-            return await asyncio.to_thread(_write, report, output)
+            return await asyncio.to_thread(_write, report, output, extras)
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_background_worker
             )
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, _local_report, original, output, settings.quality_dnsmos)
+        return await loop.run_in_executor(self._pool, _local_report, original, output, settings.quality_dnsmos, extras)
 
     def _metastudio(self) -> Any:
         if self._client is None:
@@ -135,22 +155,31 @@ class MadeReport:
     suggestion: str
 
 
-def _write(report: Any, output: Path) -> MadeReport:
+def _extras(row: FileRow) -> dict[str, Any]:
+    """What the report says beyond the measurements: the recipe, and what finishing did (loudness before/after)."""
+    import json
+
+    return {"recipe": row.recipe, "finishing": None if not row.finishing else json.loads(row.finishing)}
+
+
+def _write(report: Any, output: Path, extras: dict[str, Any] | None = None) -> MadeReport:
     from dhwatch.quality import report_path_for, write_report
 
+    if extras:
+        report = report.model_copy(update=extras)
     target = report_path_for(output)
     write_report(report, target)
     return MadeReport(str(target), report.to_json(), report.problems(), report.suggestion)
 
 
-def _local_report(original: Path | None, output: Path, dnsmos: bool) -> MadeReport:
+def _local_report(original: Path | None, output: Path, dnsmos: bool, extras: dict[str, Any] | None = None) -> MadeReport:
     """Runs in the report worker process: measure both files, write the report beside the output.
 
     The daemon never imports the analysis (numpy/scipy/ONNX): its memory stays small.
     """
     from dhwatch.quality import AnalysisOptions, build_report
 
-    return _write(build_report(original, output, options=AnalysisOptions(dnsmos=dnsmos)), output)
+    return _write(build_report(original, output, options=AnalysisOptions(dnsmos=dnsmos)), output, extras)
 
 
 def _original_of(row: FileRow, ctx: Context) -> Path | None:

@@ -183,6 +183,11 @@ class QualityReport(BaseModel):
     suggestion: str
     #: how it was measured: durations, rates, DNSMOS windows, time spent, vendor job id
     details: dict[str, Any] = Field(default_factory=dict)
+    #: the folder recipe the file was finished under (None: the top-level settings)
+    recipe: str | None = None
+    #: what the recipe's finishing did: loudness, true peak and LRA of the cleaned audio before and
+    #: after, the gain, whether the limiter worked (see dhwatch.finishing.FinishReport)
+    finishing: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """The report as indented JSON (``schema`` spelled without the underscore)."""
