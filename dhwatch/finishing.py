@@ -96,8 +96,12 @@ def _layout(channels: int) -> str:
     return {1: "mono", 2: "stereo"}.get(channels, f"{channels}c")
 
 
+#: what a digital silence's peak reads, in dB (a finite number: reports are JSON)
+SILENCE_DB = -200.0
+
+
 def _db(linear: float) -> float:
-    return 20.0 * math.log10(linear) if linear > 0 else -math.inf
+    return max(SILENCE_DB, 20.0 * math.log10(linear)) if linear > 0 else SILENCE_DB
 
 
 class _Chain:

@@ -68,3 +68,14 @@ def test_m4a_output(tmp_path: Path) -> None:
     finish_file(src, tmp_path / "out.m4a", Finish(-16.0, -1.0, "m4a", 0, 0))
     with av.open(str(tmp_path / "out.m4a")) as container:
         assert container.streams.audio[0].codec_context.name == "aac"
+
+
+def test_silence_is_left_silent_and_reported_in_json(tmp_path: Path) -> None:
+    """A silent take with a loudness target is not amplified, and its report holds only finite numbers."""
+    import json
+
+    sf.write(tmp_path / "silence.wav", np.zeros((48000, 1)), 48000, subtype="PCM_16")
+    report = finish_file(tmp_path / "silence.wav", tmp_path / "out.wav", Finish(-16.0, -1.0, "wav", 0, 0))
+    assert report.gain_db == 0.0
+    assert np.max(np.abs(sf.read(tmp_path / "out.wav")[0])) == 0.0
+    json.loads(json.dumps(report.as_dict()), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
