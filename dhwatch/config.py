@@ -354,8 +354,8 @@ def require_api_key(settings: Settings) -> None:
 
 
 def require_quality_settings(settings: Settings) -> None:
-    """``quality = "huawei"`` needs a project and a token; say which key is missing."""
-    if settings.quality != "huawei":
+    """``quality = "huawei"`` (top level or in a recipe) needs a project and a token; say which key is missing."""
+    if settings.quality != "huawei" and all(r.quality != "huawei" for r in settings.recipes.values()):
         return
     if not settings.huawei.project_id:
         raise ConfigError("huawei.project_id: required when quality = \"huawei\"")

@@ -106,3 +106,12 @@ def test_ceiling_defaults_when_a_target_is_set() -> None:
     """With a loudness target and no ceiling, the ceiling is -1 dBTP."""
     assert Finish.of(Recipe(folders=["p"], loudness_lufs=-16)).true_peak_dbtp == -1.0
     assert not Finish.of(Recipe(folders=["p"], notify_url="http://x/")).needed
+
+
+def test_a_recipe_asking_for_huawei_reports_needs_the_huawei_keys(tmp_path: Path) -> None:
+    """quality = "huawei" in one recipe is refused at start without a project id, naming the key."""
+    from dhwatch.config import require_quality_settings
+
+    settings = load(tmp_path, '[recipes.p]\nfolders = ["p"]\nquality = "huawei"\n')
+    with pytest.raises(ConfigError, match="huawei.project_id"):
+        require_quality_settings(settings)  # type: ignore[arg-type]
