@@ -13,6 +13,7 @@ from typing import Any
 import soundfile as sf
 
 from dhwatch.emulators.deephearing import DeepHearingEmulator
+from dhwatch.naming import is_temp_name
 from tests.acceptance.test_ops_cli import dhwatch
 from tests.conftest import API_KEY, Daemon, Folders, make_audio, wait_for, write_config
 from tests.loudness_meter import meter_file, write_take
@@ -231,3 +232,23 @@ def test_notify_url_posts_done_and_failed_notes_with_retries(
         d.stop()
     finally:
         hook.close()
+
+
+def test_kill9_while_finishing_leaves_no_partial_output(
+    folders: Folders, emulator: DeepHearingEmulator, daemons: Callable[..., Daemon]
+) -> None:
+    """kill -9 with a finished output written but not renamed: after restart one whole output, no temp file,
+    no second job."""
+    write_take(folders.inbox / "podcast" / "take.wav", 4, 48000, 2, -30.0)
+    config = with_recipes(write_config(folders, base_url=emulator.base_url), PODCAST.replace('quality = "local"', ""))
+    d = daemons(config, env={"DHWATCH_TEST_CRASH_AT": "after_finished_written"})
+    wait_for(lambda: d.proc is not None and d.proc.poll() is not None, timeout=60, what="the crash while finishing")
+    left = folders.files(folders.outbox)  # only a hidden temp file: the output's name never holds part of it
+    assert left and all(is_temp_name(Path(p).name) for p in left), left
+    d2 = daemons(config)
+    d2.wait_event("file_done", timeout=120)
+    assert [p for p in (folders.outbox).rglob("*") if p.is_file()] == [folders.outbox / "podcast/take.flac"]
+    assert abs(meter_file(folders.outbox / "podcast/take.flac")[0] + 16.0) <= 0.5
+    assert len(emulator.jobs) == 1
+    assert not any((folders.state / "finishing").iterdir())
+    d2.stop()
