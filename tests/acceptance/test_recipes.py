@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import soundfile as sf
 
 from dhwatch.emulators.deephearing import DeepHearingEmulator
@@ -252,3 +253,22 @@ def test_kill9_while_finishing_leaves_no_partial_output(
     assert len(emulator.jobs) == 1
     assert not any((folders.state / "finishing").iterdir())
     d2.stop()
+
+
+def test_a_recipes_atten_lim_db_reaches_the_local_engine(folders: Folders, daemons: Callable[..., Daemon]) -> None:
+    """The same noisy take under a 6 dB recipe keeps clearly more noise than under the default (no limit),
+    so it is denoised separately, with its own setting."""
+    rng = np.random.default_rng(3)
+    noise = (0.05 * rng.standard_normal((48000 * 2, 1))).astype(np.float32)
+    for rel in ("roomtone/take.wav", "plain/take.wav"):
+        (folders.inbox / rel).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(folders.inbox / rel, noise, 48000, subtype="PCM_16")
+    config = with_recipes(write_config(folders, backend="local", api_key=None, local="workers = 1"),
+                          '[recipes.roomtone]\nfolders = ["roomtone"]\natten_lim_db = 6.0\n')
+    d = daemons(config)
+    d.wait_event("file_done", count=2, timeout=240)
+    kept = float(np.sqrt(np.mean(sf.read(folders.outbox / "roomtone/take.wav")[0] ** 2)))
+    removed = float(np.sqrt(np.mean(sf.read(folders.outbox / "plain/take.wav")[0] ** 2)))
+    assert 20 * np.log10(kept / removed) > 6.0, (kept, removed)
+    assert 20 * np.log10(0.05 / kept) < 7.0  # about 6 dB taken off, not more
+    d.stop()
