@@ -226,6 +226,7 @@ def test_notify_url_posts_done_and_failed_notes_with_retries(
         path, failed, _ = notes["podcast/bad.wav"]
         assert path == "/podcast" and failed["state"] == "failed" and failed["error"]["code"] == "INVALID_FILE"
         assert failed["error"]["reason"]
+        assert folders.error_report("podcast/bad.wav")["recipe"] == "podcast"  # the error report names it too
         path, plain, _ = notes["plain.wav"]
         assert path == "/all" and plain["recipe"] is None
         assert hook.refused == 1 and d.events("notify_retry")
