@@ -48,6 +48,9 @@ MAX_RENDERS = 4
 #: the limiter's threshold starts this far under the ceiling: resampling back from the limiter's
 #: 4x rate and rounding to the output's bit depth may add a few hundredths of a dB
 LIMITER_MARGIN_DB = 0.5
+#: a linear gain is chosen when the measured true peak plus the gain stays this far under the
+#: ceiling (the output's rounding to 16 or 24 bits can move the peak by a few thousandths of a dB)
+LINEAR_MARGIN_DB = 0.05
 #: look-ahead of the limiter, ms (alimiter's attack is its look-ahead)
 LIMITER_ATTACK_MS = 5.0
 LIMITER_RELEASE_MS = 100.0
@@ -167,12 +170,15 @@ def measure(path: Path) -> Loudness:
 
     with open_audio(path) as reader:
         chain = _Chain(reader.info.sample_rate, reader.info.channels, [])
+        peak = _TruePeak(reader.info.sample_rate, reader.info.channels)
         for block in reader.blocks(BLOCK_FRAMES):
+            peak.add(block)
             for _ in chain.push(block):
                 pass
         for _ in chain.push(None):
             pass
-    return chain.loudness()
+    measured = chain.loudness()
+    return Loudness(measured.integrated_lufs, max(measured.true_peak_dbtp, peak.finish()), measured.lra_lu)
 
 
 # --------------------------------------------------------------------------- output format
@@ -313,7 +319,7 @@ def finish_file(src: Path, dst: Path, finish: Finish) -> FinishReport:
         limit: float | None = None
         if target is not None and before.integrated_lufs > SILENCE_LUFS:
             gain = target - before.integrated_lufs
-            if ceiling is not None and before.true_peak_dbtp + gain > ceiling - LIMITER_MARGIN_DB:
+            if ceiling is not None and before.true_peak_dbtp + gain > ceiling - LINEAR_MARGIN_DB:
                 limit = ceiling - LIMITER_MARGIN_DB
         renders = 0
         while True:
@@ -329,7 +335,7 @@ def finish_file(src: Path, dst: Path, finish: Finish) -> FinishReport:
                 limit = (limit if limit is not None else ceiling - LIMITER_MARGIN_DB) - over - 0.1
             if abs(short) > TOLERANCE_LU:
                 gain += short
-                if limit is None and before.true_peak_dbtp + gain > ceiling - LIMITER_MARGIN_DB:
+                if limit is None and before.true_peak_dbtp + gain > ceiling - LINEAR_MARGIN_DB:
                     limit = ceiling - LIMITER_MARGIN_DB
     except UnsupportedAudio as exc:
         dst.unlink(missing_ok=True)

@@ -79,3 +79,22 @@ def test_silence_is_left_silent_and_reported_in_json(tmp_path: Path) -> None:
     assert report.gain_db == 0.0
     assert np.max(np.abs(sf.read(tmp_path / "out.wav")[0])) == 0.0
     json.loads(json.dumps(report.as_dict()), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+
+
+def test_gain_stays_linear_up_to_the_ceiling(tmp_path: Path) -> None:
+    """A gain that brings the true peak to 0.3 dB under the ceiling is applied linearly, the limiter untouched."""
+    from dhwatch.finishing import measure
+
+    rate = 48000
+    t = np.arange(rate * 4) / rate
+    tone = (0.01 * np.sin(2 * np.pi * 440 * t) * (1 + 0.5 * np.sin(2 * np.pi * 0.5 * t)))[:, None]
+    sf.write(tmp_path / "quiet.wav", tone, rate, subtype="FLOAT")
+    before = measure(tmp_path / "quiet.wav")
+    target = before.integrated_lufs + (-1.3 - before.true_peak_dbtp)
+    report = finish_file(tmp_path / "quiet.wav", tmp_path / "out.wav", Finish(target, -1.0, "wav", 0, 32))
+    assert not report.limited
+    out, _ = sf.read(tmp_path / "out.wav", always_2d=True)
+    ratio = np.linalg.lstsq(tone, out, rcond=None)[0][0, 0]
+    assert np.max(np.abs(out - ratio * tone)) < 1e-4
+    lufs, peak, _rate, _ch = meter_file(tmp_path / "out.wav")
+    assert abs(lufs - target) <= 0.5 and peak <= -1.0
