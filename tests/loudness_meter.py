@@ -18,10 +18,12 @@ import soxr
 Samples = npt.NDArray[np.float64]
 
 
-def speech_like(seconds: float, rate: int, channels: int, lufs: float, seed: int = 0) -> Samples:
-    """Syllable-rate bursts of a voiced, formant-shaped tone with pauses and a little room noise, at ``lufs``.
+def speech_like(seconds: float, rate: int, channels: int, lufs: float, seed: int = 0, *,
+                plosives: bool = True) -> Samples:
+    """Syllable-rate bursts of a voiced, harmonic-rich tone with pauses and a little room noise, at ``lufs``.
 
-    Loud takes get a few sharp plosive-like peaks, so a limiter has work to do at high targets.
+    ``plosives`` adds a few sharp peaks (true peak ~20 dB over the loudness), so a limiter has work
+    to do at -16 LUFS / -1 dBTP; without them the crest is that of the voiced bursts alone.
     """
     rng = np.random.default_rng(seed)
     n = int(seconds * rate)
@@ -32,7 +34,7 @@ def speech_like(seconds: float, rate: int, channels: int, lufs: float, seed: int
     syllables = np.clip(np.sin(2 * np.pi * 4.0 * t + rng.uniform(0, 6)), 0, None) ** 2
     phrases = (np.sin(2 * np.pi * 0.25 * t + seed) > -0.4).astype(float)
     signal = voiced * syllables * phrases
-    for at in rng.integers(0, max(1, n - rate // 100), size=max(1, int(seconds))):
+    for at in rng.integers(0, max(1, n - rate // 100), size=max(1, int(seconds)) if plosives else 0):
         burst = rng.standard_normal(rate // 200) * np.hanning(rate // 200) * 1.2
         signal[at : at + burst.size] += burst
     signal = signal + 0.003 * rng.standard_normal(n)
@@ -42,10 +44,11 @@ def speech_like(seconds: float, rate: int, channels: int, lufs: float, seed: int
     return np.asarray(data * gain, dtype=np.float64)
 
 
-def write_take(path: Path, seconds: float, rate: int, channels: int, lufs: float, seed: int = 0) -> Path:
+def write_take(path: Path, seconds: float, rate: int, channels: int, lufs: float, seed: int = 0, *,
+               plosives: bool = True) -> Path:
     """A speech-like take at ``lufs`` written as float WAV (no clipping, whatever the level)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, speech_like(seconds, rate, channels, lufs, seed), rate, subtype="FLOAT")
+    sf.write(path, speech_like(seconds, rate, channels, lufs, seed, plosives=plosives), rate, subtype="FLOAT")
     return path
 
 
