@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from dhwatch.errors import ConfigError
 from dhwatch.naming import is_audio_name
+from dhwatch.recipes import Recipe, folder_problems, recipe_for
 
 DEFAULT_EXTENSIONS = ["wav", "flac", "mp3", "m4a", "ogg"]
 
@@ -230,6 +231,11 @@ class Settings(BaseSettings):
     deepaffects: DeepAffectsSettings = Field(default_factory=DeepAffectsSettings)
     huawei: HuaweiSettings = Field(default_factory=HuaweiSettings)
 
+    #: ``[recipes.NAME]``: per-folder loudness, format and denoiser settings (see dhwatch/recipes.py)
+    recipes: dict[str, Recipe] = Field(default_factory=dict)
+    #: POST a JSON note here when any file is done or failed (a recipe's own notify_url wins); "" = off
+    notify_url: str = ""
+
     #: relative paths are resolved against this folder (the config file's), else the CWD
     _base_dir: ClassVar[Path | None] = None
 
@@ -257,6 +263,7 @@ class Settings(BaseSettings):
         for section in self.keyed_sections():
             if section.api_key_file is not None:
                 section.api_key_file = Path(os.path.abspath(base / section.api_key_file))
+        self._check_recipes()
         keys = list(resolved)
         for i, a in enumerate(keys):
             for b in keys[i + 1 :]:
@@ -264,6 +271,21 @@ class Settings(BaseSettings):
                 if pa == pb or pa.is_relative_to(pb) or pb.is_relative_to(pa):
                     raise ValueError(f"{a} and {b} must be separate folders, not one inside the other ({pa}, {pb})")
         return self
+
+    def _check_recipes(self) -> None:
+        problems = folder_problems(self.recipes)
+        for name, recipe in self.recipes.items():
+            if recipe.backend is not None and recipe.backend != self.backend:
+                problems.append(f"recipes.{name}.backend: {recipe.backend!r} differs from the top-level backend "
+                                f"{self.backend!r}; one daemon runs one backend (run a second dhwatch for this folder)")
+        if self.notify_url and not self.notify_url.startswith(("http://", "https://")):
+            problems.append("notify_url: must start with http:// or https://")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def recipe_of(self, rel_path: str) -> tuple[str, Recipe] | None:
+        """The recipe of an inbox path (deepest folder wins), or None for the top-level behaviour."""
+        return recipe_for(rel_path, self.recipes)
 
     def backend_section(self) -> DeepHearingSettings | LocalSettings | DeepAffectsSettings:
         """The selected backend's section (each has poll_interval, poll_max_interval, job_timeout)."""
@@ -346,8 +368,8 @@ def require_api_key(settings: Settings) -> None:
 
 
 def require_quality_settings(settings: Settings) -> None:
-    """``quality = "huawei"`` needs a project and a token; say which key is missing."""
-    if settings.quality != "huawei":
+    """``quality = "huawei"`` (top level or in a recipe) needs a project and a token; say which key is missing."""
+    if settings.quality != "huawei" and all(r.quality != "huawei" for r in settings.recipes.values()):
         return
     if not settings.huawei.project_id:
         raise ConfigError("huawei.project_id: required when quality = \"huawei\"")

@@ -17,6 +17,7 @@ POINTS = (
     "before_upload",  # UPLOADING committed, nothing sent yet
     "after_upload_response",  # the service answered with job ids; not recorded yet
     "after_submitted",  # job ids recorded
+    "after_finished_written",  # a recipe's finished output is in a temp file in the outbox; not renamed yet
     "after_output_renamed",  # the result is in the outbox; DELIVERED not recorded yet
     "after_delivered",  # DELIVERED recorded; the original not archived/deleted yet
     "after_original_handled",  # the original archived/deleted; DONE not recorded yet

@@ -18,6 +18,7 @@ from dhwatch.backends.http import add_retry_listener
 from dhwatch.config import Settings, require_api_key, require_quality_settings, world_readable_secret_files
 from dhwatch.context import Context
 from dhwatch.delivery import remove_temp_files
+from dhwatch.notify import NotifyStage
 from dhwatch.errors import DhwatchError
 from dhwatch.intake import Intake
 from dhwatch.ledger import Ledger, StateDirLock
@@ -172,6 +173,7 @@ async def run_daemon(
         intake = Intake(ctx)
         reporter = Reporter(ctx)
         uploader, poller, fetcher, finisher = Uploader(ctx), Poller(ctx), Fetcher(ctx), Finisher(ctx, reporter)
+        notes = NotifyStage(ctx)
         tasks = {
             asyncio.create_task(intake.run(), name="intake"),
             asyncio.create_task(uploader.run(), name="upload"),
@@ -179,6 +181,7 @@ async def run_daemon(
             asyncio.create_task(fetcher.run(), name="fetch"),
             asyncio.create_task(finisher.run(), name="finish"),
             asyncio.create_task(reporter.run(), name="report"),
+            asyncio.create_task(notes.run(), name="notify_url"),
             asyncio.create_task(_notify_loop(ctx, notifier), name="notify"),
             asyncio.create_task(_auth_loop(ctx), name="auth"),
         }
@@ -198,7 +201,8 @@ async def run_daemon(
             t.cancel()
         stopper.cancel()
         await asyncio.wait_for(
-            asyncio.gather(uploader.aclose(), fetcher.aclose(), reporter.aclose(), *tasks, return_exceptions=True),
+            asyncio.gather(uploader.aclose(), fetcher.aclose(), reporter.aclose(), notes.aclose(), *tasks,
+                           return_exceptions=True),
             timeout=STOP_GRACE_SECONDS,
         )
         if server is not None:

@@ -52,6 +52,11 @@ EXPLANATIONS: dict[str, tuple[str, str]] = {
         "The denoiser could not process this file.",
         "Check that the file plays and is not damaged, then copy it into the inbox again.",
     ),
+    "FINISHING_FAILED": (
+        "The file was cleaned, but could not be finished as its folder's recipe asks (loudness, format, rate).",
+        "Check the recipe's settings (e.g. a sample rate the output format cannot hold); put the file back "
+        "in the inbox to try again.",
+    ),
     "INTERNAL_ERROR": (
         "dhwatch hit an unexpected problem with this file.",
         "Tell the administrator; the details below help them find the cause.",
@@ -76,6 +81,7 @@ def build_error_report(
         "what_to_do": advice,
         "detail": redact_text(detail),
         "backend": row.backend,
+        "recipe": row.recipe,
         "job_id": row.job_id,
         "attempts": row.attempts,
         "download_attempts": row.fetch_attempts,

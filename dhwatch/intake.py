@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from dhwatch.audioformat import sniff
 from dhwatch.backends.base import keeps_results_after_release
 from dhwatch.context import Context
+from dhwatch.recipes import denoise_key
 from dhwatch.policy import MAX_SECONDS_PER_BYTE, duration_limit, duration_refusal
 from dhwatch.errors import NotRegularFile, SourceChanged
 from dhwatch.settle import SettleTracker
@@ -219,10 +220,12 @@ class Intake:
             return
         ident = fp.identity
 
+        taken = recipe_fields(rel, settings)
+
         def insert(**fields: Any) -> int:
             return ctx.ledger.insert(
                 rel_path=rel, size=ident.size, mtime_ns=ident.mtime_ns, inode=ident.inode, device=ident.device,
-                sha256=fp.sha256, backend=settings.backend, now=now, **fields,
+                sha256=fp.sha256, backend=settings.backend, now=now, **taken, **fields,
             )  # fmt: skip
 
         done = ctx.ledger.finished_version(rel)
@@ -237,17 +240,19 @@ class Intake:
             ctx.log.warning("file_refused", file=rel, row=row_id, code=code, reason=reason)
             ctx.kick("finish")
             return
-        earlier = ctx.ledger.reusable_job(fp.sha256, settings.backend, finished=keeps_results_after_release(ctx.backend))
+        earlier = ctx.ledger.reusable_job(fp.sha256, settings.backend, finished=keeps_results_after_release(ctx.backend),
+                                          denoise=taken["denoise"])  # fmt: skip
         if earlier is not None and earlier.job_id:
             row_id = insert(
                 state=State.SUBMITTED, job_id=earlier.job_id, adopted=1, submitted_at=now,
                 next_attempt_at=now, detail=f"identical to row {earlier.id}: reusing its job",
             )  # fmt: skip
-            ctx.log.info("file_queued", file=rel, row=row_id, job=earlier.job_id, reused_from=earlier.id, size=ident.size)
+            ctx.log.info("file_queued", file=rel, row=row_id, job=earlier.job_id, reused_from=earlier.id, size=ident.size,
+                         recipe=taken["recipe"])  # fmt: skip
             ctx.kick("poll")
             return
         row_id = insert()
-        ctx.log.info("file_queued", file=rel, row=row_id, size=ident.size, seconds=fp.seconds)
+        ctx.log.info("file_queued", file=rel, row=row_id, size=ident.size, seconds=fp.seconds, recipe=taken["recipe"])
         ctx.kick("upload")
 
     def _refuse(self, rel: str, st: os.stat_result, reason: str, now: float) -> None:
@@ -258,10 +263,21 @@ class Intake:
         row_id = ctx.ledger.insert(
             rel_path=rel, size=st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino, device=st.st_dev, sha256="",
             backend=ctx.settings.backend, now=now, state=State.FAILING, error_code="NOT_REGULAR_FILE",
+            **recipe_fields(rel, ctx.settings),
             error_message=f"refused: {reason}; dhwatch never opens or follows such entries",
         )  # fmt: skip
         ctx.log.warning("file_refused", file=rel, row=row_id, code="NOT_REGULAR_FILE", reason=reason)
         ctx.kick("finish")
+
+
+def recipe_fields(rel: str, settings: Settings) -> dict[str, Any]:
+    """The ledger columns that pin a file to the recipe it is taken under (its settings as they are now)."""
+    found = settings.recipe_of(rel)
+    if found is None:
+        return {"recipe": None, "recipe_settings": None, "denoise": ""}
+    name, recipe = found
+    return {"recipe": name, "recipe_settings": recipe.snapshot(),
+            "denoise": denoise_key(settings.backend, recipe.atten_lim_db, settings.local.atten_lim_db)}  # fmt: skip
 
 
 def refusal(fp: Fingerprint, settings: Settings) -> tuple[str, str] | None:

@@ -106,6 +106,24 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (file_id, side)
     );
     """,
+    # 5: folder recipes: the recipe a file was taken under, its settings then (JSON), and what
+    # identical content must share to reuse one denoising ("" = the backend's defaults)
+    """
+    ALTER TABLE files ADD COLUMN recipe TEXT;
+    ALTER TABLE files ADD COLUMN recipe_settings TEXT;
+    ALTER TABLE files ADD COLUMN denoise TEXT NOT NULL DEFAULT '';
+    ALTER TABLE files ADD COLUMN finishing TEXT;
+    CREATE TABLE notifications (
+        id              INTEGER PRIMARY KEY,
+        file_id         INTEGER NOT NULL REFERENCES files(id),
+        url             TEXT    NOT NULL,
+        body            TEXT    NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL    NOT NULL DEFAULT 0,
+        created_at      REAL    NOT NULL
+    );
+    CREATE INDEX notifications_due ON notifications(next_attempt_at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -155,6 +173,7 @@ _MUTABLE = frozenset(
         "job_id", "remote_status", "result_url", "attempts", "fetch_attempts", "polls", "next_attempt_at",
         "submitted_at", "billed_seconds", "output_path", "failed_path", "error_code", "error_message",
         "adopted", "finished_at", "size", "mtime_ns", "inode", "device", "archived_path", "quality_status", "quality",
+        "recipe", "recipe_settings", "denoise", "finishing",
     }
 )  # fmt: skip
 
@@ -193,10 +212,19 @@ class FileRow:
     #: None (reports off), "pending", "done" or "failed"
     quality_status: str | None = None
     quality: str | None = None  #: the report, as JSON
+    #: the folder recipe the file was taken under (None: the top-level settings)
+    recipe: str | None = None
+    #: that recipe's settings when the file was taken, as JSON (see dhwatch.recipes.Recipe.snapshot)
+    recipe_settings: str | None = None
+    #: what identical content must share to reuse this row's denoising (see dhwatch.recipes.denoise_key)
+    denoise: str = ""
+    #: what finishing did (loudness before/after, gain, limiter), as JSON; None when nothing was finished
+    finishing: str | None = None
 
     @classmethod
     def from_sql(cls, row: sqlite3.Row) -> FileRow:
-        data = {name: row[name] for name in _ROW_FIELDS}
+        present = set(row.keys())  # a read-only view of a ledger the daemon has not migrated yet
+        data = {name: row[name] for name in _ROW_FIELDS if name in present}
         data["state"] = State(data["state"])
         data["rel_path"] = decode_path(data["rel_path"])
         for key in _PATH_COLUMNS:
@@ -215,6 +243,17 @@ class Event:
     from_state: str | None
     to_state: str
     detail: str | None
+
+
+@dataclass(frozen=True)
+class Notification:
+    """A queued POST to a notify_url (see :mod:`dhwatch.notify`)."""
+
+    id: int
+    file_id: int
+    url: str
+    body: str
+    attempts: int
 
 
 @dataclass(frozen=True)
@@ -569,7 +608,7 @@ class Ledger:
         ).fetchone()
         return None if r is None else FinishedVersion(r[0], r[1], r[2], r[3], r[4], State(r[5]))
 
-    def reusable_job(self, sha256: str, backend: str, *, finished: bool = True) -> FileRow | None:
+    def reusable_job(self, sha256: str, backend: str, *, finished: bool = True, denoise: str = "") -> FileRow | None:
         """The latest row with this content whose job may be adopted (to avoid paying twice).
 
         Jobs in flight (submitted, fetching) and just delivered (not yet released) always
@@ -579,26 +618,29 @@ class Ledger:
         """
         states = [State.SUBMITTED, State.FETCHING, State.DELIVERED] + ([State.DONE] if finished else [])
         row = self._conn.execute(
-            f"SELECT * FROM files WHERE sha256 = ? AND backend = ? AND job_id IS NOT NULL "
+            f"SELECT * FROM files WHERE sha256 = ? AND backend = ? AND denoise = ? AND job_id IS NOT NULL "
             f"AND state IN ({', '.join('?' for _ in states)}) "
             f"AND NOT EXISTS (SELECT 1 FROM daemon WHERE key = '{_LOST_JOB}' || files.job_id) "
             "ORDER BY id DESC LIMIT 1",
-            (sha256, backend, *(s.value for s in states)),
+            (sha256, backend, denoise, *(s.value for s in states)),
         ).fetchone()
         return None if row is None else FileRow.from_sql(row)
 
-    def content_leader(self, sha256: str, backend: str, row_id: int, *, finished: bool = True) -> FileRow | None:
+    def content_leader(
+        self, sha256: str, backend: str, row_id: int, *, finished: bool = True, denoise: str = ""
+    ) -> FileRow | None:
         """The row a queued row with this content should follow instead of paying again.
 
         A row whose job may be adopted (see :meth:`reusable_job`) is; otherwise an earlier row
         with the same content that is queued or uploading goes first and this one waits.
         """
-        reusable = self.reusable_job(sha256, backend, finished=finished)
+        reusable = self.reusable_job(sha256, backend, finished=finished, denoise=denoise)
         if reusable is not None:
             return reusable
         row = self._conn.execute(
-            "SELECT * FROM files WHERE sha256 = ? AND backend = ? AND id < ? AND state IN (?, ?) ORDER BY id LIMIT 1",
-            (sha256, backend, row_id, State.QUEUED.value, State.UPLOADING.value),
+            "SELECT * FROM files WHERE sha256 = ? AND backend = ? AND denoise = ? AND id < ? AND state IN (?, ?) "
+            "ORDER BY id LIMIT 1",
+            (sha256, backend, denoise, row_id, State.QUEUED.value, State.UPLOADING.value),
         ).fetchone()
         return None if row is None else FileRow.from_sql(row)
 
@@ -670,6 +712,39 @@ class Ledger:
             (since,),
         ).fetchone()
         return float(row[0])
+
+    # ------------------------------------------------------------------ notifications (notify_url)
+    def add_notification(self, file_id: int, url: str, body: str, now: float) -> int:
+        """Queue a note about a finished file; it survives a restart until it is sent or given up."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "INSERT INTO notifications (file_id, url, body, next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?)",
+                (file_id, url, redact_text(body), now, now),
+            )
+            return int(cur.lastrowid or 0)
+
+    def due_notifications(self, now: float, limit: int) -> list[Notification]:
+        """Notes whose next attempt has come, oldest first."""
+        rows = self._conn.execute(
+            "SELECT id, file_id, url, body, attempts FROM notifications WHERE next_attempt_at <= ? "
+            "ORDER BY next_attempt_at, id LIMIT ?", (now, limit),
+        )  # fmt: skip
+        return [Notification(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    def next_notification_at(self) -> float | None:
+        """When the next queued note is due (None: nothing queued)."""
+        row = self._conn.execute("SELECT MIN(next_attempt_at) FROM notifications").fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def notification_retry(self, note_id: int, attempts: int, next_attempt_at: float) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE notifications SET attempts = ?, next_attempt_at = ? WHERE id = ?",
+                         (attempts, next_attempt_at, note_id))  # fmt: skip
+
+    def notification_done(self, note_id: int) -> None:
+        """Sent, or given up (the log says which): the note is forgotten."""
+        with self._tx() as conn:
+            conn.execute("DELETE FROM notifications WHERE id = ?", (note_id,))
 
     # ------------------------------------------------------------------ daemon flags
     def get_flag(self, key: str) -> str | None:

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dhwatch import notify
 from dhwatch.context import Context
 from dhwatch.errors import DhwatchError
 from dhwatch.ledger import FileRow
@@ -50,7 +51,23 @@ class Reporter:
 
     @property
     def enabled(self) -> bool:
-        return self.ctx.settings.quality != "off"
+        """Some file may get a report (top level, or a recipe asks for one)."""
+        return self.ctx.settings.quality != "off" or any(r.quality not in (None, "off")
+                                                         for r in self.ctx.settings.recipes.values())
+
+    def kind_for(self, row: FileRow) -> str:
+        """``local``, ``huawei`` or ``off`` for this file: its recipe's (as recorded when taken), else the top level."""
+        if row.recipe_settings:
+            from dhwatch.recipes import Recipe
+
+            chosen = Recipe.from_snapshot(row.recipe_settings).quality
+            if chosen is not None:
+                return chosen
+        return self.ctx.settings.quality
+
+    def enabled_for(self, row: FileRow) -> bool:
+        """Whether this file gets a quality report."""
+        return self.kind_for(row) != "off"
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -80,17 +97,19 @@ class Reporter:
             except (DhwatchError, OSError) as exc:  # a ReportWorkerCrashed too: a fresh worker next time
                 ctx.log.warning("quality_report_failed", file=row.rel_path, row=row.id, error=str(exc))
                 self._record(row, "failed", None)
+                notify.enqueue(ctx, row.id)
                 return
         self._record(row, "done", made.json)
+        notify.enqueue(ctx, row.id, quality=notify.quality_summary(made.json))
         ctx.log.info("quality_report", file=row.rel_path, row=row.id, report=made.path,
                      problems=made.problems, suggestion=made.suggestion)
 
     async def _build(self, row: FileRow, original: Path | None, output: Path) -> MadeReport:
-        settings = self.ctx.settings
-        if settings.quality == "huawei":
+        extras = _extras(row)
+        if self.kind_for(row) == "huawei":
             report = await self._assess(row, original, output)
-            return await asyncio.to_thread(write_made_report, report, output)
-        return await self._worker.build(original, output, settings.quality_dnsmos)
+            return await asyncio.to_thread(write_made_report, report, output, extras)
+        return await self._worker.build(original, output, self.ctx.settings.quality_dnsmos, extras)
 
     async def _assess(self, row: FileRow, original: Path | None, output: Path) -> Any:
         """MetaStudio's assessment; its jobs are kept in the ledger, so a restart follows them
@@ -133,6 +152,13 @@ class Reporter:
         await self._worker.aclose()
         if self._client is not None:
             await self._client.aclose()
+
+
+def _extras(row: FileRow) -> dict[str, Any]:
+    """What the report says beyond the measurements: the recipe, and what finishing did (loudness before/after)."""
+    import json
+
+    return {"recipe": row.recipe, "finishing": None if not row.finishing else json.loads(row.finishing)}
 
 
 def _original_of(row: FileRow, ctx: Context) -> Path | None:

@@ -44,6 +44,8 @@ class Upload:
     size: int
     sha256: str
     filename: str  #: the base name sent to the service (data, never a path on our side)
+    #: the local engine's noise-reduction limit for this file (a folder recipe's); None = the backend's setting
+    atten_lim_db: float | None = None
 
 
 class RemotePhase(enum.Enum):

@@ -21,12 +21,15 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from dhwatch.backends.base import FileResult, RemotePhase, RemoteStatus, Upload
 from dhwatch.config import Settings
 from dhwatch.errors import BackendUnavailable, ConfigError, InvalidFile, JobFailed, JobLost, ResultError
 from dhwatch.sourcefile import verified_chunks
+
+if TYPE_CHECKING:
+    from dhwatch.engine import EngineOptions
 
 JOBS_DIR = "local-jobs"
 
@@ -86,12 +89,20 @@ class LocalBackend:
                 self._slots.release()
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
-            task = asyncio.create_task(self._run(job_id, source))
+            task = asyncio.create_task(self._run(job_id, source, self._options_for(upload)))
             self._jobs[job_id] = _Job(folder, task, upload.filename)
             result[upload.key] = job_id
         return result
 
-    async def _run(self, job_id: str, source: Path) -> Path:
+    def _options_for(self, upload: Upload) -> EngineOptions:
+        """The engine options of one file: a folder recipe's atten_lim_db replaces the [local] one."""
+        if upload.atten_lim_db is None:
+            return self._options
+        from dataclasses import replace
+
+        return replace(self._options, atten_lim_db=None if upload.atten_lim_db >= 100 else upload.atten_lim_db)
+
+    async def _run(self, job_id: str, source: Path, options: EngineOptions) -> Path:
         """Denoise, retrying once if the worker process crashed."""
         from dhwatch.engine import EngineCrashed
 
@@ -101,7 +112,7 @@ class LocalBackend:
                 attempts += 1
                 target = source.with_name("output" + source.suffix)
                 try:
-                    result = await self._pool.run_job(source, target, self._options, timeout=self._timeout)
+                    result = await self._pool.run_job(source, target, options, timeout=self._timeout)
                 except EngineCrashed:
                     if attempts >= 2:
                         raise

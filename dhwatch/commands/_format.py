@@ -176,6 +176,8 @@ def row_json(row: FileRow) -> dict[str, Any]:
         "size": row.size,
         "sha256": row.sha256 or None,
         "backend": row.backend,
+        "recipe": row.recipe,
+        "recipe_settings": recipe_settings(row),
         "job_id": row.job_id,
         "remote_status": row.remote_status,
         "attempts": row.attempts,
@@ -193,6 +195,22 @@ def row_json(row: FileRow) -> dict[str, Any]:
         "error_code": row.error_code,
         "error_message": row.error_message,
     }
+
+
+def recipe_settings(row: FileRow) -> dict[str, Any] | None:
+    """The recipe settings a file was taken with, as recorded then (None: the top-level settings)."""
+    if not row.recipe_settings:
+        return None
+    try:
+        value = json.loads(row.recipe_settings)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def recipe_text(row: FileRow) -> str:
+    """The recipe column of a table: its name, or ``-`` for the top-level settings."""
+    return row.recipe or "-"
 
 
 def event_json(event: Event) -> dict[str, Any]:

@@ -366,11 +366,29 @@ def check_backend(settings: Settings, timeout: float) -> Finding:
     return asyncio.run(_check_api(settings, timeout))
 
 
+def check_recipes(settings: Settings) -> Iterator[Finding]:
+    """Each recipe's folders are real folders in the inbox (a typo would leave its files under no recipe)."""
+    from dhwatch.recipes import normalized_folder
+
+    for name, recipe in settings.recipes.items():
+        for folder in recipe.folders:
+            rel = normalized_folder(folder) or folder
+            path = settings.inbox / rel
+            if path.is_symlink() or (path.exists() and not path.is_dir()):
+                yield _fail(f"recipe {name}", f"folder {folder!r} ({path}) is not a plain folder in the inbox")
+            elif not path.is_dir():
+                yield _fail(f"recipe {name}", f"folder {folder!r} does not exist in the inbox ({path}): create it, "
+                                              "or correct the name; files elsewhere get the top-level settings")
+            else:
+                yield _ok(f"recipe {name}", f"folder {folder!r} exists")
+
+
 # ====================================================================== the command
 def run_checks(settings: Settings, config_path: Path, *, timeout: float) -> Iterator[Finding]:
     """Every check after the config's, in the order a sysadmin fixes things."""
     yield from check_secrets(settings, config_path)
     yield from check_folders(settings)
+    yield from check_recipes(settings)
     yield from check_ledger(settings)
     yield from check_inotify(settings)
     yield from check_disk(settings)
@@ -411,6 +429,8 @@ def register(sub: SubParsers) -> None:
           folders      exist (the inbox must) or can be created, are writable, none inside
                        another; failed_dir and archive_dir on the inbox's filesystem, so
                        originals are moved by an atomic rename (a WARN if not)
+          recipes      every recipe folder exists in the inbox (bad keys, overlapping
+                       or absolute folders are refused with the config)
           ledger       opens read-only, passes PRAGMA quick_check, has a schema this dhwatch
                        knows, and is not missing when ledger.id says there was one
           inotify      enough watches (fs.inotify.max_user_watches) for every folder under

@@ -46,7 +46,7 @@ def jobs_text(total: int, rows: list[FileRow], now: float) -> list[str]:
     """A table of rows, newest first, with what matters for each state."""
     if not rows:
         return ["no files match"]
-    table = [["ID", "STATE", "UPDATED", "TRIES", "FILE", "NOTE"]]
+    table = [["ID", "STATE", "UPDATED", "TRIES", "RECIPE", "FILE", "NOTE"]]
     for r in rows:
         note = ""
         if r.state in (State.FAILED, State.FAILING):
@@ -58,7 +58,7 @@ def jobs_text(total: int, rows: list[FileRow], now: float) -> list[str]:
         elif r.state is State.DONE and r.billed_seconds is not None:
             note = f"billed {r.billed_seconds:g} s" + (" (reused job)" if r.adopted else "")
         table.append([str(r.id), r.state.value, fmt.local_time(r.updated_at, now), str(r.attempts),
-                      fmt.path_text(r.rel_path), note])
+                      fmt.recipe_text(r), fmt.path_text(r.rel_path), note])
     lines = fmt.columns(table)
     if total > len(rows):
         lines.append(f"({len(rows)} of {total:,} shown, newest first; --limit 0 shows all)")
@@ -94,6 +94,7 @@ def version_text(row: FileRow, events: list[Event], number: int, now: float) -> 
         ("size", f"{fmt.size(row.size)} ({row.size:,} bytes)"),
         ("sha256", row.sha256 or "-"),
         ("backend", row.backend + (f", job {row.job_id}" if row.job_id else "") + (" (reused)" if row.adopted else "")),
+        ("recipe", _recipe_fact(row)),
         ("attempts", f"{row.attempts} upload, {row.fetch_attempts} download, {row.polls} polls"),
     ]
     if row.billed_seconds is not None:
@@ -108,6 +109,15 @@ def version_text(row: FileRow, events: list[Event], number: int, now: float) -> 
     lines.append("    history:")
     lines += fmt.columns([[fmt.local_time(e.at, now), fmt.event_text(e)] for e in events], indent="      ")
     return lines
+
+
+def _recipe_fact(row: FileRow) -> str:
+    """``podcast (loudness_lufs -16, output_format flac)``, or that the top-level settings applied."""
+    if not row.recipe:
+        return "- (top-level settings)"
+    settings = fmt.recipe_settings(row) or {}
+    shown = ", ".join(f"{k} {v}" for k, v in settings.items() if k != "folders" and v not in (None, "", 0, "same"))
+    return f"{row.recipe} ({shown})" if shown else row.recipe
 
 
 def show_json(paths: list[str], rows: list[FileRow], events: dict[int, list[Event]]) -> dict[str, Any]:

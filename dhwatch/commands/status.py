@@ -68,6 +68,7 @@ def snapshot_json(probe: DaemonProbe, snap: StatusSnapshot, *, state_dir: str, n
                     "id": f.row.id,
                     "path": fmt.path_text(f.row.rel_path),
                     "state": f.row.state.value,
+                    "recipe": f.row.recipe,
                     "job_id": f.row.job_id,
                     "remote_status": f.row.remote_status,
                     "since": fmt.iso(f.since),
@@ -86,6 +87,7 @@ def snapshot_json(probe: DaemonProbe, snap: StatusSnapshot, *, state_dir: str, n
                     "id": r.id,
                     "path": fmt.path_text(r.rel_path),
                     "state": r.state.value,
+                    "recipe": r.recipe,
                     "error_code": r.error_code,
                     "error_message": r.error_message,
                     "failed_at": fmt.iso(r.finished_at or r.updated_at),
@@ -130,18 +132,19 @@ def snapshot_text(probe: DaemonProbe, snap: StatusSnapshot, *, state_dir: str, n
     if snap.in_flight_total:
         shown = _shown(len(snap.in_flight), snap.in_flight_total, "longest")
         lines += ["", f"in flight: {snap.in_flight_total:,}{shown}"]
-        table = [["STATE", "FOR", "FILE", "JOB", "REMOTE"]]
+        table = [["STATE", "FOR", "RECIPE", "FILE", "JOB", "REMOTE"]]
         for f in snap.in_flight:
             remote = ", ".join(x for x in (f.row.remote_status, f"{f.row.polls} polls" if f.row.polls else "") if x)
-            table.append([f.row.state.value, fmt.duration(now - f.since), fmt.path_text(f.row.rel_path),
+            table.append([f.row.state.value, fmt.duration(now - f.since), fmt.recipe_text(f.row),
+                          fmt.path_text(f.row.rel_path),
                           f.row.job_id or "-", remote])
         lines += fmt.columns(table, indent="  ") if snap.in_flight else []
     if snap.failed_total:
         shown = _shown(len(snap.failures), snap.failed_total, "latest")
         lines += ["", f"failures: {snap.failed_total:,}{shown}; 'dhwatch jobs --state failed' lists them all"]
-        table = [["WHEN", "FILE", "CODE", "REASON"]]
+        table = [["WHEN", "RECIPE", "FILE", "CODE", "REASON"]]
         for r in snap.failures:
-            table.append([fmt.local_time(r.finished_at or r.updated_at, now), fmt.path_text(r.rel_path),
+            table.append([fmt.local_time(r.finished_at or r.updated_at, now), fmt.recipe_text(r), fmt.path_text(r.rel_path),
                           r.error_code or "-", fmt.one_line(r.error_message, 90)])
         lines += fmt.columns(table, indent="  ") if snap.failures else []
     return lines

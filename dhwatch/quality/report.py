@@ -187,6 +187,11 @@ class QualityReport(BaseModel):
     #: how the output's format differs from the input's, in words (``the denoiser returned
     #: 16 kHz mono WAV for a 48 kHz stereo FLAC``); None when it is the same or unknown
     format_change: str | None = None
+    #: the folder recipe the file was finished under (None: the top-level settings)
+    recipe: str | None = None
+    #: what the recipe's finishing did: loudness, true peak and LRA of the cleaned audio before and
+    #: after, the gain, whether the limiter worked (see dhwatch.finishing.FinishReport)
+    finishing: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """The report as indented JSON (``schema`` spelled without the underscore)."""

@@ -57,10 +57,16 @@ class MadeReport:
     suggestion: str
 
 
-def write_made_report(report: Any, output: Path) -> MadeReport:
-    """Write ``report`` beside ``output`` (``<output>.quality.json``) and describe what was written."""
+def write_made_report(report: Any, output: Path, extras: dict[str, Any] | None = None) -> MadeReport:
+    """Write ``report`` beside ``output`` (``<output>.quality.json``) and describe what was written.
+
+    ``extras`` are the report's fields the pipeline knows and the measurement does not (the
+    recipe, what finishing did).
+    """
     from dhwatch.quality.report import report_path_for, write_report
 
+    if extras:
+        report = report.model_copy(update=extras)
     target = report_path_for(output)
     write_report(report, target)
     return MadeReport(str(target), report.to_json(), report.problems(), report.suggestion)
@@ -79,7 +85,8 @@ class ReportWorker:
         process = self._process
         return process.pid if process is not None and process.returncode is None else None
 
-    async def build(self, original: Path | None, output: Path, dnsmos: bool) -> MadeReport:
+    async def build(self, original: Path | None, output: Path, dnsmos: bool,
+                    extras: dict[str, Any] | None = None) -> MadeReport:  # fmt: skip
         """Measure both files in the worker and write the report; cancelling kills the worker.
 
         Raises :class:`ReportFailed` (the report cannot be made) or
@@ -88,7 +95,7 @@ class ReportWorker:
         process = await self._ensure_started()
         assert process.stdin is not None and process.stdout is not None
         request = {"original": None if original is None else os.fspath(original), "output": os.fspath(output),
-                   "dnsmos": dnsmos}
+                   "dnsmos": dnsmos, "extras": extras or {}}
         try:
             process.stdin.write(json.dumps(request).encode("ascii") + b"\n")
             await process.stdin.drain()
@@ -163,7 +170,8 @@ def main() -> None:
     for line in sys.stdin:
         try:
             request = json.loads(line)
-            made = _local_report(request["original"], request["output"], bool(request["dnsmos"]))
+            made = _local_report(request["original"], request["output"], bool(request["dnsmos"]),
+                                 request.get("extras") or {})  # fmt: skip
             reply: dict[str, Any] = {"ok": asdict(made)}
         except Exception as exc:  # noqa: BLE001 - reported to the daemon, which logs it and goes on
             reply = {"error": str(exc) if isinstance(exc, DhwatchError) else f"{type(exc).__name__}: {exc}"}
@@ -171,13 +179,13 @@ def main() -> None:
         replies.flush()
 
 
-def _local_report(original: str | None, output: str, dnsmos: bool) -> MadeReport:
+def _local_report(original: str | None, output: str, dnsmos: bool, extras: dict[str, Any]) -> MadeReport:
     """Measure both files, write the report beside the output."""
     from dhwatch.quality.report import AnalysisOptions, build_report
 
     out = Path(output)
     report = build_report(None if original is None else Path(original), out, options=AnalysisOptions(dnsmos=dnsmos))
-    return write_made_report(report, out)
+    return write_made_report(report, out, extras)
 
 
 if __name__ == "__main__":

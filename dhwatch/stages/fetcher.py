@@ -11,7 +11,9 @@ audio, is a failed download (retried, then ``RESULT_UNAVAILABLE``).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -21,9 +23,12 @@ from dhwatch.audioformat import EXTENSIONS
 from dhwatch.audioheader import StatedFormat, file_format, format_change, shortfall, stated_format
 from dhwatch.backends.base import RemotePhase, RemoteStatus
 from dhwatch.context import Context
-from dhwatch.delivery import write_atomically
+from dhwatch.delivery import Written, ensure_dir, fsync_dir, write_atomically
 from dhwatch.errors import DhwatchError, JobLost, ResultError, TransientError, TransitionConflict
+from dhwatch.finishing import FinishingError, FinishingPool, FinishReport
 from dhwatch.ledger import FileRow
+from dhwatch.naming import safe_relpath, temp_name
+from dhwatch.recipes import Finish, Recipe, output_suffix
 from dhwatch.policy import Backoff, after_failure
 from dhwatch.sourcefile import Identity, opened
 from dhwatch.stages.scheduling import InFlight, fail, requeue_lost, sleep_until_due
@@ -38,6 +43,12 @@ class Fetcher:
         self._slots = asyncio.Semaphore(ctx.settings.download_concurrency)
         self._busy: set[int] = set()
         self._running = InFlight()
+        #: where a result waits while it is finished per its recipe (emptied at start: a crash there
+        #: left the row FETCHING, and it is downloaded again)
+        self._staging = ctx.settings.state_dir / STAGING_DIR
+        shutil.rmtree(self._staging, ignore_errors=True)
+        self._staging.mkdir(mode=0o700, exist_ok=True)
+        self._finishing = FinishingPool(ctx.settings.download_concurrency)
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -74,15 +85,29 @@ class Fetcher:
         suffix = ctx.backend.output_suffix(status)
         if suffix and not rel.lower().endswith(suffix):
             rel = str(PurePosixPath(rel).with_suffix(suffix))
+        finish = finish_of(row)
         check = ResultCheck(PurePosixPath(rel).name, await asyncio.to_thread(input_format, ctx.settings.inbox, row),
                             taken=self._names_of_others(rel, row.rel_path))
+        report: FinishReport | None = None
         try:
             with ctx.metrics.api_latency.labels("result").time():
                 async with ctx.backend.open_result(row.job_id or "", status) as stream:
+                    root, target = (self._staging, f"{row.id}/{PurePosixPath(rel).name}") if finish.needed \
+                        else (ctx.settings.outbox, rel)  # fmt: skip
                     written = await write_atomically(
-                        ctx.settings.outbox, rel, stream, expected_length=stream.expected_length, row_id=row.id,
-                        name_for=check,
+                        root, target, stream, expected_length=stream.expected_length, row_id=row.id, name_for=check,
                     )
+            if finish.needed:
+                wanted = output_suffix(finish.output_format)
+                # the recipe's format names the output (take1.wav -> take1.flac); with "same" it is
+                # finished in the container that arrived, whose checked name says which
+                rel = str(PurePosixPath(row.rel_path).with_suffix(wanted)) if wanted \
+                    else str(PurePosixPath(rel).with_name(written.path.name))  # fmt: skip
+                written, report = await self._finish(row, written.path, rel, finish)
+        except FinishingError as exc:
+            ctx.log.warning("finishing_failed", file=row.rel_path, row=row.id, recipe=row.recipe, error=str(exc))
+            self._retry(row, str(exc), counts=True, code="FINISHING_FAILED")
+            return
         except (ResultError, TransientError) as exc:
             ctx.metrics.retries.labels("download").inc()
             ctx.log.warning("download_failed", file=row.rel_path, row=row.id, job=row.job_id, error=str(exc))
@@ -102,10 +127,14 @@ class Fetcher:
         ctx.ledger.transition(
             row.id, State.FETCHING, State.DELIVERED, now=ctx.clock(), durable=True, detail=check.note,
             output_path=str(written.path), fetch_attempts=row.fetch_attempts + 1,
+            **({} if report is None else {"finishing": json.dumps(report.as_dict())}),
         )  # fmt: skip
         ctx.metrics.bytes_down.inc(written.size)
         ctx.log.info("file_delivered", file=row.rel_path, row=row.id, job=row.job_id, bytes=written.size,
-                     seconds=round(time.monotonic() - t0, 3))
+                     seconds=round(time.monotonic() - t0, 3), recipe=row.recipe,
+                     **({} if report is None else {"loudness_lufs": report.after.integrated_lufs,
+                                                   "true_peak_dbtp": round(report.after.true_peak_dbtp, 2),
+                                                   "gain_db": report.gain_db, "limited": report.limited}))  # fmt: skip
         ctx.kick("finish")
 
     def _names_of_others(self, rel: str, own: str) -> frozenset[str]:
@@ -121,10 +150,31 @@ class Fetcher:
         taken |= {c for c in candidates if os.path.lexists(self.ctx.settings.inbox / c)}
         return frozenset(PurePosixPath(c).name for c in taken)
 
+    async def _finish(self, row: FileRow, staged: Path, rel_path: str, finish: Finish) -> tuple[Written, FinishReport]:
+        """Finish the staged result into the outbox: a hidden temp file written and fsynced by the
+        worker, renamed over the final name, the folder fsynced (as :func:`write_atomically` does)."""
+        rel = safe_relpath(rel_path)
+        try:
+            folder = await asyncio.to_thread(ensure_dir, self.ctx.settings.outbox, rel.parent)
+            final = folder / rel.name
+            tmp = folder / temp_name(rel.name, row.id)
+            try:
+                report = await self._finishing.finish(staged, tmp, finish)
+                crashpoints.reached("after_finished_written")
+                await asyncio.to_thread(os.replace, tmp, final)
+                await asyncio.to_thread(fsync_dir, folder)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            size = (await asyncio.to_thread(os.stat, final)).st_size
+        finally:
+            await asyncio.to_thread(shutil.rmtree, staged.parent, True)
+        return Written(final, size, ""), report
+
     def _lost(self, row: FileRow, reason: str) -> None:
         requeue_lost(self.ctx, row.job_id or "", [row], State.FETCHING, reason)
 
-    def _retry(self, row: FileRow, reason: str, *, counts: bool) -> None:
+    def _retry(self, row: FileRow, reason: str, *, counts: bool, code: str = "RESULT_UNAVAILABLE") -> None:
         ctx = self.ctx
         now = ctx.clock()
         attempts = row.fetch_attempts + (1 if counts else 0)
@@ -134,7 +184,10 @@ class Fetcher:
             rand=ctx.rand(),
         )  # fmt: skip
         try:
-            if decision.give_up and row.adopted:
+            if decision.give_up and code == "FINISHING_FAILED":
+                fail(ctx, row, State.FETCHING, code, f"finishing failed {attempts} times; last error: {reason}",
+                     fetch_attempts=attempts)
+            elif decision.give_up and row.adopted:
                 # The earlier identical file's result is gone: pay once more rather than fail.
                 self._lost(row, f"the earlier result for identical content is unavailable ({reason})")
             elif decision.give_up:
@@ -148,6 +201,18 @@ class Fetcher:
 
     async def aclose(self) -> None:
         await self._running.aclose()
+        self._finishing.close()
+
+
+#: under state_dir: results waiting to be finished per their recipe
+STAGING_DIR = "finishing"
+
+
+def finish_of(row: FileRow) -> Finish:
+    """What the row's recipe (as recorded when it was taken) asks of its output."""
+    if not row.recipe_settings:
+        return Finish()
+    return Finish.of(Recipe.from_snapshot(row.recipe_settings))
 
 
 def input_format(inbox: Path, row: FileRow) -> StatedFormat | None:

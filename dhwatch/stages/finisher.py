@@ -9,7 +9,7 @@ from collections.abc import Coroutine
 from typing import Any, TypedDict
 from pathlib import Path, PurePosixPath
 
-from dhwatch import crashpoints
+from dhwatch import crashpoints, notify
 from dhwatch.context import Context
 from dhwatch.delivery import (
     ensure_dir, free_name, move_from_inbox, remove_from_inbox, write_json_atomically,
@@ -95,7 +95,7 @@ class Finisher:
         src = self._source_if_same(row) if mode != "keep" else None
         archived: Path | None = None
         inbox = ctx.settings.inbox
-        report_later = self.reporter is not None and self.reporter.enabled
+        report_later = self.reporter is not None and self.reporter.enabled_for(row)
         if src is not None and mode == "archive" and ctx.settings.archive_dir is not None:
             archived = await asyncio.to_thread(move_from_inbox, inbox, row.rel_path, ctx.settings.archive_dir)
         elif src is not None and mode == "delete":
@@ -112,12 +112,14 @@ class Finisher:
                               detail="original kept" if mode == "keep" else f"original {mode}d", **extra)
         ctx.metrics.finished.labels("done").inc()
         if report_later:
-            ctx.kick("report")
+            ctx.kick("report")  # the note waits for the report, to carry its summary
+        else:
+            notify.enqueue(ctx, row.id)
         if row.job_id and not ctx.ledger.rows_for_job(row.job_id, State.FETCHING) \
                 and not ctx.ledger.rows_for_job(row.job_id, State.SUBMITTED):
             await ctx.backend.release(row.job_id)
         ctx.log.info(
-            "file_done", file=row.rel_path, row=row.id, job=row.job_id, output=row.output_path,
+            "file_done", file=row.rel_path, row=row.id, job=row.job_id, output=row.output_path, recipe=row.recipe,
             original=mode, archived_to=None if archived is None else str(archived),
             billed_seconds=row.billed_seconds, attempts=row.attempts, reused_job=bool(row.adopted),
             seconds_total=round(now - row.created_at, 3),
@@ -152,8 +154,9 @@ class Finisher:
         await asyncio.to_thread(write_json_atomically, report_path, render(report))
         ctx.ledger.transition(row.id, State.FAILING, State.FAILED, now=now, failed_path=str(dest) if moved else None)
         ctx.metrics.finished.labels("failed").inc()
+        notify.enqueue(ctx, row.id)
         ctx.log.warning(
-            "file_failed", file=row.rel_path, row=row.id, job=row.job_id, code=fresh.error_code,
+            "file_failed", file=row.rel_path, row=row.id, job=row.job_id, recipe=row.recipe, code=fresh.error_code,
             reason=fresh.error_message, error_file=str(report_path), attempts=fresh.attempts,
         )  # fmt: skip
 

@@ -83,7 +83,7 @@ class Uploader:
         seen: set[str] = set()
         finished = keeps_results_after_release(ctx.backend)
         for row in rows:
-            leader = ctx.ledger.content_leader(row.sha256, row.backend, row.id, finished=finished)
+            leader = ctx.ledger.content_leader(row.sha256, row.backend, row.id, finished=finished, denoise=row.denoise)
             if leader is not None and leader.job_id:
                 try:
                     ctx.ledger.transition(
@@ -149,7 +149,7 @@ class Uploader:
         uploads = [
             Upload(
                 key=f"file{row.id}", path=inbox / row.rel_path, rel_path=row.rel_path, size=row.size,
-                sha256=row.sha256, filename=PurePosixPath(row.rel_path).name,
+                sha256=row.sha256, filename=PurePosixPath(row.rel_path).name, atten_lim_db=recipe_atten(row),
             )  # fmt: skip
             for row in rows
         ]
@@ -245,3 +245,12 @@ class Uploader:
 
     async def aclose(self) -> None:
         await self._running.aclose()
+
+
+def recipe_atten(row: FileRow) -> float | None:
+    """The atten_lim_db of the row's recipe (as recorded when it was taken), if it sets one."""
+    if not row.recipe_settings:
+        return None
+    from dhwatch.recipes import Recipe
+
+    return Recipe.from_snapshot(row.recipe_settings).atten_lim_db

@@ -209,7 +209,7 @@ def test_jobs_filters_by_state_and_time(folders: Folders, built: Callable[..., P
 
     text = dhwatch("jobs", "--limit", "3", config=config)
     assert text.returncode == 0
-    assert text.stdout.splitlines()[0].split() == ["ID", "STATE", "UPDATED", "TRIES", "FILE", "NOTE"]
+    assert text.stdout.splitlines()[0].split() == ["ID", "STATE", "UPDATED", "TRIES", "RECIPE", "FILE", "NOTE"]
     assert "(3 of 5 shown" in text.stdout
 
     bad = dhwatch("jobs", "--since", "yesterday-ish", config=config)
