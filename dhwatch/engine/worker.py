@@ -98,10 +98,16 @@ class _Outcome:
     model_loads: int
 
 
+#: how long a worker with no job keeps its model loaded (loading one again takes well under a second)
+IDLE_WORKER_SECONDS = 60.0
+
+
 class _Worker:
     """One worker process and the parent's end of its pipe."""
 
     def __init__(self, context: SpawnContext | ForkServerContext) -> None:
+        #: while idle: the timer that retires it (see :attr:`EnginePool.idle_seconds`)
+        self.retire: asyncio.TimerHandle | None = None
         self.conn, child_conn = context.Pipe(duplex=True)
         self.process = context.Process(target=_worker_main, args=(child_conn,), name="dhwatch-engine", daemon=True)
         self.process.start()
@@ -124,8 +130,11 @@ class EnginePool:
     runs several of its chunks at once, so one long file alone uses all ``workers`` cores.
     """
 
-    def __init__(self, workers: int | None = None, *, start_method: StartMethod = "spawn") -> None:
+    def __init__(self, workers: int | None = None, *, start_method: StartMethod = "spawn",
+                 idle_seconds: float = IDLE_WORKER_SECONDS) -> None:  # fmt: skip
         self.workers = workers if workers is not None else (os.cpu_count() or 1)
+        #: a worker without a job for this long exits, so an idle daemon holds no model memory
+        self.idle_seconds = idle_seconds
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
         self._context = _context_for(start_method)
@@ -173,7 +182,7 @@ class EnginePool:
             options = options or EngineOptions()
             # A job alone on the machine runs its encoder a chunk ahead on a second core.
             options = dataclasses.replace(options, threads=2 if self.workers - len(self._busy) >= 2 else 1)
-            worker = self._idle.pop() if self._idle else _Worker(self._context)
+            worker = self._unpark() or _Worker(self._context)
             self._busy.add(worker)
             started = time.monotonic()
             healthy = False
@@ -186,7 +195,7 @@ class EnginePool:
             finally:
                 self._busy.discard(worker)
                 if healthy and not self._closed:
-                    self._idle.append(worker)
+                    self._park(worker)
                 else:
                     worker.kill()
             if isinstance(outcome, EngineError):
@@ -201,6 +210,27 @@ class EnginePool:
                 worker_jobs=outcome.jobs,
                 model_loads=outcome.model_loads,
             )
+
+    def _park(self, worker: _Worker) -> None:
+        """Keep a worker (model loaded) for the next job, until it has been idle too long."""
+        self._idle.append(worker)
+        worker.retire = asyncio.get_running_loop().call_later(self.idle_seconds, self._retire, worker)
+
+    def _unpark(self) -> _Worker | None:
+        """The most recently used idle worker, no longer due to retire; None if there is none."""
+        if not self._idle:
+            return None
+        worker = self._idle.pop()
+        if worker.retire is not None:
+            worker.retire.cancel()
+            worker.retire = None
+        return worker
+
+    def _retire(self, worker: _Worker) -> None:
+        """An idle worker's time is up: it exits and its memory goes back to the machine."""
+        if worker in self._idle:
+            self._idle.remove(worker)
+            worker.kill()
 
     async def _exchange(
         self,
@@ -230,6 +260,8 @@ class EnginePool:
         """Refuse new jobs, stop the idle workers and kill the running ones (their callers get an error)."""
         self._closed = True
         for worker in [*self._idle, *self._busy]:
+            if worker.retire is not None:
+                worker.retire.cancel()
             worker.kill()
         self._idle.clear()
 

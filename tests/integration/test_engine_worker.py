@@ -232,3 +232,34 @@ async def test_closing_the_pool_stops_idle_workers(noisy_wav: Path, tmp_path: Pa
     assert sorted(pool.idle_pids) == sorted(pids)
     await pool.aclose()
     assert not any(_alive(pid) for pid in pids)
+
+
+@in_event_loop
+async def test_an_idle_worker_exits_and_the_next_job_starts_a_fresh_one(noisy_wav: Path, tmp_path: Path) -> None:
+    """A worker left without a job past idle_seconds exits (an idle daemon holds no model memory); the next job still runs."""
+    pool = EnginePool(1, idle_seconds=0.5)
+    try:
+        first = await pool.run_job(noisy_wav, tmp_path / "a.wav")
+        assert pool.idle_pids == [first.worker_pid]
+        await _until(lambda: not pool.idle_pids and not _alive(first.worker_pid))
+        second = await pool.run_job(noisy_wav, tmp_path / "b.wav")
+        assert second.worker_pid != first.worker_pid and second.report.frames == RATE
+    finally:
+        await pool.aclose()
+
+
+@in_event_loop
+async def test_a_worker_reused_before_its_idle_time_runs_out_is_not_retired(noisy_wav: Path, tmp_path: Path) -> None:
+    """Taking an idle worker for a job cancels its retirement: it is not killed mid-job when the old timer fires."""
+    pool = EnginePool(1, idle_seconds=1.5)
+    try:
+        first = await pool.run_job(noisy_wav, tmp_path / "a.wav")
+        job = asyncio.create_task(pool.run_job(noisy_wav, tmp_path / "b.wav", fault="hang"))
+        await _until(lambda: pool.active == 1)
+        await asyncio.sleep(2.5)  # past the first idle period's end
+        assert pool.worker_pids == [first.worker_pid] and _alive(first.worker_pid)
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+    finally:
+        await pool.aclose()
