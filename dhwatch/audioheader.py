@@ -18,10 +18,12 @@ file is left to the decoder, which refuses it.
 from __future__ import annotations
 
 import math
+import os
 import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from dhwatch.audioformat import SNIFF_BYTES, sniff
 
@@ -435,135 +437,177 @@ _PARSERS: dict[str, Callable[[ReadAt, int, float], float | None]] = {
 }
 
 
-# ============================================================ container and sample rate
+# --------------------------------------------------- what a file holds: container, rate, channels
 #
-# Kept apart from the duration code above on purpose: a backend that must describe an
-# upload (DeepAffects sends ``encoding`` and ``sampleRate``) reads it here, in plain Python,
-# instead of opening the share's file with libsndfile or FFmpeg in the daemon process.
+# Used to check a downloaded result before it is delivered under the input's name: the
+# services do not document their output format (DeepHearing's model is named ``model_16k``).
+
+#: beyond these a header field is damaged, not a format (the largest real rates are 768 kHz DXD-class)
+_MAX_RATE, _MAX_CHANNELS = 10_000_000, 255
+#: how each container is named to people
+_CONTAINER_LABELS = {"wav": "WAV", "flac": "FLAC", "ogg": "Ogg", "mp3": "MP3", "mp4": "MP4/M4A", "aac": "AAC"}
 
 
 @dataclass(frozen=True)
 class StatedFormat:
-    """What a file's headers say about how to decode it."""
+    """What a file's headers say it holds; None where they do not say."""
 
-    container: str  #: the sniffed container (:func:`dhwatch.audioformat.sniff`'s word)
-    sample_rate: int  #: samples per second a decoder produces
+    container: str  #: a :func:`~dhwatch.audioformat.sniff` name: wav, flac, ogg, mp3, mp4, aac
+    sample_rate: int | None
+    channels: int | None
+    seconds: float | None
+
+    def describe(self) -> str:
+        """In words, e.g. ``16 kHz mono WAV``."""
+        parts = []
+        if self.sample_rate:
+            parts.append(f"{self.sample_rate / 1000:g} kHz")
+        if self.channels:
+            parts.append({1: "mono", 2: "stereo"}.get(self.channels, f"{self.channels}-channel"))
+        parts.append(_CONTAINER_LABELS.get(self.container, self.container))
+        return " ".join(parts)
 
 
-def stated_format(read_at: ReadAt, size: int) -> StatedFormat | None:
-    """The container and sample rate this file's headers state, or None if they cannot be read."""
+def stated_format(read_at: ReadAt, size: int, *, seconds: bool = True) -> StatedFormat | None:
+    """Container, sample rate, channels and duration as the headers state them; None if not audio we know.
+
+    Rate or channels the headers do not state (or that do not parse) are None: a caller
+    compares only what both sides state. ``seconds=False`` skips the duration (which may
+    count frames through the whole file) for callers that only describe the stream.
+    """
     container = sniff(read_at(0, SNIFF_BYTES))
-    reader = _RATE_READERS.get(container or "")
-    if container is None or reader is None:
+    if container is None:
         return None
+    shape = _SHAPES.get(container)
     try:
-        rate = reader(read_at, size)
+        rate, channels = shape(read_at, size) if shape else (None, None)
     except (_Malformed, struct.error, IndexError, ValueError):
-        return None
-    if not rate or rate <= 0 or rate > 10_000_000:
-        return None
-    return StatedFormat(container, int(rate))
+        rate, channels = None, None
+    if rate is not None and not 0 < rate <= _MAX_RATE:
+        rate = None
+    if channels is not None and not 0 < channels <= _MAX_CHANNELS:
+        channels = None
+    return StatedFormat(container, rate or None, channels or None, stated_seconds(read_at, size) if seconds else None)
 
 
-def _wav_rate(read_at: ReadAt, size: int) -> int | None:
-    """The ``fmt `` chunk's sample rate (RIFF, RIFX, RF64)."""
+def file_format(path: Path) -> StatedFormat | None:
+    """:func:`stated_format` of a file of ours (a download, an output), opened without following a link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return stated_format(lambda offset, size: os.pread(fd, size, offset), os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def format_change(before: StatedFormat, after: StatedFormat) -> str | None:
+    """How ``after`` (a result) differs from ``before`` (its input) in container, rate or channels; None if not.
+
+    Only what both state is compared. The words are for people: ``the denoiser returned
+    16 kHz mono WAV for a 48 kHz stereo FLAC``.
+    """
+    differs = before.container != after.container
+    differs |= None not in (before.sample_rate, after.sample_rate) and before.sample_rate != after.sample_rate
+    differs |= None not in (before.channels, after.channels) and before.channels != after.channels
+    if not differs:
+        return None
+    return f"the denoiser returned {after.describe()} for a {before.describe()}"
+
+
+def shortfall(before: StatedFormat, after: StatedFormat) -> str | None:
+    """Why ``after`` (a result) is too short to be the whole of ``before``, or None.
+
+    Resampling and codec padding move a length by milliseconds; a result more than 0.1 s
+    and 1 % shorter than its input is missing audio.
+    """
+    if before.seconds is None or after.seconds is None:
+        return None
+    if after.seconds >= before.seconds - max(0.1, 0.01 * before.seconds):
+        return None
+    return f"the result is {after.seconds:.2f} s long but the input is {before.seconds:.2f} s: audio is missing"
+
+
+def _wav_shape(read_at: ReadAt, size: int) -> tuple[int | None, int | None]:
     endian = ">" if read_at(0, 4) == b"RIFX" else "<"
     pos = 12
     for _ in range(_MAX_BOXES):
         header = read_at(pos, 8)
         if len(header) < 8:
-            return None
+            break
         (chunk_size,) = _unpack(endian + "I", header, 4)
         if header[:4] == b"fmt ":
-            return _unpack(endian + "HHI", read_at(pos + 8, 8))[2]
+            _tag, channels, rate = _unpack(endian + "HHI", read_at(pos + 8, 8))
+            return rate, channels
         if header[:4] == b"data":
-            return None  # audio before its format: nothing a decoder could use
+            break
         pos += 8 + chunk_size + (chunk_size & 1)
-    return None
+    return None, None
 
 
-def _flac_rate(read_at: ReadAt, size: int) -> int | None:
-    block = read_at(4, 4 + 34)
-    if not block or block[0] & 0x7F != 0:
-        return None
-    return _streaminfo(block[4:])[0]
+def _flac_shape(read_at: ReadAt, size: int) -> tuple[int | None, int | None]:
+    info = read_at(8, 18)
+    if len(info) < 18:
+        raise _Malformed("short STREAMINFO")
+    packed = int.from_bytes(info[10:18], "big")
+    return packed >> 44, ((packed >> 41) & 0x07) + 1
 
 
-def _ogg_rate(read_at: ReadAt, size: int) -> int | None:
-    """The first stream's identification header; Opus always decodes at 48 kHz."""
+def _ogg_shape(read_at: ReadAt, size: int) -> tuple[int | None, int | None]:
     page = read_at(0, 27 + 255)
     segments = page[26]
-    table = page[27 : 27 + segments]
-    packet = read_at(27 + segments, min(sum(table), 64))
+    packet = read_at(27 + segments, min(sum(page[27 : 27 + segments]), 64))
     if packet.startswith(b"\x01vorbis"):
-        return _unpack("<I", packet, 12)[0]
+        (rate,) = _unpack("<I", packet, 12)
+        return rate, packet[11]
     if packet.startswith(b"OpusHead"):
-        return 48000
+        return 48000, packet[9]  # Opus always decodes at 48 kHz
     if packet.startswith(b"\x7fFLAC") and packet[9:13] == b"fLaC":
-        return _streaminfo(packet[17:])[0]
+        packed = int.from_bytes(packet[17 + 10 : 17 + 18], "big")
+        return packed >> 44, ((packed >> 41) & 0x07) + 1
     if packet.startswith(b"Speex   "):
-        return _unpack("<I", packet, 36)[0]
-    return None
+        rate, _mode, _bitstream, channels = _unpack("<IIII", packet, 36)
+        return rate, channels
+    return None, None
 
 
-def _mp4_rate(read_at: ReadAt, size: int) -> int | None:
-    """The first sound track's sample entry rate (16.16), else its ``mdhd`` timescale."""
-    for box_type, body, end in _boxes(read_at, 0, size):
-        if box_type != b"moov":
-            continue
-        for trak, trak_body, trak_end in _boxes(read_at, body, end):
-            if trak != b"trak":
-                continue
-            for mdia, mdia_body, mdia_end in _boxes(read_at, trak_body, trak_end):
-                if mdia != b"mdia":
-                    continue
-                rate = _mp4_sound_rate(read_at, mdia_body, mdia_end)
-                if rate:
-                    return rate
-        return None
-    return None
-
-
-def _mp4_sound_rate(read_at: ReadAt, mdia_body: int, mdia_end: int) -> int | None:
-    timescale, sound, entry_rate = 0, False, 0
-    for box, box_body, box_end in _boxes(read_at, mdia_body, mdia_end):
-        if box == b"mdhd":
-            version = read_at(box_body, 1)
-            offset = 20 if version and version[0] == 1 else 12
-            (timescale,) = _unpack(">I", read_at(box_body + offset, 4))
-        elif box == b"hdlr":
-            sound = read_at(box_body + 8, 4) == b"soun"
-        elif box == b"minf":
-            for stbl, stbl_body, stbl_end in _boxes(read_at, box_body, box_end):
-                if stbl != b"stbl":
-                    continue
-                for stsd, stsd_body, _ in _boxes(read_at, stbl_body, stbl_end):
-                    if stsd == b"stsd":
-                        # full box (4) + entry count (4), then the entry: size, type, 6 reserved,
-                        # data ref (2), version, revision, vendor, channels, sample size, 2 x 2,
-                        # then the rate as 16.16 fixed point
-                        (entry_rate,) = _unpack(">I", read_at(stsd_body + 8 + 32, 4))
-                        entry_rate >>= 16
-    if not sound:
-        return None
-    return entry_rate or timescale or None
-
-
-def _frame_rate(read_at: ReadAt, size: int) -> int | None:
-    """MPEG audio or ADTS: the first confirmed frame's rate."""
+def _frames_shape(read_at: ReadAt, size: int) -> tuple[int | None, int | None]:
     found = _first_frame(read_at, _id3_end(read_at))
     if found is None:
-        return None
-    pos, parse = found
-    frame = parse(read_at(pos, 8))
-    return frame[2] if frame else None
+        return None, None
+    h = read_at(found[0], 8)
+    frame = found[1](h)
+    if frame is None:
+        return None, None
+    if found[1] is _adts_frame:
+        config = ((h[2] & 0x01) << 2) | (h[3] >> 6)
+        return frame[2], {7: 8}.get(config, config) or None
+    return frame[2], 1 if h[3] >> 6 == 3 else 2
 
 
-_RATE_READERS: dict[str, Callable[[ReadAt, int], int | None]] = {
-    "wav": _wav_rate,
-    "flac": _flac_rate,
-    "ogg": _ogg_rate,
-    "mp4": _mp4_rate,
-    "mp3": _frame_rate,
-    "aac": _frame_rate,
+def _mp4_shape(read_at: ReadAt, size: int) -> tuple[int | None, int | None]:
+    """The first audio sample entry (``moov/trak/mdia/minf/stbl/stsd``): channel count and rate."""
+    path = (b"moov", b"trak", b"mdia", b"minf", b"stbl", b"stsd")
+
+    def descend(start: int, end: int, depth: int) -> tuple[int | None, int | None]:
+        for box_type, body, box_end in _boxes(read_at, start, end):
+            if box_type != path[depth]:
+                continue
+            if depth == len(path) - 1:
+                entry = read_at(body + 8, 36)  # after version/flags and the entry count
+                channels, _bits, _pre, rate = _unpack(">HHIHxx", entry, 24)
+                return (rate, channels) if entry[4:8] in (b"mp4a", b"alac", b"Opus", b"fLaC") else (None, None)
+            found = descend(body, box_end, depth + 1)
+            if found != (None, None):
+                return found
+        return None, None
+
+    return descend(0, size, 0)
+
+
+_SHAPES: dict[str, Callable[[ReadAt, int], tuple[int | None, int | None]]] = {
+    "wav": _wav_shape,
+    "flac": _flac_shape,
+    "ogg": _ogg_shape,
+    "mp4": _mp4_shape,
+    "mp3": _frames_shape,
+    "aac": _frames_shape,
 }

@@ -15,7 +15,7 @@ import hashlib
 import os
 import shutil
 import stat
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -58,11 +58,15 @@ class Written:
 
 
 async def write_atomically(
-    root: Path, rel_path: str, chunks: AsyncIterable[bytes], *, expected_length: int | None, row_id: int
+    root: Path, rel_path: str, chunks: AsyncIterable[bytes], *, expected_length: int | None, row_id: int,
+    name_for: Callable[[Path], str] | None = None,
 ) -> Written:
     """Stream ``chunks`` into ``root/rel_path`` atomically; raise :class:`ResultError` if broken.
 
     A broken result (short, empty, not audio) never replaces anything; the temp file is removed.
+    ``name_for`` (run in a thread) sees the complete temp file and returns the final base name
+    in the same folder, so what arrived can decide its own extension; it may raise
+    :class:`ResultError` to refuse it.
     """
     rel = safe_relpath(rel_path)
     folder = await asyncio.to_thread(ensure_dir, root, rel.parent)
@@ -90,6 +94,8 @@ async def write_atomically(
             await asyncio.to_thread(os.fsync, f.fileno())
         finally:
             await asyncio.to_thread(f.close)
+        if name_for is not None:
+            final = folder / safe_relpath(await asyncio.to_thread(name_for, tmp)).name
         await asyncio.to_thread(os.replace, tmp, final)
         await asyncio.to_thread(fsync_dir, folder)
     except BaseException:

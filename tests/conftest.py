@@ -248,7 +248,7 @@ def daemons() -> Iterator[Callable[..., Daemon]]:
 
 
 def _tree_cpu_ticks(pid: int) -> int:
-    """utime+stime of ``pid`` and every live descendant, plus what its reaped children used (clock ticks)."""
+    """utime+stime of ``pid`` and every live descendant, plus what their reaped children used (clock ticks)."""
     total = 0
     todo = [pid]
     while todo:
@@ -258,9 +258,8 @@ def _tree_cpu_ticks(pid: int) -> int:
         except OSError:
             continue  # gone meanwhile: a reaped child's time shows in its parent's cutime/cstime
         # fields[0] is field 3 (state): utime, stime, cutime, cstime are fields 14-17
-        total += int(fields[11]) + int(fields[12])
-        if p == pid:
-            total += int(fields[13]) + int(fields[14])
+        # every live process's own time plus its reaped children's (no longer in the tree)
+        total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
         for task in os.listdir(f"/proc/{p}/task") if os.path.isdir(f"/proc/{p}/task") else []:
             try:
                 todo += [int(c) for c in open(f"/proc/{p}/task/{task}/children").read().split()]

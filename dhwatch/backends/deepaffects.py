@@ -506,8 +506,8 @@ def probe_upload(inbox: Path, rel_path: str, key: str | None = None) -> tuple[st
             f.seek(offset)
             return f.read(size)
 
-        stated = stated_format(read_at, os.fstat(f.fileno()).st_size)
-    if stated is None:
+        stated = stated_format(read_at, os.fstat(f.fileno()).st_size, seconds=False)
+    if stated is None or stated.sample_rate is None:
         raise InvalidFile("the audio header cannot be read (no sample rate found): the file may be damaged", key=key)
     return stated.container, stated.sample_rate
 

@@ -231,7 +231,12 @@ class DeepHearingBackend:
             await response.aclose()
 
     def output_suffix(self, status: RemoteStatus) -> str | None:
-        """The service returns the input's container: the output keeps the input's name."""
+        """Not known in advance: the result's format is undocumented (``model_16k``).
+
+        The fetcher reads what arrived and names the output by its own headers
+        (:class:`~dhwatch.stages.fetcher.ResultCheck`), so a 16 kHz WAV for a FLAC is
+        delivered as ``.wav`` and said so.
+        """
         return None
 
     async def release(self, job_id: str) -> None:

@@ -619,7 +619,7 @@ class DeepAffectsEmulator(EmulatorService):
             # check of it; we refuse a contradiction so a client that describes a file wrongly
             # shows up in tests. The encoding word is not matched against the audio (undocumented).
             stated = _stated_format(spool)
-            if stated is not None and stated.sample_rate != upload.sample_rate:
+            if stated is not None and stated.sample_rate is not None and stated.sample_rate != upload.sample_rate:
                 raise RequestRejected(
                     _message(400, f"Invalid audio: sampleRate {upload.sample_rate} does not match the audio "
                                   f"({stated.sample_rate} Hz)")
@@ -891,7 +891,7 @@ def _stated_format(path: Path) -> StatedFormat | None:
             f.seek(offset)
             return f.read(size)
 
-        return stated_format(read_at, path.stat().st_size)
+        return stated_format(read_at, path.stat().st_size, seconds=False)
 
 
 def _check_fields(scanner: JsonScanner) -> _Upload:

@@ -18,7 +18,9 @@ our own codes: ``BAD_REQUEST`` (broken multipart, duplicate field names, bad fra
 Jobs move ``pending → pre-processing → processing → post-processing → completed`` over
 ``processing_seconds`` (0: finished at the first status request). The result is produced by
 a pluggable :data:`Processor` in a worker thread; the default, :func:`attenuate`, writes real
-audio 6 dB quieter, so a client's output can be checked. ``dhwatch serve`` reuses this whole
+audio 6 dB quieter, so a client's output can be checked. The vendor does not document the
+result's format; :func:`to_16k_mono_wav` (``--result-format 16k-mono-wav``) is our guess at
+the other thing a ``model_16k`` may return, so clients can be tested against it. ``dhwatch serve`` reuses this whole
 server with a real denoiser as the processor.
 
 Faults (see :data:`FAULT_KINDS`) are queued per route for tests (:meth:`DeepHearingEmulator.inject`)
@@ -71,6 +73,7 @@ __all__ = [
     "ProcessedFile",
     "Processor",
     "attenuate",
+    "to_16k_mono_wav",
     "configure_parser",
     "make_fault",
     "new_job_id",
@@ -121,11 +124,13 @@ FAULT_KINDS: dict[str, tuple[str, ...]] = {
     "result_404": ("result",),
     "invalid": ("enhance",),
     "bad_key": ROUTES[:2],
+    "html": ("result",),
 }
 #: the faults a client must survive without failing a file (for soak runs)
 TRANSIENT_FAULTS = ("500", "502", "503", "504", "429", "reset", "slow", "drop", "truncate", "odd_status", "result_404")
 #: kinds that mean something on one route only
-_ROUTE_BOUND = {"stuck": "enhance", "odd_status": "status", "result_404": "result", "invalid": "enhance"}
+_ROUTE_BOUND = {"stuck": "enhance", "odd_status": "status", "result_404": "result", "invalid": "enhance",
+                "html": "result"}
 
 
 # --------------------------------------------------------------------------- processing
@@ -179,6 +184,44 @@ def attenuate(src: Path, dst_dir: Path, filename: str) -> ProcessedFile:
         logger.warning("cannot re-encode %s; serving it unchanged", filename)
         shutil.copyfile(src, dst)
     return ProcessedFile(dst, billed)
+
+
+#: the rate :func:`to_16k_mono_wav` returns (the model's name, ``model_16k``, suggests it)
+GUESSED_RESULT_RATE = 16000
+
+
+def to_16k_mono_wav(src: Path, dst_dir: Path, filename: str) -> ProcessedFile:
+    """A processor for the result format the vendor does not document: 16 kHz mono 16-bit WAV.
+
+    A guess, not the vendor's documented behaviour: the model is named ``model_16k``, so a
+    result may come back downmixed and resampled to 16 kHz, in WAV whatever the input's
+    container. Same duration, 6 dB quieter, named ``<stem>.wav``. Streamed block by block
+    (block-wise polyphase resampling: fine for tests, not for listening).
+    """
+    import numpy as np
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
+    stem = filename.rsplit(".", 1)[0] if "." in filename.strip(".") else filename
+    dst = dst_dir / f"{stem}.wav"
+    gain = 10.0 ** (GAIN_DB / 20.0)
+    with sf.SoundFile(str(src)) as source:
+        billed = source.frames / source.samplerate * source.channels
+        rate = source.samplerate
+        # a block that is a whole number of 1/100 s keeps the resampling ratio exact per block
+        block = max(rate // 100, 1) * 100
+        with sf.SoundFile(str(dst), "w", samplerate=GUESSED_RESULT_RATE, channels=1, subtype="PCM_16",
+                          format="WAV") as sink:  # fmt: skip
+            for data in source.blocks(blocksize=block, dtype="float64", always_2d=True):
+                mono = data.mean(axis=1) * gain
+                if rate != GUESSED_RESULT_RATE:
+                    mono = resample_poly(mono, GUESSED_RESULT_RATE, rate)
+                sink.write(np.clip(mono, -1.0, 1.0))
+    return ProcessedFile(dst, billed)
+
+
+#: ``--result-format`` choices
+RESULT_FORMATS: dict[str, Processor] = {"same": attenuate, "16k-mono-wav": to_16k_mono_wav}
 
 
 # --------------------------------------------------------------------------- jobs
@@ -342,6 +385,8 @@ def make_fault(kind: str, route: str, *, retry_after: float | None = 1.0, slow_s
         return Fault.slow(slow_seconds)
     if kind == "invalid":  # the service's verdict on a file that looks like audio
         return _answering(_api_error(400, "INVALID_FILE", "Invalid file type from input"), label="invalid")
+    if kind == "html":  # a proxy, CDN or captive portal answering 200 with its own page: not the result
+        return _answering(Response(200, _gateway_page(503), content_type="text/html"), label="html")
     if kind == "bad_key":  # one request answered as if the key were unknown
         return _answering(_api_error(401, "API_KEY_NOT_FOUND", "Unregistered API Key"), label="bad_key")
     status = 404 if kind == "result_404" else int(kind)
@@ -806,8 +851,14 @@ class DeepHearingEmulator(EmulatorService):
         return hmac.new(self._secret, f"{job_id}/{name}".encode(), hashlib.sha256).hexdigest()
 
     def _result_url(self, job: _Job) -> str:
-        sig = self._sign(job.job_id, job.result_name)
-        return f"{self.storage.url}/results/{job.job_id}/{quote(job.result_name, safe='')}?sig={sig}"
+        name = job.result_name
+        if job.output is not None:  # a processor may change the container: the URL says so, as storage would
+            stem, dot, ext = name.rpartition(".")
+            suffix = job.output.path.suffix
+            if suffix and f".{ext}".lower() != suffix.lower():
+                name = f"{stem if dot else name}{suffix}"
+        sig = self._sign(job.job_id, name)
+        return f"{self.storage.url}/results/{job.job_id}/{quote(name, safe='')}?sig={sig}"
 
     def _result(self, request: Request) -> Response:
         if request.headers.get("Authorization") is not None:
@@ -822,7 +873,9 @@ class DeepHearingEmulator(EmulatorService):
             job = self._jobs.get(job_id)
         if job is None or job.output is None:
             raise RequestRejected(_storage_error(404, "The specified key does not exist."))
-        content_type = _CONTENT_TYPES.get(job.container, "application/octet-stream")
+        with open(job.output.path, "rb") as f:
+            container = sniff(f.read(SNIFF_BYTES))
+        content_type = _CONTENT_TYPES.get(container or "", "application/octet-stream")
         return Response(200, job.output.path, content_type=content_type)
 
 
@@ -867,6 +920,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--complete-word", choices=COMPLETE_WORDS, default="completed", help="the final job_status word"
     )
     parser.add_argument(
+        "--result-format", choices=sorted(RESULT_FORMATS), default="same",
+        help="what a result is: the input's format 6 dB quieter, or 16 kHz mono WAV "
+        "(the vendor does not document it; a guess from the model's name)",
+    )
+    parser.add_argument(
         "--fault-rate",
         type=_fault_rate,
         action="append",
@@ -890,6 +948,7 @@ def run(args: argparse.Namespace) -> int:
         processing_seconds=args.processing_seconds,
         status_methods=methods,
         complete_word=args.complete_word,
+        processor=RESULT_FORMATS[args.result_format],
         faults=FaultPlan(seed=args.seed),
         host=args.host,
         port=args.port,

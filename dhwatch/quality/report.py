@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dhwatch.audioheader import file_format, format_change
 from dhwatch.delivery import write_json_atomically
 from dhwatch.engine.audio_io import open_audio
 from dhwatch.engine.errors import UnsupportedAudio
@@ -183,6 +184,9 @@ class QualityReport(BaseModel):
     suggestion: str
     #: how it was measured: durations, rates, DNSMOS windows, time spent, vendor job id
     details: dict[str, Any] = Field(default_factory=dict)
+    #: how the output's format differs from the input's, in words (``the denoiser returned
+    #: 16 kHz mono WAV for a 48 kHz stereo FLAC``); None when it is the same or unknown
+    format_change: str | None = None
 
     def to_json(self) -> str:
         """The report as indented JSON (``schema`` spelled without the underscore)."""
@@ -297,7 +301,18 @@ def build_report(
         metrics=results,
         suggestion=overall_suggestion(results, silent=after.true_peak_dbtp is None),
         details=details,
+        format_change=_format_change(input_path, output_path),
     )
+
+
+def _format_change(input_path: Path | None, output_path: Path) -> str | None:
+    """What :func:`~dhwatch.audioheader.format_change` says of the two files' headers, if both can be read."""
+    try:
+        before = file_format(input_path) if input_path is not None else None
+        after = file_format(output_path)
+    except OSError:
+        return None
+    return format_change(before, after) if before is not None and after is not None else None
 
 
 def _utcnow() -> datetime:

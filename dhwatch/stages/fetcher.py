@@ -1,18 +1,31 @@
-"""The fetch stage: download finished results into the outbox, atomically."""
+"""The fetch stage: download finished results into the outbox, atomically.
+
+What arrives is checked before it is delivered: the services do not document their output
+format (DeepHearing's model is ``model_16k``). The result's own headers, read in plain Python
+(the daemon never runs native decoders on downloaded bytes), decide its extension; a result
+in another format than its input is delivered under its honest name and said so in the log
+(``result_format_changed``) and the file's history; one that is not audio, or is missing
+audio, is a failed download (retried, then ``RESULT_UNAVAILABLE``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-from pathlib import PurePosixPath
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 from dhwatch import crashpoints
+from dhwatch.audioformat import EXTENSIONS
+from dhwatch.audioheader import StatedFormat, file_format, format_change, shortfall, stated_format
 from dhwatch.backends.base import RemotePhase, RemoteStatus
 from dhwatch.context import Context
 from dhwatch.delivery import write_atomically
-from dhwatch.errors import JobLost, ResultError, TransientError, TransitionConflict
+from dhwatch.errors import DhwatchError, JobLost, ResultError, TransientError, TransitionConflict
 from dhwatch.ledger import FileRow
 from dhwatch.policy import Backoff, after_failure
+from dhwatch.sourcefile import Identity, opened
 from dhwatch.stages.scheduling import InFlight, fail, requeue_lost, sleep_until_due
 from dhwatch.states import State
 
@@ -61,11 +74,14 @@ class Fetcher:
         suffix = ctx.backend.output_suffix(status)
         if suffix and not rel.lower().endswith(suffix):
             rel = str(PurePosixPath(rel).with_suffix(suffix))
+        check = ResultCheck(PurePosixPath(rel).name, await asyncio.to_thread(input_format, ctx.settings.inbox, row),
+                            taken=self._names_of_others(rel, row.rel_path))
         try:
             with ctx.metrics.api_latency.labels("result").time():
                 async with ctx.backend.open_result(row.job_id or "", status) as stream:
                     written = await write_atomically(
-                        ctx.settings.outbox, rel, stream, expected_length=stream.expected_length, row_id=row.id
+                        ctx.settings.outbox, rel, stream, expected_length=stream.expected_length, row_id=row.id,
+                        name_for=check,
                     )
         except (ResultError, TransientError) as exc:
             ctx.metrics.retries.labels("download").inc()
@@ -80,14 +96,30 @@ class Fetcher:
             self._retry(row, f"cannot write to the outbox: {exc}", counts=False)
             return
         crashpoints.reached("after_output_renamed")
+        if check.note:
+            ctx.log.warning("result_format_changed", file=row.rel_path, row=row.id, job=row.job_id,
+                            output=str(written.path), note=check.note)
         ctx.ledger.transition(
-            row.id, State.FETCHING, State.DELIVERED, now=ctx.clock(), durable=True,
+            row.id, State.FETCHING, State.DELIVERED, now=ctx.clock(), durable=True, detail=check.note,
             output_path=str(written.path), fetch_attempts=row.fetch_attempts + 1,
         )  # fmt: skip
         ctx.metrics.bytes_down.inc(written.size)
         ctx.log.info("file_delivered", file=row.rel_path, row=row.id, job=row.job_id, bytes=written.size,
                      seconds=round(time.monotonic() - t0, 3))
         ctx.kick("finish")
+
+    def _names_of_others(self, rel: str, own: str) -> frozenset[str]:
+        """The names a result of ``rel`` in another container could take that belong to other inputs' outputs.
+
+        ``take.flac`` answered with WAV would become ``take.wav``; if a ``take.wav`` is (or
+        was) an input beside it, that name is its output's, and must not be overwritten.
+        """
+        path = PurePosixPath(rel)
+        candidates = {str(path.with_suffix(f".{extensions[0]}")) for extensions in EXTENSIONS.values()} - {rel, own}
+        ledger = self.ctx.ledger
+        taken = ledger.active_among(candidates) | set(ledger.finished_among(candidates))
+        taken |= {c for c in candidates if os.path.lexists(self.ctx.settings.inbox / c)}
+        return frozenset(PurePosixPath(c).name for c in taken)
 
     def _lost(self, row: FileRow, reason: str) -> None:
         requeue_lost(self.ctx, row.job_id or "", [row], State.FETCHING, reason)
@@ -116,3 +148,54 @@ class Fetcher:
 
     async def aclose(self) -> None:
         await self._running.aclose()
+
+
+def input_format(inbox: Path, row: FileRow) -> StatedFormat | None:
+    """What the row's inbox file holds, from its headers; None if it is gone, changed or unreadable.
+
+    Opened without following links, and read only if it is still the version the row is about.
+    """
+    try:
+        with opened(inbox, row.rel_path) as (fd, identity):
+            if identity != Identity(row.size, row.mtime_ns, row.inode, row.device):
+                return None
+            return stated_format(lambda offset, size: os.pread(fd, size, offset), identity.size)
+    except (OSError, DhwatchError):
+        return None
+
+
+@dataclass
+class ResultCheck:
+    """Decides a downloaded result's final name from its own headers (``write_atomically``'s ``name_for``).
+
+    ``name`` is the name the output would have; ``source`` what the input holds (None when it
+    cannot be read: then only the extension is checked); ``taken`` the names other inputs'
+    outputs own (then ``take.flac.wav`` instead of ``take.wav``). After a call, ``note`` says
+    in words what changed, or is None.
+    """
+
+    name: str
+    source: StatedFormat | None
+    taken: frozenset[str] = frozenset()
+    note: str | None = None
+
+    def __call__(self, downloaded: Path) -> str:
+        result = file_format(downloaded)
+        if result is None:
+            raise ResultError("the service returned something that is not audio")
+        name = self.name
+        stem, dot, ext = name.rpartition(".")
+        if ext.lower() not in EXTENSIONS.get(result.container, ()):
+            name = f"{stem if dot else name}.{EXTENSIONS[result.container][0]}"
+            if name in self.taken:
+                name = f"{self.name}.{EXTENSIONS[result.container][0]}"
+        notes = []
+        if self.source is not None:
+            missing = shortfall(self.source, result)
+            if missing:
+                raise ResultError(missing)
+            notes.append(format_change(self.source, result))
+        if name != self.name:
+            notes.append(f"delivered as {name} (not {self.name}): the result is {result.describe()}")
+        self.note = "; ".join(n for n in notes if n) or None
+        return name

@@ -1,100 +1,20 @@
 """One conformance suite, run against every backend through its emulator (or engine).
 
-Each backend is described by a :class:`Subject`: how to configure a daemon for it, how to
-count the jobs it was asked to run (what would be billed), and how to make it reject a
-file. The same scenarios then hold every backend to the same promises: the happy path,
-its faults, and a crash (SIGKILL) at every point between a side effect and its record.
+Each backend is described by a :class:`~tests.backends.Subject` (shared with the acceptance
+suite on every backend): how to configure a daemon for it, how to count the jobs it was
+asked to run (what would be billed), and how to make it reject a file. The same scenarios
+then hold every backend to the same promises: the happy path, its faults, and a crash
+(SIGKILL) at every point between a side effect and its record.
 """
 
 from __future__ import annotations
-
-import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import soundfile as sf
 
 from dhwatch.crashpoints import POINTS
-from dhwatch.emulators.deephearing import DeepHearingEmulator
-from tests.conftest import API_KEY, Folders, make_audio, write_config
-
-
-@dataclass
-class Subject:
-    """A backend under test."""
-
-    name: str
-    config: Callable[[Folders], Path]
-    #: jobs the service was asked to run (None: not billed, e.g. the local engine)
-    jobs: Callable[[], int] | None
-    #: make the backend itself reject the next file (not dhwatch's own pre-check)
-    reject_next: Callable[[Folders], str]
-    #: fault kinds → inject one of each kind
-    faults: dict[str, Callable[[], None]]
-
-
-def _deephearing() -> Iterator[Subject]:
-    with DeepHearingEmulator(keys={API_KEY}) as emu:
-        yield Subject(
-            name="deephearing",
-            config=lambda f: write_config(f, base_url=emu.base_url),
-            jobs=lambda: len(emu.jobs),
-            reject_next=broken_wav,
-            faults={
-                kind: (lambda k=kind, r=route: emu.inject(k, r, count=2))
-                for kind, route in [("503", "enhance"), ("429", "status"), ("reset", "enhance"),
-                                    ("drop", "enhance"), ("truncate", "result"), ("result_404", "result")]
-            },
-        )
-
-
-def broken_wav(folders: Folders) -> str:
-    """An audio header over garbage: it passes dhwatch's own sniffing; the backend must refuse it."""
-    (folders.inbox / "rejected.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + os.urandom(64))
-    return "rejected.wav"
-
-
-def _local() -> Iterator[Subject]:
-    yield Subject(
-        name="local",
-        config=lambda f: write_config(f, backend="local", api_key=None, local="workers = 2"),
-        jobs=None,
-        reject_next=broken_wav,
-        faults={},
-    )
-
-
-def _deepaffects() -> Iterator[Subject]:
-    from dhwatch.emulators.deepaffects import DeepAffectsEmulator
-    from tests.acceptance.test_deepaffects_daemon import KEY, deepaffects_config
-
-    with DeepAffectsEmulator(keys={KEY}) as emu:
-        yield Subject(
-            name="deepaffects",
-            # a short fallback poll so a lost callback is recovered within the test's time
-            config=lambda f: deepaffects_config(f, emu, fallback=1.0),
-            jobs=lambda: len(emu.jobs),
-            reject_next=broken_wav,
-            faults={
-                kind: (lambda k=kind, r=route: emu.inject(k, r, count=2 if k not in ("lost", "late", "duplicate")
-                                                          else 1))
-                for kind, route in [("503", "denoise"), ("429", "status"), ("reset", "denoise"),
-                                    ("drop", "denoise"), ("lost", "denoise"), ("duplicate", "denoise"),
-                                    ("late", "denoise")]
-            },
-        )
-
-
-SUBJECTS: dict[str, Callable[[], Iterator[Subject]]] = {
-    "deephearing": _deephearing, "local": _local, "deepaffects": _deepaffects,
-}
-
-
-@pytest.fixture(params=sorted(SUBJECTS))
-def subject(request: pytest.FixtureRequest) -> Iterator[Subject]:
-    yield from SUBJECTS[request.param]()
+from tests.backends import Subject, subject  # noqa: F401 - the fixture, parametrised over every backend
+from tests.conftest import Folders, make_audio
 
 
 def _assert_delivered_once(folders: Folders, rels: list[str]) -> None:
