@@ -61,6 +61,17 @@ def next_poll_delay(polls_so_far: int, interval: float, max_interval: float) -> 
     return min(max_interval, interval * (1.5 ** min(polls_so_far, 60)))
 
 
+def stage_retry_delay(failures: int, *, cap: float = 300.0, max_doublings: int = 10) -> float:
+    """Seconds before a stage tries again something that failed ``failures`` times in a row
+    in-process (a folder it cannot write, a ledger it cannot sync, a poll that crashed).
+
+    Doubles from 2 s, at most ``max_doublings`` times, capped at ``cap``: a persistent fault
+    costs a log line now and then, never a core. No jitter: these are local faults, nothing
+    to spread across clients.
+    """
+    return min(cap, 2.0 ** min(max(1, failures), max_doublings))
+
+
 def day_start(now: float) -> float:
     """Local midnight before ``now`` (epoch seconds): where the daily budget starts."""
     t = time.localtime(now)

@@ -43,6 +43,12 @@ def poll_max_interval(ctx: Context) -> float:
 
 
 async def sleep_until_due(ctx: Context, stage: str, states: tuple[State, ...]) -> None:
+    """Sleep until the stage is kicked or its earliest row comes due (at most 1 s)."""
+    wakeup = ctx.wakeup(stage)
+    if wakeup.is_set():  # kicked while working: there may be work now, no need to ask when
+        wakeup.clear()
+        await asyncio.sleep(0)  # still let the others run
+        return
     nxt = ctx.ledger.next_due_at(states)
     timeout = 1.0 if nxt is None else min(1.0, max(0.0, nxt - ctx.clock()))
     await ctx.idle(stage, timeout)
