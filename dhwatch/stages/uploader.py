@@ -107,7 +107,7 @@ class Uploader:
         if not rows:
             return []
         limit = self.ctx.backend.max_batch_files
-        small = getattr(getattr(self.ctx.settings, self.ctx.settings.backend, None), "batch_max_bytes", 0)
+        small = self.ctx.backend.max_batch_bytes
         first = rows[0]
         if first.id in self._solo or first.size >= small or limit <= 1:
             return [first]
