@@ -52,7 +52,7 @@ def run_once(n: int, batch: int, quality: str = "off", seconds: float = 0.1) -> 
         return n / elapsed, rss, emu.enhance_requests
 
 
-def run_burst(n: int, quality: str, source: Path | None, folders: int = 20) -> tuple[float, float]:
+def run_burst(n: int, quality: str, source: Path | None, folders: int = 20) -> tuple[float, float, float]:
     """Issue 12's burst: ``n`` files in ``folders`` folders renamed into a running daemon's inbox."""
     with tempfile.TemporaryDirectory() as tmp, DeepHearingEmulator(keys={KEY}) as emu:
         root = Path(tmp)
@@ -73,11 +73,12 @@ def run_burst(n: int, quality: str, source: Path | None, folders: int = 20) -> t
                 os.rename(staging / f"session{k:02d}", root / "inbox" / f"session{k:02d}")
             daemon.wait("file_done", n, timeout=1800)
             elapsed = time.monotonic() - t0
+            cpu = daemon.cpu_seconds()
             time.sleep(0.5)  # let the last reports start: they belong to the burst's memory
             rss = daemon.tree_peak_mb
         finally:
             daemon.stop()
-        return n / elapsed, rss
+        return n / elapsed, rss, 1000 * cpu / n
 
 
 def burst(n: int, base: Path | None) -> None:
@@ -85,13 +86,13 @@ def burst(n: int, base: Path | None) -> None:
     load = os.getloadavg()
     print(f"burst: {n} files of 0.1 s in 20 folders renamed into the inbox; load average before: "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (2 cores)")
-    print("| tree | quality | files/s | peak RSS, daemon tree (MiB) |")
-    print("|---|---|---:|---:|")
+    print("| tree | quality | files/s | peak RSS, daemon tree (MiB) | daemon CPU ms/file |")
+    print("|---|---|---:|---:|---:|")
     trees: list[tuple[str, Path | None]] = ([("base", base)] if base else []) + [("this", None)]
     for quality in ("off", "local"):
         for name, source in trees:
-            rate, rss = run_burst(n, quality, source)
-            print(f"| {name} | {quality} | {rate:.1f} | {rss:.0f} |", flush=True)
+            rate, rss, cpu = run_burst(n, quality, source)
+            print(f"| {name} | {quality} | {rate:.1f} | {rss:.0f} | {cpu:.1f} |", flush=True)
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 

@@ -73,7 +73,7 @@ class Daemon:
 
     ``source``: run the dhwatch package found in that folder instead of the installed one
     (to compare a baseline checkout with this one in the same run). The peak RSS of the
-    daemon's whole process tree (workers included) is sampled every 50 ms.
+    daemon's whole process tree (workers included) is sampled every 100 ms.
     """
 
     def __init__(self, config: Path, source: Path | None = None) -> None:
@@ -95,7 +95,7 @@ class Daemon:
     def _sample(self) -> None:
         while self.proc.poll() is None:
             self.tree_peak_mb = max(self.tree_peak_mb, tree_rss_mb(self.proc.pid))
-            time.sleep(0.05)
+            time.sleep(0.1)
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -104,6 +104,7 @@ class Daemon:
                 event = json.loads(line)
             except ValueError:
                 continue
+            event["_t"] = time.monotonic()
             self.events.append(event)
             name = str(event.get("event"))
             self.counts[name] = self.counts.get(name, 0) + 1
@@ -124,6 +125,11 @@ class Daemon:
 
     def peak_rss_mb(self) -> float:
         return peak_rss_mb(self.proc.pid)
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the daemon process itself has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
