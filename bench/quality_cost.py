@@ -8,6 +8,13 @@ same file. Run from the repository root::
 
     .venv/bin/python bench/quality_cost.py                 # 0.25, 1 and 10 minutes, 48 kHz mono
     .venv/bin/python bench/quality_cost.py --minutes 1 5 --channels 2 --rate 44100
+    .venv/bin/python bench/quality_cost.py --daemon              # memory and stop time, see below
+
+``--daemon`` measures what reports cost the running daemon instead: the peak RSS of the
+whole process tree (the daemon plus its report worker, sampled every 50 ms) with reports
+on (``quality = "local"``, with and without DNSMOS) and off, for (a) one 9-hour 16 kHz
+mono 1 GiB WAV delivered through the DeepHearing emulator and (b) 2,000 small files; and
+the time from SIGTERM to the daemon's exit while the 9-hour file's report is being made.
 
 Audio: the speech-like test signal of ``tests/unit/test_quality_metrics.py`` plus white
 noise at 10 dB SNR (the output is the same speech 50 dB cleaner, so the two files differ
@@ -18,8 +25,11 @@ CI machine expect +/-10 %.
 from __future__ import annotations
 
 import argparse
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +38,11 @@ import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Daemon, small_wav_bytes, unique_copies, write_config  # noqa: E402
+
+from dhwatch.emulators.deephearing import DeepHearingEmulator  # noqa: E402
 from dhwatch.quality import AnalysisOptions, build_report  # noqa: E402
 from dhwatch.quality.metrics import dnsmos_unavailable_reason  # noqa: E402
 from tests.unit.test_quality_metrics import add_noise, speech_like  # noqa: E402
@@ -76,7 +91,17 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=48_000)
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--no-denoiser", action="store_true", help="skip timing the local engine")
+    parser.add_argument("--daemon", action="store_true", help="peak RSS of the daemon's tree and SIGTERM time instead")
+    parser.add_argument("--hours", type=float, default=9.32, help="--daemon: length of the long file (9.32 h = 1 GiB)")
+    parser.add_argument("--files", type=int, default=2000, help="--daemon: how many small files")
+    parser.add_argument("--only", choices=["long", "small"], help="--daemon: run one of the two cases")
+    parser.add_argument("--no-sigterm", action="store_true",
+                        help="--daemon: let the long file's report finish uninterrupted (to compare with a "
+                             "dhwatch whose stop waits for the report)")
     args = parser.parse_args()
+    if args.daemon:
+        daemon_costs(args.hours, args.files, args.only, sigterm=not args.no_sigterm)
+        return
     dnsmos = dnsmos_unavailable_reason()
     print(f"{args.rate} Hz, {args.channels} ch; DNSMOS: {dnsmos or 'available'}")
     with tempfile.TemporaryDirectory(prefix="dhwatch-bench-") as tmp:
@@ -99,6 +124,154 @@ def main() -> None:
             )
             print("  ".join(f"{c:>17}" for c in cells))
         print("report = input and output both measured; s/min = seconds of wall clock per minute of audio")
+
+
+
+# --------------------------------------------------------------------------------------
+# --daemon: what reports cost the running daemon
+
+KEY = "bench-key"
+#: the report settings compared
+QUALITY = {"off": 'quality = "off"', "local": 'quality = "local"',
+           "local, no DNSMOS": 'quality = "local"\nquality_dnsmos = false'}
+
+
+class TreeRss:
+    """Samples the summed RSS of a process and all its descendants every 50 ms; keeps the peak."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak_mb = max(self.peak_mb, tree_rss_mb(self.pid))
+
+    def stop(self) -> float:
+        """Stop sampling; the peak in MiB."""
+        self._stop.set()
+        self._thread.join(2)
+        return self.peak_mb
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Current RSS of ``pid`` and every descendant, in MiB (0 for processes already gone)."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return total / 1024
+
+
+def write_long_wav(path: Path, hours: float) -> None:
+    """A ``hours``-long 16 kHz mono 16-bit WAV (phrases of a tone over noise), written in 10-minute pieces."""
+    import soundfile as sf
+
+    sr, piece = 16_000, 600
+    rng = np.random.default_rng(1)
+    t = np.arange(piece * sr) / sr
+    speech = 0.2 * np.sin(2 * np.pi * 180 * t) * (np.sin(2 * np.pi * 0.3 * t) > 0.2)
+    total = int(hours * 3600 * sr)
+    with sf.SoundFile(path, "w", sr, 1, subtype="PCM_16") as out:
+        written = 0
+        while written < total:
+            n = min(piece * sr, total - written)
+            out.write((speech[:n] + 0.003 * rng.standard_normal(n)).astype(np.float32))
+            written += n
+
+
+def hours_of(path: Path) -> float:
+    """Length of a 16 kHz mono 16-bit WAV in hours."""
+    return path.stat().st_size / (2 * 16_000 * 3600)
+
+
+def bench_config(root: Path, base_url: str, quality: str) -> Path:
+    """The harness config with a quality setting, long files allowed, debug log (report start events)."""
+    config = write_config(root, base_url, KEY, rescan_interval=3600.0, max_duration_seconds=10 * 86400.0,
+                          log_level="debug", deephearing__read_timeout=3600, deephearing__job_timeout=7200)
+    lines = [line for line in config.read_text().splitlines() if not line.startswith("quality")]
+    config.write_text("\n".join(QUALITY[quality].splitlines() + lines) + "\n")
+    return config
+
+
+def run_long(src: Path, quality: str, sigterm: bool = True) -> tuple[float, float | None]:
+    """Deliver ``src`` (and make its report); peak tree RSS in MiB, and SIGTERM-to-exit seconds
+    during its report (reports on: the report is interrupted 20 s in, then made by a second start)."""
+    with tempfile.TemporaryDirectory(prefix="dhwatch-bench-") as tmp, DeepHearingEmulator(keys={KEY}) as emu:
+        root = Path(tmp)
+        config = bench_config(root, emu.base_url, quality)
+        shutil.copyfile(src, root / "inbox" / src.name)  # a copy: dhwatch refuses hard-linked files
+        daemon = Daemon(config)
+        rss = TreeRss(daemon.proc.pid)
+        stop_s: float | None = None
+        try:
+            if quality == "off":
+                daemon.wait("file_done", 1, timeout=7200)
+            elif not sigterm:
+                daemon.wait("quality_report", 1, timeout=7200)
+            else:
+                daemon.wait("quality_report_started", 1, timeout=7200)
+                time.sleep(min(20.0, hours_of(src) * 10))  # well into the report
+                sent = time.monotonic()
+                daemon.proc.send_signal(signal.SIGTERM)
+                daemon.proc.wait(60)
+                stop_s = time.monotonic() - sent
+                if not daemon.count("quality_report"):  # unfinished: the next start makes the report
+                    peak = rss.stop()
+                    daemon = Daemon(config)
+                    rss = TreeRss(daemon.proc.pid)
+                    rss.peak_mb = peak
+                    daemon.wait("quality_report", 1, timeout=7200)
+        finally:
+            peak = rss.stop()
+            daemon.stop()
+        return peak, stop_s
+
+
+def run_small(n: int, quality: str) -> float:
+    """Drain ``n`` small files (and make their reports); peak tree RSS in MiB."""
+    with tempfile.TemporaryDirectory(prefix="dhwatch-bench-") as tmp, DeepHearingEmulator(keys={KEY}) as emu:
+        root = Path(tmp)
+        config = bench_config(root, emu.base_url, quality)
+        unique_copies(root / "inbox", n, small_wav_bytes(0.5))
+        daemon = Daemon(config)
+        rss = TreeRss(daemon.proc.pid)
+        try:
+            daemon.wait("file_done" if quality == "off" else "quality_report", n, timeout=7200)
+        finally:
+            peak = rss.stop()
+            daemon.stop()
+        return peak
+
+
+def daemon_costs(hours: float, files: int, only: str | None, *, sigterm: bool = True) -> None:
+    """Print the peak RSS of the daemon's process tree with reports on and off, and the SIGTERM time."""
+    print(f"peak RSS of the daemon's process tree (daemon + report worker, sampled every 50 ms), MiB; "
+          f"DNSMOS: {dnsmos_unavailable_reason() or 'available'}", flush=True)
+    if only in (None, "long"):
+        with tempfile.TemporaryDirectory(prefix="dhwatch-bench-long-") as tmp:
+            src = Path(tmp) / "long.wav"
+            write_long_wav(src, hours)
+            print(f"(a) one {hours:g} h 16 kHz mono WAV ({src.stat().st_size / 2**30:.2f} GiB) through the "
+                  "DeepHearing emulator", flush=True)
+            for quality in QUALITY:
+                peak, stop_s = run_long(src, quality, sigterm)
+                stop = f"; SIGTERM during its report -> exit in {stop_s:.2f} s" if stop_s is not None else ""
+                print(f"    {quality:>16}: {peak:6.0f} MiB{stop}", flush=True)
+    if only in (None, "small"):
+        print(f"(b) {files} small files (0.5 s each)", flush=True)
+        for quality in QUALITY:
+            print(f"    {quality:>16}: {run_small(files, quality):6.0f} MiB", flush=True)
 
 
 if __name__ == "__main__":

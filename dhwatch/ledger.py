@@ -93,6 +93,20 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX files_billed ON files(submitted_at, billed_seconds) WHERE billed_seconds IS NOT NULL AND adopted = 0;
     """,
+    # 4: the MetaStudio assessment jobs of a pending quality report (quality = "huawei"), so a
+    # restart follows them instead of paying for new ones; side is 'before' (the original)
+    # or 'after' (the output); the signed upload URL lets a job created but not yet
+    # uploaded be finished
+    """
+    CREATE TABLE assessments (
+        file_id    INTEGER NOT NULL REFERENCES files(id),
+        side       TEXT    NOT NULL,
+        job_id     TEXT    NOT NULL,
+        upload_url TEXT    NOT NULL,
+        created_at REAL    NOT NULL,
+        PRIMARY KEY (file_id, side)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -680,6 +694,24 @@ class Ledger:
             (State.DONE.value, limit),
         )
         return [FileRow.from_sql(r) for r in rows]
+
+    def assessment_jobs(self, row_id: int) -> dict[str, tuple[str, str]]:
+        """The MetaStudio jobs of this row's pending report: side -> (job_id, upload_url)."""
+        rows = self._conn.execute("SELECT side, job_id, upload_url FROM assessments WHERE file_id = ?", (row_id,))
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def record_assessment_job(self, row_id: int, side: str, job_id: str, upload_url: str, *, now: float) -> None:
+        """Remember a just-created assessment job, durably: a restart must follow it, not pay for another."""
+        with self._tx(durable=True) as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO assessments (file_id, side, job_id, upload_url, created_at) VALUES (?, ?, ?, ?, ?)",
+                (row_id, side, job_id, upload_url, now),
+            )
+
+    def forget_assessment_jobs(self, row_id: int) -> None:
+        """The report is made (or given up): its jobs need no following any more."""
+        with self._tx() as conn:
+            conn.execute("DELETE FROM assessments WHERE file_id = ?", (row_id,))
 
     def rows_for_job(self, job_id: str, state: State) -> list[FileRow]:
         rows = self._conn.execute("SELECT * FROM files WHERE job_id = ? AND state = ? ORDER BY id", (job_id, state.value))

@@ -7,28 +7,36 @@ with ``on_success = "keep"``). With ``on_success = "delete"`` there is no origin
 afterwards, so that one report is made by the finisher just before the delete.
 
 Local reports are built one at a time in a long-lived worker *process* at the lowest CPU
-priority (nice 19): they use only idle CPU, never the daemon's GIL, and the analysis's
-memory (the DNSMOS ONNX session is ~200 MB) stays out of the daemon (bench/drain.py
-``--quality both`` measures the difference). A crashed worker is replaced; a report that
-cannot be made is logged and marked failed; it never fails the file.
+priority (nice 19; :mod:`dhwatch.quality.worker`): they use only idle CPU, never the
+daemon's GIL, and the analysis's memory stays out of the daemon (``bench/quality_cost.py
+--daemon`` measures the whole process tree). A crashed worker is replaced; a report that
+cannot be made is logged and marked failed; it never fails the file. When no report has
+been pending for a while the worker is stopped, so an idle daemon holds none of the
+analysis's memory (a new worker starts, in a few seconds, when the next file is done).
+
+A stop never waits for a report: the stopping daemon cancels the report being made, which
+kills the worker; the row's ``quality_status`` stays ``pending`` and the report is made
+after the next start. When the finisher was making the report just before deleting the
+original (``on_success = "delete"``), the cancellation stops the finisher too, before the
+delete: the row stays DELIVERED with its original in the inbox, and the next start
+measures and deletes it then.
 """
 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
-import os
-import signal
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+import time
 from pathlib import Path
 from typing import Any
 
 from dhwatch.context import Context
 from dhwatch.errors import DhwatchError
 from dhwatch.ledger import FileRow
+from dhwatch.quality.worker import MadeReport, ReportWorker, write_made_report
 from dhwatch.states import State
+
+#: a report worker with nothing to do for this long is stopped (a new one starts in seconds)
+WORKER_IDLE_SECONDS = 30.0
 
 
 class Reporter:
@@ -38,7 +46,7 @@ class Reporter:
         self.ctx = ctx
         self._client: Any = None
         self._lock = asyncio.Lock()
-        self._pool: ProcessPoolExecutor | None = None
+        self._worker = ReportWorker()
 
     @property
     def enabled(self) -> bool:
@@ -46,12 +54,17 @@ class Reporter:
 
     async def run(self) -> None:
         ctx = self.ctx
+        idle_since = time.monotonic()
         while True:
             ctx.beat("report")
             rows = ctx.ledger.quality_pending(8) if self.enabled else []
             for row in rows:
                 await self.report(row, original=_original_of(row, ctx))
-            if not rows:
+            if rows:
+                idle_since = time.monotonic()
+            else:
+                if time.monotonic() - idle_since > WORKER_IDLE_SECONDS and not self._lock.locked():
+                    self._worker.kill()  # nothing to do for a while: give its memory back until there is
                 await ctx.idle("report", 5.0)
 
     async def report(self, row: FileRow, original: Path | None) -> None:
@@ -61,14 +74,10 @@ class Reporter:
             return
         output = Path(row.output_path)
         async with self._lock:
+            ctx.log.debug("quality_report_started", file=row.rel_path, row=row.id)
             try:
-                made = await self._build(original, output)
-            except BrokenProcessPool:
-                self._pool = None  # the worker died (OOM, a native crash): a fresh one next time
-                ctx.log.warning("quality_report_failed", file=row.rel_path, row=row.id, error="report worker crashed")
-                self._record(row, "failed", None)
-                return
-            except (DhwatchError, OSError) as exc:
+                made = await self._build(row, original, output)
+            except (DhwatchError, OSError) as exc:  # a ReportWorkerCrashed too: a fresh worker next time
                 ctx.log.warning("quality_report_failed", file=row.rel_path, row=row.id, error=str(exc))
                 self._record(row, "failed", None)
                 return
@@ -76,17 +85,28 @@ class Reporter:
         ctx.log.info("quality_report", file=row.rel_path, row=row.id, report=made.path,
                      problems=made.problems, suggestion=made.suggestion)
 
-    async def _build(self, original: Path | None, output: Path) -> MadeReport:
+    async def _build(self, row: FileRow, original: Path | None, output: Path) -> MadeReport:
         settings = self.ctx.settings
         if settings.quality == "huawei":
-            report = await self._metastudio().assess(output, input_path=original)
-            return await asyncio.to_thread(_write, report, output)
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_background_worker
-            )
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, _local_report, original, output, settings.quality_dnsmos)
+            report = await self._assess(row, original, output)
+            return await asyncio.to_thread(write_made_report, report, output)
+        return await self._worker.build(original, output, settings.quality_dnsmos)
+
+    async def _assess(self, row: FileRow, original: Path | None, output: Path) -> Any:
+        """MetaStudio's assessment; its jobs are kept in the ledger, so a restart follows them
+        instead of paying for new ones."""
+        from dhwatch.quality.metastudio import CreatedJob
+
+        ctx = self.ctx
+        known = {side: CreatedJob(job_id, url) for side, (job_id, url) in ctx.ledger.assessment_jobs(row.id).items()}
+        if known:
+            ctx.log.info("quality_assessment_resumed", file=row.rel_path, row=row.id,
+                         jobs={side: job.job_id for side, job in known.items()})
+
+        def created(side: str, job: CreatedJob) -> None:
+            ctx.ledger.record_assessment_job(row.id, side, job.job_id, job.data_uploading_url, now=ctx.clock())
+
+        return await self._metastudio().assess(output, input_path=original, known=known, on_created=created)
 
     def _metastudio(self) -> Any:
         if self._client is None:
@@ -104,53 +124,15 @@ class Reporter:
         try:
             current = ctx.ledger.get(row.id)
             ctx.ledger.update(row.id, current.state, now=ctx.clock(), quality_status=status, quality=report_json)
+            ctx.ledger.forget_assessment_jobs(row.id)
         except DhwatchError as exc:
             ctx.log.warning("quality_record_failed", row=row.id, error=str(exc))
 
     async def aclose(self) -> None:
+        """Stop at once: kill the report worker (an unfinished report stays pending), close the client."""
+        await self._worker.aclose()
         if self._client is not None:
             await self._client.aclose()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-
-
-def _background_worker() -> None:
-    """In the report worker: lowest CPU priority, deaf to Ctrl-C (it reaches the whole terminal's
-    process group; the daemon stops this worker itself), and die with the daemon."""
-    from dhwatch.engine.worker import die_with_parent
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.nice(19)
-    die_with_parent()
-
-
-@dataclass(frozen=True)
-class MadeReport:
-    """A written report, as plain data (it crosses the process boundary)."""
-
-    path: str
-    json: str
-    problems: list[str]
-    suggestion: str
-
-
-def _write(report: Any, output: Path) -> MadeReport:
-    from dhwatch.quality import report_path_for, write_report
-
-    target = report_path_for(output)
-    write_report(report, target)
-    return MadeReport(str(target), report.to_json(), report.problems(), report.suggestion)
-
-
-def _local_report(original: Path | None, output: Path, dnsmos: bool) -> MadeReport:
-    """Runs in the report worker process: measure both files, write the report beside the output.
-
-    The daemon never imports the analysis (numpy/scipy/ONNX): its memory stays small.
-    """
-    from dhwatch.quality import AnalysisOptions, build_report
-
-    return _write(build_report(original, output, options=AnalysisOptions(dnsmos=dnsmos)), output)
 
 
 def _original_of(row: FileRow, ctx: Context) -> Path | None:

@@ -28,7 +28,12 @@ formats are not documented; these texts are this emulator's choice).
 Faults (:data:`FAULT_KINDS`): 429 (APIG throttling JSON, ``Retry-After``), 500 (API JSON),
 502/503/504 (a gateway's HTML, or OBS XML on storage), ``reset``, ``slow``, ``drop`` on
 any route; ``stuck`` (the job stays PROCESSING forever) and ``failed`` (the job ends
-FAILED) on the commit route. Queue them with :meth:`MetaStudioEmulator.inject`.
+FAILED) on the commit route. Queue them with :meth:`MetaStudioEmulator.inject`;
+:meth:`MetaStudioEmulator.hold_state` puts the next jobs in any state of the SDK's
+``JobState`` (``USER_RESULT_REVIEW``, ``USER_REVIEW_REJECT``...).
+
+An unknown job id answers 400 ``{"error_code", "error_msg"}``, the only documented error
+shape (the docs do not say what the service answers for it; the code is a guess).
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from dhwatch.emulators.httpserver import (
     Response,
     Route,
 )
+from dhwatch.quality.metastudio import FAILURE_STATES, JobState
 from dhwatch.quality.metrics import Measurements
 from dhwatch.quality.report import DEFAULT_EXPECTED, AnalysisOptions, ExpectedRange, measure_file
 
@@ -356,6 +362,17 @@ class MetaStudioEmulator(EmulatorService):
         with self._lock:
             self._tokens = frozenset(tokens)
 
+    def hold_state(self, state: str, count: int = 1) -> None:
+        """The next ``count`` committed jobs take ``state`` (any of the SDK's :class:`JobState`).
+
+        A running or review state is kept for good (``USER_RESULT_REVIEW``: nobody ever
+        reviews); a failure state (``FAILED``, ``*_FAILED``, ``USER_REVIEW_REJECT``) ends the
+        job once ``processing_seconds`` are over. ``SUCCEED`` is the normal course.
+        """
+        if state not in JobState.__members__:
+            raise ValueError(f"unknown state {state!r}; the SDK's are {', '.join(JobState)}")
+        self.faults.queue("commit", Fault.custom(f"state:{state}"), count)
+
     def inject(self, kind: str, route: str | None = None, count: int = 1) -> None:
         """Make the next ``count`` requests to ``route`` (default: the kind's first) fail with ``kind``."""
         routes = FAULT_KINDS.get(kind)
@@ -381,7 +398,9 @@ class MetaStudioEmulator(EmulatorService):
         with self._lock:
             job = self._jobs.get(request.params["job_id"])
         if job is None:
-            raise RequestRejected(_api_error(404, "MSS.00000404", "The job does not exist"))
+            # Documented: only 200 and 400 (``{"error_code", "error_msg"}``). What the service
+            # says for an unknown job id is not: this code and text are the emulator's guess.
+            raise RequestRejected(_api_error(400, "MSS.00000004", f"The job {request.params['job_id']} does not exist"))
         return job
 
     def _create(self, request: Request) -> Response:
@@ -415,7 +434,7 @@ class MetaStudioEmulator(EmulatorService):
             audio = _audio_member(job.package)
             if audio is None:
                 raise RequestRejected(_api_error(400, "MSS.00000023", "The package is not a zip holding audio"))
-            if request.fault is not None and request.fault.label in ("stuck", "failed"):
+            if request.fault is not None and request.fault.label.startswith(("stuck", "failed", "state:")):
                 job.mode = request.fault.label
             job.committed_at = self._clock()
         assert self._executor is not None
@@ -457,13 +476,16 @@ class MetaStudioEmulator(EmulatorService):
         """The job's state now, and (code, reason) when it failed."""
         if job.committed_at is None:
             return ("UPLOADING" if job.package is not None else "CREATING"), None
-        if job.mode == "stuck":
-            return "PROCESSING", None
+        held = job.mode.removeprefix("state:") if job.mode.startswith("state:") else None
+        if job.mode == "stuck" or (held is not None and held not in FAILURE_STATES):
+            return held or "PROCESSING", None
         running = state_at(self._clock() - job.committed_at, self.processing_seconds, review=self.review)
         if running is not None:
             return running, None
         if job.mode == "failed":
             return "FAILED", ("MSS.00000031", "The audio quality assessment failed")
+        if held is not None:  # a failure state: what code and reason come with it is not documented
+            return held, ("MSS.00000034", f"The job ended {held}")
         if not job.done.wait(self.status_wait):
             return "PROCESSING", None
         if job.error is not None:

@@ -20,7 +20,7 @@ Errors, by type (all :class:`~dhwatch.errors.BackendError`)::
     ├── MetaStudioAuthError     (AuthError) 401/403 or an IAM/APIG auth code: the token is refused
     ├── MetaStudioUnavailable   (TransientError) network faults, 408, 429, 5xx: retried briefly
     ├── MetaStudioProtocolError an answer that is not what the docs describe
-    ├── AssessmentJobLost       (JobLost) 404 for the job: the service forgot it
+    ├── AssessmentJobLost       (JobLost) the service does not know the job (a 400 saying so, or a 404)
     ├── AssessmentFailed        (JobFailed) FAILED / *_FAILED states, with job_failed_code/reason
     └── AssessmentTimedOut      (JobFailed) the job did not finish before the deadline
 
@@ -32,7 +32,12 @@ an orphan job on the service, which costs nothing but a line in its console.
 What the docs leave open, and what this client assumes: the zip holds the audio file
 alone, under its own base name; ``actual``/``expected`` are free text, so numbers and
 ranges are parsed leniently (the raw text is kept in each metric's ``note``); ``sound`` is
-reported under its own name because its meaning is not documented.
+reported under its own name because its meaning is not documented; what each
+:class:`JobState` means for an assessment is read from its name; an unknown job id may
+answer a 400 saying so or a 404 (only 200 and 400 are documented).
+
+An assessment may take minutes, so its jobs outlive a restart: :meth:`MetaStudioClient.assess`
+reports every job it creates (``on_created``) and follows jobs created before (``known``).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import time
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
@@ -59,16 +65,61 @@ from dhwatch.quality.report import Actual, ExpectedRange, MetricResult, QualityR
 
 TokenProvider = Callable[[], "str | None"]
 
-#: states that end a short job well / badly; everything else (documented or not) is "still running"
-SUCCESS_STATES = frozenset({"SUCCEED"})
-FAILURE_STATES = frozenset({"FAILED", "AUDIT_FAILED", "SPLIT_FAILED"})
-#: the documented states of a job still on its way, review states included
-RUNNING_STATES = frozenset(
-    {
-        "CREATING", "UPLOADING", "WAITING", "PROCESSING",
-        "SYSTEM_AUDITING", "AUDITING", "RESULT_REVIEW", "WAITING_SPLIT", "SPLITTING", "ANNOTATING",
-    }
+class JobState(StrEnum):
+    """Every ``state`` of a short job: the SDK's ``JobState`` (huaweicloud-sdk-python-v3,
+    ``metastudio/v1/model/job_state.py``; the web page omits the two ``USER_*`` ones).
+
+    What each means for an assessment is this client's reading of the names (the docs
+    list them without a word): see :data:`SUCCESS_STATES`, :data:`FAILURE_STATES` and
+    :data:`RUNNING_STATES`.
+    """
+
+    #: the job exists; no data uploaded yet
+    CREATING = "CREATING"
+    #: the data is being (or has been) uploaded; not committed yet
+    UPLOADING = "UPLOADING"
+    #: automatic content review of the data
+    SYSTEM_AUDITING = "SYSTEM_AUDITING"
+    #: manual content review of the data
+    AUDITING = "AUDITING"
+    #: content review refused the data (terminal)
+    AUDIT_FAILED = "AUDIT_FAILED"
+    #: queued for splitting the audio
+    WAITING_SPLIT = "WAITING_SPLIT"
+    #: the audio is being split
+    SPLITTING = "SPLITTING"
+    #: the audio could not be split (terminal)
+    SPLIT_FAILED = "SPLIT_FAILED"
+    #: being annotated
+    ANNOTATING = "ANNOTATING"
+    #: queued for processing
+    WAITING = "WAITING"
+    #: being processed
+    PROCESSING = "PROCESSING"
+    #: the result is reviewed by the platform
+    RESULT_REVIEW = "RESULT_REVIEW"
+    #: the result waits for the *user's* review in the MetaStudio console: nothing dhwatch
+    #: can do; it waits until its deadline and then says so
+    USER_RESULT_REVIEW = "USER_RESULT_REVIEW"
+    #: the user rejected the result in that review (terminal: no result will come)
+    USER_REVIEW_REJECT = "USER_REVIEW_REJECT"
+    #: the job failed (terminal); job_failed_code/job_failed_reason say why
+    FAILED = "FAILED"
+    #: done: assess_result holds the assessment (terminal)
+    SUCCEED = "SUCCEED"
+
+
+#: the state that ends a short job well
+SUCCESS_STATES = frozenset({JobState.SUCCEED})
+#: states that end it without a result
+FAILURE_STATES = frozenset(
+    {JobState.FAILED, JobState.AUDIT_FAILED, JobState.SPLIT_FAILED, JobState.USER_REVIEW_REJECT}
 )
+#: states of a job still on its way (review states included); a state not documented at
+#: all is treated the same (only the deadline ends it)
+RUNNING_STATES = frozenset(JobState) - SUCCESS_STATES - FAILURE_STATES
+#: running states that wait for a person, said in the timeout message
+_REVIEW_STATES = frozenset({JobState.SYSTEM_AUDITING, JobState.AUDITING, JobState.RESULT_REVIEW})
 #: the assess_result metrics, and the report names they are filed under
 VENDOR_METRICS: Mapping[str, str] = {
     "speed": "speech_rate",
@@ -80,6 +131,10 @@ VENDOR_METRICS: Mapping[str, str] = {
 }
 #: error-code prefixes of Huawei's API gateway and IAM that mean "your credentials are refused"
 _AUTH_CODE_PREFIXES = ("APIGW.0301", "APIGW.0302", "APIGW.0303", "APIGW.0305", "APIGW.0307", "IAM.")
+#: an ``error_msg`` that says the job id is unknown. Only 200 and 400 are documented for a
+#: query, and neither the error_code nor the text of "no such job" is: this matches what
+#: such a message plausibly says, in English or Chinese
+_UNKNOWN_JOB = re.compile(r"\b(job|task)\b.*\b(not (exist|found)|does ?n[o']t exist|unknown)|不存在", re.IGNORECASE)
 #: job ids go into URL paths: accept only what the docs show (uuid-like)
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
@@ -141,7 +196,11 @@ class MetaStudioProtocolError(MetaStudioError):
 
 
 class AssessmentJobLost(MetaStudioError, JobLost):
-    """The service answers 404 for a job it created: start a new assessment."""
+    """The service does not know the job: start a new assessment.
+
+    Only 200 and 400 are documented, so a 400 whose ``error_msg`` says the job does not
+    exist counts, and so does a 404 (what gateways answer for an unknown resource).
+    """
 
     code = "JOB_LOST"
 
@@ -321,19 +380,39 @@ class MetaStudioClient:
 
     # ------------------------------------------------------------------ the whole thing
 
-    async def assess(self, output_path: Path, *, input_path: Path | None = None) -> QualityReport:
+    async def assess(
+        self,
+        output_path: Path,
+        *,
+        input_path: Path | None = None,
+        known: Mapping[str, CreatedJob] | None = None,
+        on_created: Callable[[str, CreatedJob], None] | None = None,
+    ) -> QualityReport:
         """Assess the output (and, concurrently, the input) and return the report.
+
+        ``known`` holds jobs created for this report before a restart, by side (``"after"``
+        for the output, ``"before"`` for the input): they are followed, not created again.
+        ``on_created(side, job)`` is called as soon as a new job exists, so the caller can
+        remember it durably before anything else happens.
 
         Raises the errors in the module docstring; an input whose assessment fails only
         leaves ``before`` empty (the reason is in ``details["input_error"]``).
         """
         started = self._clock()
+        known = known or {}
+
+        def recorder(side: str) -> Callable[[CreatedJob], None] | None:
+            return None if on_created is None else (lambda job: on_created(side, job))
+
+        after_call = self.assess_file(output_path, known=known.get("after"), on_created=recorder("after"))
         if input_path is None:
-            after = await self.assess_file(output_path)
+            after = await after_call
             before: Assessment | BaseException | None = None
         else:
             before, after_or_error = await asyncio.gather(
-                self.assess_file(input_path), self.assess_file(output_path), return_exceptions=True
+                self.assess_file(input_path, known=known.get("before"), on_created=recorder("before")),
+                after_call,
+                return_exceptions=True,
             )
             if isinstance(after_or_error, BaseException):
                 raise after_or_error
@@ -351,20 +430,54 @@ class MetaStudioClient:
             after.result, before_result, input_path=input_path, output_path=output_path, details=details
         )
 
-    async def assess_file(self, path: Path) -> Assessment:
-        """Create, upload, commit and wait for one file's assessment."""
+    async def assess_file(
+        self, path: Path, *, known: CreatedJob | None = None, on_created: Callable[[CreatedJob], None] | None = None
+    ) -> Assessment:
+        """Create, upload, commit and wait for one file's assessment.
+
+        With ``known`` (a job created before a restart) that job is followed wherever it
+        got to: uploaded and committed if it had not been, then waited for. A new job is
+        created only when the service no longer knows it, or its upload URL has expired
+        before the data got there.
+        """
         started = self._clock()
+        if known is not None:
+            try:
+                resumed = await self._resume(known, path, started + self.deadline)
+            except AssessmentJobLost:
+                resumed = None
+            if resumed is not None:
+                assert resumed.assess_result is not None
+                return Assessment(known.job_id, resumed.assess_result, self._clock() - started)
         job = await self.create_job()
+        if on_created is not None:
+            on_created(job)
+        await self._send(job, path)
+        await self.commit(job.job_id)
+        finished = await self.wait(job.job_id, started + self.deadline)
+        assert finished.assess_result is not None
+        return Assessment(job.job_id, finished.assess_result, self._clock() - started)
+
+    async def _resume(self, job: CreatedJob, path: Path, deadline: float) -> ShortJob | None:
+        """Carry on with a job created before a restart; None if it must be replaced by a new one."""
+        state = (await self.query(job.job_id)).state.upper()
+        if state == JobState.CREATING:  # created, the upload never finished
+            try:
+                await self._send(job, path)
+            except MetaStudioRejected:  # the signed URL expired (or no longer takes data)
+                return None
+        if state in (JobState.CREATING, JobState.UPLOADING):
+            await self.commit(job.job_id)
+        return await self.wait(job.job_id, deadline)
+
+    async def _send(self, job: CreatedJob, path: Path) -> None:
+        """Zip ``path`` in a temporary folder and upload it to the job's signed URL."""
         workdir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="dhwatch-assess-"))
         try:
             package = await asyncio.to_thread(pack_audio, path, workdir / "data.zip")
             await self.upload(job.data_uploading_url, package)
         finally:
             await asyncio.to_thread(shutil.rmtree, workdir, True)
-        await self.commit(job.job_id)
-        finished = await self.wait(job.job_id, started + self.deadline)
-        assert finished.assess_result is not None
-        return Assessment(job.job_id, finished.assess_result, self._clock() - started)
 
     # ------------------------------------------------------------------ the four calls
 
@@ -444,7 +557,8 @@ class MetaStudioClient:
     async def wait(self, job_id: str, deadline: float) -> ShortJob:
         """Poll until SUCCEED (returned), a failure state, or ``deadline`` (a ``clock`` value).
 
-        Unknown states are treated as running: only the deadline ends them.
+        Every other state, documented (:data:`RUNNING_STATES`) or not, counts as running:
+        only the deadline ends it.
         """
         interval = self.poll_interval
         while True:
@@ -455,17 +569,16 @@ class MetaStudioClient:
                     raise MetaStudioProtocolError(f"job {job_id} succeeded without an assess_result")
                 return job
             if state in FAILURE_STATES or state.endswith("_FAILED"):
+                why = "the result was rejected in the MetaStudio console" if state == JobState.USER_REVIEW_REJECT \
+                    else job.job_failed_reason or "no reason given"
                 raise AssessmentFailed(
-                    f"MetaStudio assessment {job_id} ended {state}: "
-                    f"{job.job_failed_reason or 'no reason given'} ({job.job_failed_code or 'no code'})",
+                    f"MetaStudio assessment {job_id} ended {state}: {why} ({job.job_failed_code or 'no code'})",
                     error_code=job.job_failed_code,
                     error_msg=job.job_failed_reason,
                 )
             remaining = deadline - self._clock()
             if remaining <= 0:
-                raise AssessmentTimedOut(
-                    f"MetaStudio assessment {job_id} still {state or 'in no state'} at its deadline"
-                )
+                raise AssessmentTimedOut(f"MetaStudio assessment {job_id} {_still(state)} at its deadline")
             await self._sleep(min(interval, remaining))
             interval = min(interval * 1.5, self.poll_max_interval)
 
@@ -483,6 +596,17 @@ class MetaStudioClient:
         if response.status_code < 300:
             return response
         raise error_for(response, job_scoped=path != self._prefix)
+
+
+def _still(state: str) -> str:
+    """How a job that is not finished is described to the engineer reading the log."""
+    if state == JobState.USER_RESULT_REVIEW:
+        return "still waits for a user to review its result in the MetaStudio console (dhwatch cannot)"
+    if state in _REVIEW_STATES:
+        return f"still in review ({state})"
+    if state and state not in RUNNING_STATES:
+        return f"still in {state} (a state the MetaStudio docs do not list)"
+    return f"still {state or 'in no state'}"
 
 
 def error_for(response: httpx.Response, *, job_scoped: bool = False) -> MetaStudioError:
@@ -504,7 +628,7 @@ def error_for(response: httpx.Response, *, job_scoped: bool = False) -> MetaStud
     transient = transient_from_response(response)
     if transient is not None:
         return _unavailable(transient, **common)
-    if status == 404 and job_scoped:
+    if job_scoped and (status == 404 or (status == 400 and _UNKNOWN_JOB.search(error_msg or ""))):
         return AssessmentJobLost(f"MetaStudio does not know the job ({said})", **common)
     if status == 400:
         return MetaStudioRejected(f"MetaStudio rejected the request ({said})", **common)

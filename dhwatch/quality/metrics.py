@@ -5,14 +5,18 @@ file aside): :mod:`dhwatch.quality.report`
 does the reading and feeds blocks in. That keeps every method testable on synthetic
 signals whose true values are known.
 
-Streaming. A :class:`SignalAnalyzer` is fed one block at a time and keeps only
+Streaming, in bounded memory. A :class:`SignalAnalyzer` is fed one block at a time and keeps only
 
 - the state of a few IIR filters and two streaming resamplers,
-- one sum and one count per 10 ms frame for two level tracks (3 h of audio: ~35 MB),
-- one sum and one count per 100 ms for loudness gating,
+- the 10 ms level frames of the last few minutes (:class:`SpeechTracker` analyses them in
+  chunks of :data:`CHUNK_FRAMES` with :data:`CONTEXT_FRAMES` of context either side, then
+  forgets them),
+- fixed-size histograms (levels at 0.01 dB, reverberation times at 1 ms, gating-block
+  loudness at 0.01 LU) from which the medians, percentiles and the gated loudness come,
 - the DNSMOS windows being kept (576 kB each).
 
-So memory does not grow with the file's sample count, only (slowly) with its duration.
+So memory does not grow with the file's length: a nine-hour file is measured in the same
+few megabytes as a ten-minute one. What that approximates is listed in ``docs/quality.md``.
 
 Two resolutions, on purpose:
 
@@ -30,6 +34,7 @@ are estimates with the limits written next to each function and in ``docs/qualit
 from __future__ import annotations
 
 import importlib.resources
+import importlib.util
 import math
 import threading
 from collections.abc import Sequence
@@ -73,10 +78,62 @@ _RELATIVE_GATE_LU = -10.0
 #: DNSMOS P.835 window: 9.01 s at 16 kHz, as in Microsoft's reference implementation
 DNSMOS_WINDOW_SAMPLES = int(9.01 * ANALYSIS_RATE)
 
+#: 10 ms frames analysed per chunk for speech activity, decays and syllables (5 minutes)
+CHUNK_FRAMES = 30_000
+#: frames of context either side of a chunk (10 s): well beyond every filter's reach
+#: (the 2 s minimum filter, the 200 ms hangover, decays, syllable prominence)
+CONTEXT_FRAMES = 1_000
+#: resolution of the level histograms (dB) and of the reverberation-time histogram (s)
+LEVEL_STEP_DB = 0.01
+RT60_STEP_S = 0.001
+
 
 def power_db(power: FloatArray | float) -> Any:
     """Power (mean square, full-scale square wave = 1) in dB, floored at digital silence."""
     return 10.0 * np.log10(np.maximum(power, _SILENCE_POWER))
+
+
+class Histogram:
+    """Counts (and optionally sums of a second quantity) in fixed bins: quantiles in O(1) memory.
+
+    Values outside ``[low, high)`` land in the first or last bin. A quantile is the centre
+    of the bin holding it, so it is exact to half a bin (``step``).
+    """
+
+    def __init__(self, low: float, high: float, step: float) -> None:
+        self.low, self.step = low, step
+        self.counts = np.zeros(int(round((high - low) / step)), dtype=np.int64)
+        self.sums = np.zeros(self.counts.size)
+
+    def bins(self, values: npt.NDArray[Any]) -> npt.NDArray[np.intp]:
+        """The bin of each value."""
+        return np.clip(((np.asarray(values) - self.low) / self.step).astype(np.intp), 0, self.counts.size - 1)
+
+    def add(self, values: npt.NDArray[Any], weights: npt.NDArray[Any] | None = None) -> None:
+        """Count ``values``; add ``weights`` (same length) to their bins' sums."""
+        if np.size(values):
+            index = self.bins(values)
+            self.counts += np.bincount(index, minlength=self.counts.size)
+            if weights is not None:
+                self.sums += np.bincount(index, weights=weights, minlength=self.counts.size)
+
+    @property
+    def total(self) -> int:
+        """How many values were counted."""
+        return int(self.counts.sum())
+
+    def centres(self) -> FloatArray:
+        """The centre value of every bin."""
+        return np.asarray(self.low + (np.arange(self.counts.size) + 0.5) * self.step, dtype=np.float64)
+
+    def quantile(self, q: float, extra: npt.NDArray[np.int64] | None = None) -> float | None:
+        """The ``q`` quantile (0-1) of everything counted (plus ``extra`` counts), None when empty."""
+        counts = self.counts if extra is None else self.counts + extra
+        cumulative = np.cumsum(counts)
+        if cumulative.size == 0 or cumulative[-1] == 0:
+            return None
+        rank = q * (int(cumulative[-1]) - 1)
+        return float(self.centres()[int(np.searchsorted(cumulative, rank, side="right"))])
 
 
 # --------------------------------------------------------------------------------------
@@ -85,6 +142,8 @@ def power_db(power: FloatArray | float) -> Any:
 
 class FrameAccumulator:
     """Sums per-sample values into consecutive frames of ``frame_seconds``, fed in blocks.
+
+    Completed frames wait only until :meth:`take` collects them.
 
     Frame ``k`` ends at sample ``round((k + 1) * rate * frame_seconds)``, so frames stay on
     the same time grid at any sample rate (44.1 kHz: 441 samples; 22.05 kHz: 220 or 221)
@@ -131,15 +190,18 @@ class FrameAccumulator:
             self._carry_count += n
         self._consumed = stop
 
-    def sums_and_counts(self) -> tuple[FloatArray, npt.NDArray[np.int64]]:
-        """Complete frames only (a trailing partial frame is left out, as BS.1770 does)."""
+    def take(self) -> tuple[FloatArray, npt.NDArray[np.int64]]:
+        """The frames completed since the last call, and forget them (a trailing partial frame
+        is never returned, as BS.1770 leaves it out)."""
         if not self._sums:
             return np.zeros(0), np.zeros(0, dtype=np.int64)
-        return np.concatenate(self._sums), np.concatenate(self._counts)
+        sums, counts = np.concatenate(self._sums), np.concatenate(self._counts)
+        self._sums, self._counts = [], []
+        return sums, counts
 
-    def means(self) -> FloatArray:
-        """Mean value per complete frame."""
-        sums, counts = self.sums_and_counts()
+    def take_means(self) -> FloatArray:
+        """Mean value per frame completed since the last call."""
+        sums, counts = self.take()
         return sums / np.maximum(counts, 1)
 
 
@@ -183,11 +245,13 @@ def channel_weights(channels: int) -> FloatArray:
 
 
 class LoudnessMeter:
-    """Integrated loudness (LUFS) per ITU-R BS.1770-4, fed in blocks.
+    """Integrated loudness (LUFS) per ITU-R BS.1770-4, fed in blocks, in fixed memory.
 
-    Keeps one K-weighted mean square per 100 ms; the 400 ms gating blocks (75 % overlap)
-    are four consecutive 100 ms sub-blocks, so the result is the standard's, not an
-    approximation, while memory stays at ~36 k floats per hour.
+    The 400 ms gating blocks (75 % overlap) are four consecutive 100 ms sub-blocks of the
+    K-weighted mean square. Each block goes into a histogram of its loudness (0.01 LU
+    bins holding the blocks' count and summed power), as libebur128's histogram mode does:
+    the absolute gate is exact, the relative gate decides whole bins, so at most the
+    blocks within 0.01 LU of the relative gate can be misjudged.
     """
 
     def __init__(self, samplerate: int, channels: int) -> None:
@@ -195,39 +259,38 @@ class LoudnessMeter:
         self._zi = np.zeros((self._sos.shape[0], 2, channels))
         self._weights = channel_weights(channels)
         self._subblocks = FrameAccumulator(samplerate, 0.1)
+        self._tail_sums = np.zeros(0)  # the last (up to 3) sub-blocks: the next block starts there
+        self._tail_counts = np.zeros(0, dtype=np.int64)
+        self._blocks = Histogram(_ABSOLUTE_GATE_LUFS, 10.0, 0.01)
 
     def add(self, block: npt.NDArray[np.floating[Any]]) -> None:
         """Add ``(frames, channels)`` samples."""
         filtered, self._zi = signal.sosfilt(self._sos, block, axis=0, zi=self._zi)
         self._subblocks.push((filtered * filtered) @ self._weights)
-
-    def block_powers(self) -> FloatArray:
-        """Weighted mean square of every 400 ms gating block (hop 100 ms)."""
-        sums, counts = self._subblocks.sums_and_counts()
-        if sums.size < 4:
-            return np.zeros(0)
-        kernel = np.ones(4)
-        return np.convolve(sums, kernel, "valid") / np.convolve(counts.astype(np.float64), kernel, "valid")
+        sums, counts = self._subblocks.take()
+        if sums.size == 0:
+            return
+        sums = np.concatenate((self._tail_sums, sums))
+        counts = np.concatenate((self._tail_counts, counts))
+        if sums.size >= 4:
+            kernel = np.ones(4)
+            powers = np.convolve(sums, kernel, "valid") / np.convolve(counts.astype(np.float64), kernel, "valid")
+            with np.errstate(divide="ignore"):
+                lufs = -0.691 + 10.0 * np.log10(powers)
+            kept = lufs > _ABSOLUTE_GATE_LUFS
+            self._blocks.add(lufs[kept], powers[kept])
+        self._tail_sums, self._tail_counts = sums[-3:], counts[-3:]
 
     def integrated(self) -> float | None:
         """Gated integrated loudness in LUFS; None when nothing passes the -70 LUFS gate."""
-        return gated_loudness(self.block_powers())
-
-
-def gated_loudness(block_powers: FloatArray) -> float | None:
-    """The BS.1770 two-stage gate (absolute -70 LUFS, then relative -10 LU) over block powers."""
-    with np.errstate(divide="ignore"):
-        block_lufs = -0.691 + 10.0 * np.log10(block_powers)
-    kept = block_powers[block_lufs > _ABSOLUTE_GATE_LUFS]
-    if kept.size == 0:
-        return None
-    relative_gate = -0.691 + 10.0 * math.log10(float(kept.mean())) + _RELATIVE_GATE_LU
-    with np.errstate(divide="ignore"):
-        kept_lufs = -0.691 + 10.0 * np.log10(kept)
-    final = kept[kept_lufs > relative_gate]
-    if final.size == 0:
-        return None
-    return -0.691 + 10.0 * math.log10(float(final.mean()))
+        counts, sums = self._blocks.counts, self._blocks.sums
+        if counts.sum() == 0:
+            return None
+        relative_gate = -0.691 + 10.0 * math.log10(float(sums.sum() / counts.sum())) + _RELATIVE_GATE_LU
+        above = self._blocks.centres() > relative_gate
+        if counts[above].sum() == 0:
+            return None
+        return -0.691 + 10.0 * math.log10(float(sums[above].sum() / counts[above].sum()))
 
 
 class TruePeakMeter:
@@ -273,17 +336,15 @@ class TruePeakMeter:
 
 @dataclass(frozen=True)
 class SignalFeatures:
-    """What one streaming pass leaves behind: everything the estimators below need."""
+    """What one streaming pass leaves behind: every value the metrics need, none per frame."""
 
     samplerate: int
     channels: int
     frames: int  #: samples per channel
     loudness_lufs: float | None
     true_peak_dbtp: float | None
-    #: full-band (20 Hz high-passed) mean square of the mono mix, per 10 ms frame
-    full_power: FloatArray = field(repr=False)
-    #: 200–4000 Hz mean square of the 16 kHz mono mix, per 10 ms frame
-    band_power: FloatArray = field(repr=False)
+    #: speech activity, SNR, noise floor, decays and syllables of the whole file
+    speech: SpeechSummary
     #: stretches of the 16 kHz mono mix kept for DNSMOS (empty unless a collector was given)
     windows: tuple[DnsmosWindow, ...] = ()
 
@@ -296,7 +357,8 @@ class SignalFeatures:
 class SignalAnalyzer:
     """Feed a file's samples block by block, then :meth:`finish` for its :class:`SignalFeatures`.
 
-    ``windows``, if given, is fed the 16 kHz mono track to keep DNSMOS windows.
+    ``windows``, if given, is fed the 16 kHz mono track to keep DNSMOS windows. Memory
+    stays the same whatever the file's length (see the module docstring).
     """
 
     def __init__(self, samplerate: int, channels: int, windows: DnsmosWindowCollector | None = None) -> None:
@@ -319,6 +381,11 @@ class SignalAnalyzer:
         self._band_zi = np.zeros((self._band.shape[0], 2))
         self._band_frames = FrameAccumulator(ANALYSIS_RATE, FRAME_SECONDS)
         self._windows = windows
+        self._speech = SpeechTracker()
+        # frames of one track whose partner in the other track has not come out yet (the
+        # decimator's delay): the two tracks are handed on in step, index for index
+        self._full_waiting = np.zeros(0)
+        self._band_waiting = np.zeros(0)
 
     def add(self, block: npt.NDArray[Any]) -> None:
         """Add ``(frames, channels)`` (or 1-D mono) float samples in [-1, 1]."""
@@ -336,6 +403,7 @@ class SignalAnalyzer:
         highpassed, self._highpass_zi = signal.sosfilt(self._highpass, mono, zi=self._highpass_zi)
         self._full.push(highpassed * highpassed)
         self._push_analysis(self._decimator.resample_chunk(mono) if self._decimator is not None else mono)
+        self._hand_on()
 
     def _push_analysis(self, mono16k: npt.NDArray[Any]) -> None:
         if mono16k.size:
@@ -344,22 +412,29 @@ class SignalAnalyzer:
             band, self._band_zi = signal.sosfilt(self._band, mono16k, zi=self._band_zi)
             self._band_frames.push(band * band)
 
+    def _hand_on(self) -> None:
+        """Give the speech tracker the frames both tracks have now (a trailing excess of one
+        track at the end of the file is dropped, as the shorter track decides the length)."""
+        full = np.concatenate((self._full_waiting, self._full.take_means()))
+        band = np.concatenate((self._band_waiting, self._band_frames.take_means()))
+        n = min(full.size, band.size)
+        if n:
+            self._speech.push(full[:n], band[:n])
+        self._full_waiting, self._band_waiting = full[n:], band[n:]
+
     def finish(self) -> SignalFeatures:
         """Flush the streaming stages and return the features of everything added."""
         if self._decimator is not None:
             self._push_analysis(self._decimator.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
             self._decimator = None
-        full = self._full.means()
-        band = self._band_frames.means()
-        n = min(full.size, band.size)
+        self._hand_on()
         return SignalFeatures(
             samplerate=self.samplerate,
             channels=self.channels,
             frames=self._frames,
             loudness_lufs=self._loudness.integrated(),
             true_peak_dbtp=self._true_peak.finish(),
-            full_power=full[:n],
-            band_power=band[:n],
+            speech=self._speech.finish(),
             windows=tuple(self._windows.finish()) if self._windows is not None else (),
         )
 
@@ -405,26 +480,27 @@ def _fill_short_gaps(active: BoolArray, max_gap: int) -> BoolArray:
 
 @dataclass(frozen=True)
 class SpeechActivity:
-    """Which 10 ms frames hold speech, and the levels the decision used."""
+    """Which 10 ms frames of a stretch hold speech, and the levels the decision used."""
 
     active: BoolArray = field(repr=False)  #: after hangover (short pauses inside speech count as speech)
     raw_active: BoolArray = field(repr=False)  #: frames that themselves passed the detector
     band_db: FloatArray = field(repr=False)  #: 30 ms-smoothed analysis-band level, dBFS
     local_floor_db: FloatArray = field(repr=False)  #: minimum-statistics noise floor, dBFS
 
-    @property
-    def ratio(self) -> float:
-        """Share of frames with speech activity (0 when there are no frames)."""
-        return float(self.active.mean()) if self.active.size else 0.0
+
+def smoothed_band_db(band_power: FloatArray) -> FloatArray:
+    """The speech detector's level track: 30 ms-smoothed analysis-band level in dBFS."""
+    return np.asarray(power_db(_moving_average(band_power, 3)), dtype=np.float64)
 
 
-def detect_speech(band_power: FloatArray) -> SpeechActivity:
+def detect_speech(band_power: FloatArray, loud_db: float | None = None) -> SpeechActivity:
     """Energy-based speech activity on the 200–4000 Hz track.
 
     A frame is speech when its 30 ms-smoothed level is ``ACTIVITY_MARGIN_DB`` above the
     local noise floor (the minimum over a 2 s window: minimum statistics, as in Martin
-    2001), within ``ACTIVITY_RANGE_DB`` of the file's loud speech and above -80 dBFS;
-    pauses up to 200 ms inside speech are then counted as speech.
+    2001), within ``ACTIVITY_RANGE_DB`` of the file's loud speech (``loud_db``: the 99th
+    percentile of the whole file's level; of this stretch when not given) and above
+    -80 dBFS; pauses up to 200 ms inside speech are then counted as speech.
 
     Limits: any non-stationary sound in the speech band (music, traffic, a door) counts as
     speech; a take that never pauses for ~50 ms within 2 s has its floor set by the
@@ -433,54 +509,14 @@ def detect_speech(band_power: FloatArray) -> SpeechActivity:
     if band_power.size == 0:
         empty = np.zeros(0, dtype=bool)
         return SpeechActivity(empty, empty, np.zeros(0), np.zeros(0))
-    band_db = power_db(_moving_average(band_power, 3))
+    band_db = smoothed_band_db(band_power)
     window = max(1, int(round(NOISE_WINDOW_SECONDS / FRAME_SECONDS)))
     local_floor = ndimage.minimum_filter1d(band_db, size=window, mode="nearest")
-    loud = float(np.percentile(band_db, 99))
+    loud = float(np.percentile(band_db, 99)) if loud_db is None else loud_db
     gate = max(ACTIVITY_FLOOR_DB, loud - ACTIVITY_RANGE_DB)
     raw = (band_db > local_floor + ACTIVITY_MARGIN_DB) & (band_db > gate)
     active = _fill_short_gaps(raw, int(round(HANGOVER_SECONDS / FRAME_SECONDS)))
     return SpeechActivity(active=active, raw_active=raw, band_db=band_db, local_floor_db=local_floor)
-
-
-def background_power(full_power: FloatArray, activity: SpeechActivity) -> float | None:
-    """Typical full-band background power: the median over frames without speech.
-
-    The median ignores isolated clicks and the odd weak phoneme the detector missed; with
-    fewer than 1 % (or 20) speech-free frames it falls back to the 5th percentile of all
-    frames. None for an empty signal.
-    """
-    if full_power.size == 0:
-        return None
-    quiet = full_power[~activity.active[: full_power.size]]
-    if quiet.size >= max(20, full_power.size // 100):
-        return max(float(np.median(quiet)), _SILENCE_POWER)
-    return max(float(np.percentile(full_power, 5)), _SILENCE_POWER)
-
-
-def noise_floor_dbfs(full_power: FloatArray, activity: SpeechActivity) -> float | None:
-    """Background level in dBFS (RMS re a full-scale square wave; a full-scale sine is -3 dBFS).
-
-    Floored at -100 dBFS (digital silence).
-    """
-    background = background_power(full_power, activity)
-    return float(power_db(background)) if background is not None else None
-
-
-def estimate_snr_db(full_power: FloatArray, activity: SpeechActivity) -> float | None:
-    """Active-speech SNR in dB: (mean power of speech frames - background) / background.
-
-    Speech frames include the 200 ms hangover, like an ITU-T P.56 active speech level;
-    background as :func:`background_power`. None without speech. Limits: stationary
-    background assumed; noise that only occurs during speech is invisible; capped by the
-    -100 dBFS floor, so digitally silent pauses give ~100 dB.
-    """
-    background = background_power(full_power, activity)
-    speech = full_power[activity.active[: full_power.size]]
-    if background is None or speech.size == 0:
-        return None
-    excess = max(float(speech.mean()) - background, background * 1e-3)
-    return 10.0 * math.log10(excess / background)
 
 
 #: the first dB of a decay are skipped: that is the direct sound ending, not the room
@@ -495,8 +531,12 @@ _DECAY_FLOOR_MARGIN_DB = 10.0
 _MIN_DECAYS = 5
 
 
-def decay_rt60s(activity: SpeechActivity) -> FloatArray:
-    """Reverberation-time estimates (s), one per free decay after a speech offset."""
+def decay_rt60s(activity: SpeechActivity, first: int = 0, stop: int | None = None) -> FloatArray:
+    """Reverberation-time estimates (s), one per free decay after a speech offset.
+
+    Only decays that start at frames ``first`` to ``stop`` count (a chunk's own frames;
+    the context around it only lets its decays run to their end).
+    """
     db = activity.band_db
     if db.size < _MIN_DECAY_FRAMES + 1:
         return np.zeros(0)
@@ -505,11 +545,11 @@ def decay_rt60s(activity: SpeechActivity) -> FloatArray:
     edges = np.diff(np.concatenate(([0], falling.astype(np.int8), [0])))
     starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     estimates: list[float] = []
-    for start, stop in zip(starts, stops):
-        if not activity.raw_active[start]:
+    for start, end in zip(starts, stops):
+        if start < first or (stop is not None and start >= stop) or not activity.raw_active[start]:
             continue
-        segment = db[start : stop + 1]
-        above_floor = segment > activity.local_floor_db[start : stop + 1] + _DECAY_FLOOR_MARGIN_DB
+        segment = db[start : end + 1]
+        above_floor = segment > activity.local_floor_db[start : end + 1] + _DECAY_FLOOR_MARGIN_DB
         segment = segment[: int(np.argmin(above_floor)) if not above_floor.all() else segment.size]
         past_direct = np.flatnonzero(segment <= segment[0] - _DECAY_SKIP_DB) if segment.size else segment
         if past_direct.size == 0:
@@ -521,26 +561,6 @@ def decay_rt60s(activity: SpeechActivity) -> FloatArray:
         if slope < 0:
             estimates.append(-60.0 / slope)
     return np.asarray(estimates)
-
-
-def estimate_rt60_s(activity: SpeechActivity) -> float | None:
-    """A blind reverberation-time estimate (s) from the decay rate after speech offsets.
-
-    Method: on the 30 ms-smoothed speech-band level, every run of falling frames that
-    starts in speech is a candidate free decay. Its first 3 dB (the direct sound ending)
-    and its end near the local noise floor are cut off; if at least 8 dB of decay remain,
-    a fitted line gives an RT60 (60 dB / slope). The median over all decays is reported.
-
-    Limits: an indicator, not an ISO 3382 measurement. Speech's own offsets decay at a
-    finite rate, so dry speech reads about 0.2 s; a strong direct sound (close miking in
-    a live room) hides part of the tail and reads low; long reverberation fills the
-    pauses, so readings flatten out around 0.6–0.8 s; noise shortens the measurable
-    decays. Fewer than 5 usable decays (short files, wall-to-wall speech) gives None.
-    """
-    estimates = decay_rt60s(activity)
-    if estimates.size < _MIN_DECAYS:
-        return None
-    return float(np.median(estimates))
 
 
 #: syllable nuclei: peaks must stand out by this much from the dips around them (dB)
@@ -562,17 +582,114 @@ def syllable_nuclei(activity: SpeechActivity) -> npt.NDArray[np.intp]:
     return peaks[activity.raw_active[peaks]]
 
 
-def estimate_speech_rate(activity: SpeechActivity) -> float | None:
-    """Articulation rate in syllables per second of speech (pauses excluded).
+@dataclass(frozen=True)
+class SpeechSummary:
+    """The speech-related metrics of a whole file, from :class:`SpeechTracker`."""
 
-    After de Jong & Wempe (2009): syllable nuclei are intensity peaks with a dip of a few
-    dB on both sides. No pitch tracking here, so unvoiced bursts can count; reverberation
-    and noise fill the dips and lower the count. None with under 1 s of speech.
+    frames: int  #: 10 ms frames analysed
+    speech_ratio: float
+    snr_db: float | None
+    noise_floor_dbfs: float | None
+    rt60_s: float | None
+    speech_rate_sps: float | None
+    decays: int  #: free decays the reverberation estimate is the median of
+
+
+class SpeechTracker:
+    """Speech activity, background, SNR, decays and syllables over a whole file, in fixed memory.
+
+    Fed the two 10 ms level tracks in step (full-band power of the mono mix at the file's
+    rate, and 200–4000 Hz power of the 16 kHz track). Every :data:`CHUNK_FRAMES` frames
+    it analyses one chunk with :data:`CONTEXT_FRAMES` of context either side, folds the
+    chunk's own frames into counts and histograms, and forgets all but the context the
+    next chunk needs. A file shorter than one chunk is analysed in one go.
+
+    Approximations (``docs/quality.md``): medians and percentiles come from 0.01 dB and
+    1 ms histograms; the activity gate of a chunk uses the loudness percentile of the
+    file *so far* (up to the chunk's end and its context), not of the whole file; a
+    syllable's prominence and a decay are judged within the chunk and its 10 s of context.
     """
-    speech_seconds = float(activity.active.sum()) * FRAME_SECONDS
-    if speech_seconds < 1.0:
-        return None
-    return float(syllable_nuclei(activity).size) / speech_seconds
+
+    def __init__(self) -> None:
+        self._full: list[FloatArray] = []
+        self._band: list[FloatArray] = []
+        self._buffered = 0
+        self._start = 0  # frame index of the first buffered frame
+        self._done = 0  # frame index where the next chunk starts
+        self._band_levels = Histogram(SILENCE_DB, 20.0, LEVEL_STEP_DB)  # smoothed band dB, all frames
+        self._quiet_levels = Histogram(SILENCE_DB, 20.0, LEVEL_STEP_DB)  # full-band dB, frames without speech
+        self._all_levels = Histogram(SILENCE_DB, 20.0, LEVEL_STEP_DB)  # full-band dB, all frames
+        self._rt60s = Histogram(0.0, 30.0, RT60_STEP_S)
+        self._active = 0
+        self._speech_power = 0.0
+        self._nuclei = 0
+
+    def push(self, full_power: FloatArray, band_power: FloatArray) -> None:
+        """Add the next frames of both tracks (equal lengths)."""
+        self._full.append(np.asarray(full_power, dtype=np.float64))
+        self._band.append(np.asarray(band_power, dtype=np.float64))
+        self._buffered += full_power.size
+        while self._start + self._buffered - self._done >= CHUNK_FRAMES + CONTEXT_FRAMES:
+            self._analyse(self._done + CHUNK_FRAMES)
+
+    def finish(self) -> SpeechSummary:
+        """Analyse what is left and return the file's speech metrics."""
+        end = self._start + self._buffered
+        if end > self._done:
+            self._analyse(end)
+        frames = self._done
+        background: float | None = None
+        quiet = self._quiet_levels.total
+        if frames:
+            if quiet >= max(20, frames // 100):
+                background = 10.0 ** ((self._quiet_levels.quantile(0.5) or SILENCE_DB) / 10.0)
+            else:
+                background = 10.0 ** ((self._all_levels.quantile(0.05) or SILENCE_DB) / 10.0)
+            background = max(background, _SILENCE_POWER)
+        snr: float | None = None
+        if background is not None and self._active:
+            excess = max(self._speech_power / self._active - background, background * 1e-3)
+            snr = 10.0 * math.log10(excess / background)
+        speech_seconds = self._active * FRAME_SECONDS
+        decays = self._rt60s.total
+        return SpeechSummary(
+            frames=frames,
+            speech_ratio=self._active / frames if frames else 0.0,
+            snr_db=snr,
+            noise_floor_dbfs=float(power_db(background)) if background is not None else None,
+            rt60_s=self._rt60s.quantile(0.5) if decays >= _MIN_DECAYS else None,
+            speech_rate_sps=self._nuclei / speech_seconds if speech_seconds >= 1.0 else None,
+            decays=decays,
+        )
+
+    def _analyse(self, stop: int) -> None:
+        """Fold frames ``self._done`` to ``stop`` (a chunk) into the totals, with context around them."""
+        full = np.concatenate(self._full) if len(self._full) != 1 else self._full[0]
+        band = np.concatenate(self._band) if len(self._band) != 1 else self._band[0]
+        first = self._done - self._start  # the chunk, in buffer indices
+        last = stop - self._start
+        window_end = min(full.size, last + CONTEXT_FRAMES)
+        band_db = smoothed_band_db(band[:window_end])
+        # the loud-speech level so far: every analysed chunk, plus this chunk and its right context
+        pending = np.bincount(self._band_levels.bins(band_db[first:]), minlength=self._band_levels.counts.size)
+        loud = self._band_levels.quantile(0.99, extra=pending)
+        activity = detect_speech(band[:window_end], loud_db=loud)
+        chunk_active = activity.active[first:last]
+        chunk_full = full[first:last]
+        self._band_levels.add(band_db[first:last])
+        self._active += int(chunk_active.sum())
+        self._speech_power += float(chunk_full[chunk_active].sum())
+        self._quiet_levels.add(power_db(chunk_full[~chunk_active]))
+        self._all_levels.add(power_db(chunk_full))
+        self._rt60s.add(decay_rt60s(activity, first, last))
+        nuclei = syllable_nuclei(activity)
+        self._nuclei += int(((nuclei >= first) & (nuclei < last)).sum())
+        # keep only the context the next chunk looks back on
+        keep_from = max(0, last - CONTEXT_FRAMES)
+        self._full, self._band = [full[keep_from:]], [band[keep_from:]]
+        self._start += keep_from
+        self._buffered = full.size - keep_from
+        self._done = stop
 
 
 # --------------------------------------------------------------------------------------
@@ -615,15 +732,19 @@ def dnsmos_unavailable_reason() -> str | None:
     """Why DNSMOS cannot run here (missing package), or None when it can."""
     if dnsmos_model_path() is None:
         return "DNSMOS model not installed (pip package speechmos)"
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("onnxruntime") is None:  # found, not imported: that costs ~20 MB
         return "DNSMOS needs the onnxruntime package"
     return None
 
 
 def _dnsmos() -> Any:
-    """The ONNX session, loaded once per process. One thread: the denoiser needs the cores."""
+    """The ONNX session, loaded once per process. One thread: the denoiser needs the cores.
+
+    No memory arena and no memory pattern: with them onnxruntime keeps the peak of a run
+    (~110 MB of activations for one 9 s window: the first two convolutions' outputs are 74
+    and 37 MB) reserved for the life of the process; without them it is given back after
+    each run, at no measurable cost in speed for one window.
+    """
     global _dnsmos_session
     with _dnsmos_lock:
         if _dnsmos_session is None:
@@ -632,6 +753,8 @@ def _dnsmos() -> Any:
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = 1
             options.inter_op_num_threads = 1
+            options.enable_cpu_mem_arena = False
+            options.enable_mem_pattern = False
             _dnsmos_session = onnxruntime.InferenceSession(
                 str(dnsmos_model_path()), options, providers=["CPUExecutionProvider"]
             )
@@ -794,33 +917,31 @@ class Measurements:
     notes: dict[str, str] = field(default_factory=dict)
 
 
-def measure(features: SignalFeatures, activity: SpeechActivity, dnsmos: DnsmosScores | None = None) -> Measurements:
+def measure(features: SignalFeatures, dnsmos: DnsmosScores | None = None) -> Measurements:
     """Turn one pass's features (and optional DNSMOS scores) into :class:`Measurements`."""
     notes: dict[str, str] = {}
+    speech = features.speech
     if features.true_peak_dbtp is None:
         notes["true_peak_dbtp"] = "digital silence"
     if features.loudness_lufs is None:
         notes["loudness_lufs"] = "nothing above the -70 LUFS gate (silent or shorter than 0.4 s)"
-    snr = estimate_snr_db(features.full_power, activity)
-    if snr is None:
+    if speech.snr_db is None:
         notes["snr_db"] = "no speech detected"
-    rt60 = estimate_rt60_s(activity)
-    if rt60 is None:
+    if speech.rt60_s is None:
         notes["rt60_s"] = f"fewer than {_MIN_DECAYS} speech offsets with a measurable decay"
-    rate = estimate_speech_rate(activity)
-    if rate is None:
+    if speech.speech_rate_sps is None:
         notes["speech_rate_sps"] = "less than 1 s of speech"
     return Measurements(
         duration_s=features.duration_s,
         samplerate=features.samplerate,
         channels=features.channels,
-        snr_db=snr,
-        noise_floor_dbfs=noise_floor_dbfs(features.full_power, activity),
-        rt60_s=rt60,
+        snr_db=speech.snr_db,
+        noise_floor_dbfs=speech.noise_floor_dbfs,
+        rt60_s=speech.rt60_s,
         loudness_lufs=features.loudness_lufs,
         true_peak_dbtp=features.true_peak_dbtp,
-        speech_ratio=activity.ratio,
-        speech_rate_sps=rate,
+        speech_ratio=speech.speech_ratio,
+        speech_rate_sps=speech.speech_rate_sps,
         dnsmos_ovrl=dnsmos.ovrl if dnsmos else None,
         dnsmos_sig=dnsmos.sig if dnsmos else None,
         dnsmos_bak=dnsmos.bak if dnsmos else None,

@@ -241,9 +241,8 @@ def measure_file(
     except OSError as exc:
         raise SourceError(f"cannot read {path.name}: {exc.strerror or exc}") from exc
     features = analyzer.finish()
-    activity = metrics.detect_speech(features.band_power)
     scores = metrics.dnsmos_scores([w.samples for w in features.windows]) if want_dnsmos else None
-    measured = metrics.measure(features, activity, scores)
+    measured = metrics.measure(features, scores)
     if not want_dnsmos:
         reason = "disabled" if not options.dnsmos or options.dnsmos_windows <= 0 else metrics.dnsmos_unavailable_reason()
         for name in ("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak"):

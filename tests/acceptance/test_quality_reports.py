@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 
 from dhwatch.emulators.deephearing import DeepHearingEmulator
 from dhwatch.emulators.metastudio import MetaStudioEmulator
@@ -91,3 +93,63 @@ def test_ctrl_c_at_a_terminal_stops_cleanly_with_a_report_worker(folders: Folder
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert b"Traceback" not in log.read_bytes()
+
+
+def _long_wav(path: Path, minutes: float, sr: int = 16_000) -> Path:
+    """A long 16 kHz mono WAV (tone bursts over noise), written in one-minute pieces."""
+    rng = np.random.default_rng(5)
+    t = np.arange(60 * sr) / sr
+    burst = 0.3 * np.sin(2 * np.pi * 220 * t) * (np.sin(2 * np.pi * 0.5 * t) > 0)
+    with sf.SoundFile(path, "w", sr, 1, subtype="PCM_16") as out:
+        for _ in range(int(minutes)):
+            out.write((burst + 0.01 * rng.standard_normal(t.size)).astype(np.float32))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["archive", "delete"])
+def test_sigterm_during_a_long_report_exits_at_once_and_the_report_is_made_after_restart(
+    folders: Folders, emulator: DeepHearingEmulator, daemons, mode: str
+) -> None:
+    """SIGTERM while a long file's report is being made exits 0 within 5 s, loses nothing, and the next start
+    makes the report (with on_success = "delete", before the original is deleted)."""
+    _long_wav(folders.inbox / "long.wav", minutes=40)
+    cfg = write_config(folders, base_url=emulator.base_url, extra='quality = "local"\nquality_dnsmos = false\n'
+                       f'max_duration_seconds = 86400\non_success = "{mode}"')
+    d = daemons(cfg)
+    d.wait_event("quality_report_started", timeout=120)
+    assert d.stop(timeout=5.0) == 0
+    assert not (folders.outbox / "long.wav.quality.json").exists()
+    if mode == "delete":  # the finisher was measuring the original before deleting it: it is still there
+        assert (folders.inbox / "long.wav").exists()
+    else:
+        assert _ledger_quality(folders)["long.wav"][0] == "pending"
+    again = daemons(cfg)
+    again.wait_event("quality_report", timeout=300)
+    report = json.loads((folders.outbox / "long.wav.quality.json").read_text())
+    assert report["metrics"]["loudness"]["actual"]["before"] is not None
+    assert report["metrics"]["loudness"]["actual"]["after"] is not None
+    assert _ledger_quality(folders)["long.wav"][0] == "done"
+    if mode == "delete":
+        again.wait_event("file_done")
+        assert not (folders.inbox / "long.wav").exists()
+
+
+def test_a_restart_during_a_metastudio_assessment_follows_the_same_jobs(folders: Folders, emulator: DeepHearingEmulator,
+                                                                         daemons) -> None:
+    """Stopped while MetaStudio assesses a file, the next start follows the same two jobs: none is paid twice."""
+    with MetaStudioEmulator(tokens={"iam-token-xyz"}, project_id="proj1", processing_seconds=4.0) as ms:
+        make_audio(folders.inbox / "a.wav", seconds=2.0)
+        cfg = write_config(folders, base_url=emulator.base_url, extra='quality = "huawei"')
+        section = f'[huawei]\nendpoint = "{ms.endpoint}"\nproject_id = "proj1"\napi_key = "iam-token-xyz"\n'
+        cfg.write_text(cfg.read_text() + section)
+        d = daemons(cfg)
+        wait_for(lambda: len(ms.jobs) == 2 and all(j.committed for j in ms.jobs), timeout=60, what="two committed jobs")
+        first = sorted(j.job_id for j in ms.jobs)
+        assert d.stop(timeout=5.0) == 0
+        assert _ledger_quality(folders)["a.wav"][0] == "pending"
+        again = daemons(cfg)
+        again.wait_event("quality_report", timeout=60)
+        report = json.loads((folders.outbox / "a.wav.quality.json").read_text())
+        assert sorted(report["details"]["job_id"].values()) == first
+        assert len(ms.jobs) == 2
+        assert again.events("quality_assessment_resumed")

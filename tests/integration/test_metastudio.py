@@ -16,9 +16,12 @@ import soundfile as sf
 
 from dhwatch.emulators.metastudio import DEFAULT_PROJECT_ID, MetaStudioEmulator, state_at
 from dhwatch.errors import AuthError, JobFailed, TransientError
+from dhwatch.emulators.httpserver import Fault
 from dhwatch.quality.metastudio import (
     AssessmentFailed,
+    AssessmentJobLost,
     AssessmentTimedOut,
+    CreatedJob,
     MetaStudioAuthError,
     MetaStudioClient,
     MetaStudioRejected,
@@ -199,3 +202,98 @@ def test_state_progression_is_pure() -> None:
     assert [state_at(t, 3.0) for t in (0.0, 1.6, 3.0)] == ["WAITING", "PROCESSING", None]
     assert [state_at(t, 3.0, review=True) for t in (0.0, 1.5, 2.5)] == ["SYSTEM_AUDITING", "WAITING", "PROCESSING"]
     assert state_at(0.0, 0.0) is None
+
+
+# --------------------------------------------------------------------------- every state, unknown jobs, restarts
+
+#: the SDK's JobState, as the client is expected to read each one
+_TERMINAL_FAILURES = ("FAILED", "AUDIT_FAILED", "SPLIT_FAILED", "USER_REVIEW_REJECT")
+_RUNNING = ("CREATING", "UPLOADING", "SYSTEM_AUDITING", "AUDITING", "WAITING_SPLIT", "SPLITTING", "ANNOTATING",
+            "WAITING", "PROCESSING", "RESULT_REVIEW", "USER_RESULT_REVIEW")
+
+
+def test_the_expected_readings_cover_every_documented_state() -> None:
+    """Every state of the SDK's JobState is known to the client as success, failure or running."""
+    from dhwatch.quality.metastudio import FAILURE_STATES, RUNNING_STATES, SUCCESS_STATES
+
+    assert set(_TERMINAL_FAILURES) == FAILURE_STATES and set(_RUNNING) == RUNNING_STATES
+    assert SUCCESS_STATES == {"SUCCEED"}
+
+
+@pytest.mark.parametrize("state", _TERMINAL_FAILURES)
+def test_a_failure_state_ends_the_assessment_at_once(emulator: MetaStudioEmulator, takes: tuple[Path, Path],
+                                                     state: str) -> None:
+    """A job ending in any failure state (USER_REVIEW_REJECT included) raises AssessmentFailed naming it."""
+    emulator.hold_state(state)
+    with pytest.raises(AssessmentFailed) as caught:
+        run(emulator, lambda c: c.assess(takes[1]), deadline=20.0)
+    assert state in str(caught.value)
+
+
+@pytest.mark.parametrize("state", _RUNNING)
+def test_a_running_state_is_waited_for_until_the_deadline(emulator: MetaStudioEmulator, takes: tuple[Path, Path],
+                                                          state: str) -> None:
+    """A job held in any running or review state is polled until the deadline, then given up as timed out."""
+    emulator.hold_state(state)
+    with pytest.raises(AssessmentTimedOut) as caught:
+        run(emulator, lambda c: c.assess(takes[1]), deadline=0.6)
+    assert emulator.api_log.count("query") >= 2
+    if state == "USER_RESULT_REVIEW":
+        assert "review its result in the MetaStudio console" in str(caught.value)
+
+
+def test_an_unknown_job_is_answered_400_as_documented_and_read_as_lost(emulator: MetaStudioEmulator) -> None:
+    """The emulator answers an unknown job id 400 {error_code, error_msg}; the client reads it as a lost job."""
+    answer = httpx.get(f"{emulator.endpoint}/v1/{DEFAULT_PROJECT_ID}/voice-training-manage/user/short-jobs/nope",
+                       headers={"X-Auth-Token": TOKEN})
+    assert answer.status_code == 400 and set(answer.json()) == {"error_code", "error_msg"}
+    with pytest.raises(AssessmentJobLost):
+        run(emulator, lambda c: c.query("nope"))
+
+
+def test_a_404_for_a_job_is_read_as_lost_too(emulator: MetaStudioEmulator) -> None:
+    """A 404 (undocumented, but what a gateway may answer) for a job is a lost job as well, not a protocol error."""
+    emulator.faults.queue("query", Fault.http(404, b'{"error_code": "APIGW.0101", "error_msg": "Not found"}', {},
+                                              content_type="application/json"))
+    with pytest.raises(AssessmentJobLost):
+        run(emulator, lambda c: c.query("5f0c4f4e-0000-4000-8000-000000000000"))
+
+
+def test_a_parameter_error_on_a_job_is_not_a_lost_job(emulator: MetaStudioEmulator, takes: tuple[Path, Path]) -> None:
+    """A 400 that does not say the job is unknown (a commit of a committed job) stays a rejection."""
+
+    async def twice(client: MetaStudioClient) -> None:
+        job = await client.create_job()
+        await client.upload(job.data_uploading_url, pack_audio(takes[1], takes[1].with_suffix(".zip")))
+        await client.commit(job.job_id)
+        await client._call("POST", f"{client._prefix}/{job.job_id}", json={})
+
+    with pytest.raises(MetaStudioRejected):
+        run(emulator, twice)
+
+
+@pytest.mark.parametrize("stop_after", ["created", "committed"])
+def test_a_restart_follows_the_same_job(takes: tuple[Path, Path], stop_after: str) -> None:
+    """Stopped after a job was created (or committed), a new client given its id finishes that job: one job in all."""
+    with MetaStudioEmulator(tokens=[TOKEN], processing_seconds=1.0) as emu:
+        remembered: dict[str, CreatedJob] = {}
+
+        async def interrupted(client: MetaStudioClient) -> None:
+            task = asyncio.create_task(client.assess(takes[1], on_created=remembered.__setitem__))
+            while not remembered or (stop_after == "committed" and not emu.jobs[0].committed):
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        run(emu, interrupted)
+        report = run(emu, lambda c: c.assess(takes[1], known=remembered))
+        assert len(emu.jobs) == 1 and emu.jobs[0].assessed
+        assert report.details["job_id"]["after"] == remembered["after"].job_id
+
+
+def test_a_job_the_service_forgot_is_replaced(emulator: MetaStudioEmulator, takes: tuple[Path, Path]) -> None:
+    """A remembered job the service no longer knows (400) is replaced by one new job."""
+    stale = CreatedJob("0c4f4e5f-0000-4000-8000-000000000000", f"{emulator.storage.url}/x")
+    report = run(emulator, lambda c: c.assess(takes[1], known={"after": stale}))
+    assert len(emulator.jobs) == 1 and report.details["job_id"]["after"] == emulator.jobs[0].job_id

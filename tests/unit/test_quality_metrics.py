@@ -8,6 +8,7 @@ so level, activity, decays and syllable rate are all known by construction.
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import numpy as np
 import numpy.typing as npt
@@ -72,8 +73,7 @@ def reverberate(x: npt.NDArray[np.float64], rt60: float, *, sr: int = SR, seed: 
 
 def measure(x: npt.NDArray[np.float64], sr: int = SR) -> metrics.Measurements:
     """All metrics of an in-memory signal (no DNSMOS)."""
-    features = metrics.analyze(x, sr)
-    return metrics.measure(features, metrics.detect_speech(features.band_power))
+    return metrics.measure(metrics.analyze(x, sr))
 
 
 def sine(seconds: float, peak_dbfs: float, sr: int = SR, freq: float = 997.0) -> npt.NDArray[np.float64]:
@@ -116,8 +116,8 @@ def test_block_size_does_not_change_any_feature() -> None:
     small, large = metrics.analyze(x, 22_050, block_frames=1_000), metrics.analyze(x, 22_050)
     assert small.loudness_lufs == pytest.approx(large.loudness_lufs, abs=1e-6)
     assert small.true_peak_dbtp == pytest.approx(large.true_peak_dbtp, abs=1e-3)
-    np.testing.assert_allclose(small.full_power, large.full_power, rtol=1e-5)
-    np.testing.assert_allclose(small.band_power, large.band_power, rtol=1e-3, atol=1e-12)
+    for name in ("speech_ratio", "snr_db", "noise_floor_dbfs", "rt60_s", "speech_rate_sps", "decays"):
+        assert getattr(small.speech, name) == pytest.approx(getattr(large.speech, name), rel=1e-9), name
 
 
 def test_frames_stay_on_a_10ms_grid_at_fractional_rates() -> None:
@@ -125,7 +125,7 @@ def test_frames_stay_on_a_10ms_grid_at_fractional_rates() -> None:
     acc = metrics.FrameAccumulator(22_050, 0.01)
     for block in np.array_split(np.ones(22_050), 7):
         acc.push(block)
-    sums, counts = acc.sums_and_counts()
+    sums, counts = acc.take()
     assert sums.size == 100 and counts.sum() == 22_050 and set(counts) == {220, 221}
 
 
@@ -234,3 +234,40 @@ def test_dnsmos_rates_noisy_background_lower() -> None:
     assert clean is not None and noisy is not None
     assert clean.bak > noisy.bak + 0.5
     assert all(1.0 <= v <= 5.0 for v in (clean.ovrl, clean.sig, clean.bak))
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _analysis_peak_bytes(clip: npt.NDArray[np.float32], minutes: int) -> int:
+    """Peak memory (tracemalloc) of measuring ``minutes`` of 16 kHz audio made of ``clip`` (10 s) repeated."""
+    tracemalloc.start()
+    try:
+        analyzer = metrics.SignalAnalyzer(16_000, 1, metrics.DnsmosWindowCollector(1))
+        for _ in range(minutes * 6):
+            analyzer.add(clip)
+        metrics.measure(analyzer.finish())
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_does_not_grow_with_the_length_of_the_file() -> None:
+    """Measuring an hour of audio takes about as much memory as measuring ten minutes."""
+    clip = add_noise(*speech_like(10.0, 16_000, seed=15), 20.0).astype(np.float32)
+    short, long = _analysis_peak_bytes(clip, 10), _analysis_peak_bytes(clip, 60)
+    assert long / short < 1.3, f"10 min: {short / 1e6:.1f} MB, 60 min: {long / 1e6:.1f} MB"
+
+
+def test_chunked_analysis_reads_what_one_pass_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cutting the level tracks into chunks (as long files are) changes no metric beyond rounding."""
+    parts = []
+    for i in range(4):
+        x, truth = speech_like(30.0, 16_000, seed=20 + i)
+        parts.append(add_noise(reverberate(x, 0.4, sr=16_000) if i % 2 else x, truth, 10.0 + 8 * i, seed=i))
+    x = np.concatenate(parts)
+    whole = measure(x, 16_000)
+    monkeypatch.setattr(metrics, "CHUNK_FRAMES", 2_500)  # 25 s chunks: five of them
+    chunked = measure(x, 16_000)
+    for name in ("snr_db", "noise_floor_dbfs", "rt60_s", "speech_ratio", "speech_rate_sps", "loudness_lufs"):
+        assert getattr(chunked, name) == pytest.approx(getattr(whole, name), rel=0.02), name
