@@ -9,6 +9,7 @@ clock and the randomness come in as parameters so tests need neither sleeps nor 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -70,6 +71,13 @@ def stage_retry_delay(failures: int, *, cap: float = 300.0, max_doublings: int =
     to spread across clients.
     """
     return min(cap, 2.0 ** min(max(1, failures), max_doublings))
+
+
+def wait_before_next(now: float, due_times: Iterable[float | None], cap: float = 1.0) -> float:
+    """Seconds a stage may sleep: until the earliest of ``due_times`` (None: nothing due), never
+    negative, and at most ``cap`` so a stage's heartbeat (systemd's watchdog) goes on."""
+    times = [t for t in due_times if t is not None]
+    return cap if not times else min(cap, max(0.0, min(times) - now))
 
 
 def day_start(now: float) -> float:

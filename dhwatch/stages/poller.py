@@ -13,7 +13,7 @@ from dhwatch.errors import (
     BackendError, BackendUnavailable, InvalidFile, JobFailed, JobLost, TransitionConflict,
 )  # fmt: skip
 from dhwatch.ledger import FileRow
-from dhwatch.policy import job_timed_out, next_poll_delay, stage_retry_delay
+from dhwatch.policy import job_timed_out, next_poll_delay, stage_retry_delay, wait_before_next
 from dhwatch.states import State
 
 
@@ -45,7 +45,7 @@ class Poller:
             if groups:
                 await asyncio.gather(*(self._poll(job_id, group) for job_id, group in groups.items()))
             if rows and not groups:  # everything due is backing off: sleep, do not spin
-                await ctx.idle("poll", min(1.0, min(t for _, t in self._blocked.values()) - now))
+                await ctx.idle("poll", wait_before_next(now, [t for _, t in self._blocked.values()]))
                 continue
             await sleep_until_due(ctx, "poll", (State.SUBMITTED,))
 
