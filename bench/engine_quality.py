@@ -211,7 +211,7 @@ def available_engines() -> dict[str, Callable[[Signal], Signal]]:
         "DeepFilterNet3, 12 dB limit": through_pipeline("deepfilternet3", 12.0),
     }
     if importlib.util.find_spec("pyrnnoise") is not None:
-        engine_denoise.ENGINES["rnnoise"] = RNNoise  # bench only: not a runtime engine
+        engine_denoise.ENGINES["rnnoise"] = lambda atten, threads=1: RNNoise(atten)  # bench only: not a runtime engine
         engines["RNNoise"] = through_pipeline("rnnoise")
     if importlib.util.find_spec("noisereduce") is not None:
         engines["noisereduce (spectral gating)"] = spectral_gating

@@ -102,7 +102,8 @@ class HuaweiSettings(KeyedSection):
 class LocalSettings(_Section):
     """``[local]``: the embedded offline denoiser."""
 
-    #: the denoising model (see docs/engine.md)
+    #: the denoising engine: "deepfilternet3" (ONNX Runtime) or "deepfilternet3-reference"
+    #: (DeepFilterNet's C runtime); checked against dhwatch.engine.ENGINES (see docs/engine.md)
     engine: str = "deepfilternet3"
     #: at most this much noise is removed, in dB (keeps some room tone); 100 = no limit
     atten_lim_db: float = Field(100.0, gt=0, le=100)

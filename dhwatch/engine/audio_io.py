@@ -36,15 +36,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Protocol, Self
+from typing import TYPE_CHECKING, Literal, Protocol, Self
 
-import av
 import numpy as np
 import numpy.typing as npt
 import soundfile as sf
 
 from dhwatch.audioformat import EXTENSIONS, SNIFF_BYTES, sniff
 from dhwatch.engine.errors import UnsupportedAudio
+
+if TYPE_CHECKING:  # PyAV (FFmpeg) is imported where it is used: WAV/FLAC jobs never load its 17 MB
+    import av
 
 Library = Literal["sndfile", "av"]
 Block = npt.NDArray[np.float32]
@@ -255,6 +257,8 @@ class _AvReader(_Closing):
 
     def __init__(self, path: Path, as_format: AudioFormat | None = None) -> None:
         """``as_format``: how libsndfile saw the file, when FFmpeg only stands in as decoder."""
+        import av
+
         try:
             self._container = av.open(str(path), "r")
         except (av.FFmpegError, OSError, ValueError) as exc:
@@ -294,6 +298,8 @@ class _AvReader(_Closing):
 
     def blocks(self, block_frames: int) -> Iterator[Block]:
         """Decode frame by frame, regroup into blocks, stop at the stream's stated length."""
+        import av
+
         pending: list[Block] = []
         pending_frames = 0
         seen = 0
@@ -450,6 +456,8 @@ class _AvWriter(_Closing):
     def __init__(
         self, path: Path, fmt: AudioFormat, sample_rate: int, channels: int, channel_layout: str | None
     ) -> None:
+        import av
+
         self._container = av.open(
             str(path), "w", format=fmt.container, options={"movie_timescale": str(sample_rate)}
         )
@@ -478,6 +486,8 @@ class _AvWriter(_Closing):
     def write(self, block: Block) -> None:
         if not len(block):
             return
+        import av
+
         frame = av.AudioFrame.from_ndarray(_float_to_av(block, self._format), format=self._format, layout=self._layout)
         frame.sample_rate = self._rate
         frame.time_base = self._time_base

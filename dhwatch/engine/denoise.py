@@ -19,7 +19,6 @@ crash in native code fails one job, not the daemon.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -31,6 +30,7 @@ import soxr
 
 from dhwatch.engine.audio_io import AudioFormat, create_audio, open_audio, output_format_for
 from dhwatch.engine.dfn import DeepFilterNet
+from dhwatch.engine.onnx_dfn import ChunkedDeepFilterNet
 from dhwatch.engine.errors import EngineError, UnsupportedAudio
 from dhwatch.errors import ConfigError
 
@@ -62,9 +62,28 @@ class Enhancer(Protocol):
     def close(self) -> None: ...
 
 
-#: engine name → factory taking ``atten_lim_db``; the daemon's ``engine`` option picks one
-ENGINES: dict[str, Callable[[float | None], Enhancer]] = {
-    "deepfilternet3": DeepFilterNet,
+class EngineFactory(Protocol):
+    """Makes one channel's enhancer; ``threads`` is how many chunks it may run at once."""
+
+    def __call__(self, atten_lim_db: float | None, threads: int = 1) -> Enhancer: ...
+
+
+def _reference(atten_lim_db: float | None, threads: int = 1) -> Enhancer:
+    """DeepFilterNet's own C runtime, one frame at a time (single-threaded whatever ``threads``)."""
+    return DeepFilterNet(atten_lim_db)
+
+
+def _onnx(atten_lim_db: float | None, threads: int = 1) -> Enhancer:
+    """DFN3's graphs on ONNX Runtime over chunks, ``threads`` chunks at once."""
+    return ChunkedDeepFilterNet(atten_lim_db, threads=threads)
+
+
+#: the C runtime, kept to prove the default engine equal (tests, bench) and as a fallback
+REFERENCE_ENGINE = "deepfilternet3-reference"
+#: engine name → factory taking ``(atten_lim_db, threads)``; the daemon's ``engine`` option picks one
+ENGINES: dict[str, EngineFactory] = {
+    "deepfilternet3": _onnx,
+    REFERENCE_ENGINE: _reference,
 }
 
 
@@ -78,6 +97,8 @@ class EngineOptions:
     atten_lim_db: float | None = None
     #: frames per block at the input's rate; the output does not depend on it
     block_frames: int = DEFAULT_BLOCK_FRAMES
+    #: chunks of one file run at once (the worker pool sets it from the idle cores)
+    threads: int = 1
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -86,6 +107,8 @@ class EngineOptions:
             raise ConfigError(f"atten_lim_db must be between 0 and 100 dB, got {self.atten_lim_db}")
         if self.block_frames < 1:
             raise ConfigError(f"block_frames must be positive, got {self.block_frames}")
+        if self.threads < 1:
+            raise ConfigError(f"threads must be positive, got {self.threads}")
 
 
 @dataclass(frozen=True)
@@ -130,7 +153,7 @@ class StreamingDenoiser:
         self._enhancers: list[Enhancer] = []
         try:
             for _ in range(channels):
-                self._enhancers.append(factory(options.atten_lim_db))
+                self._enhancers.append(factory(options.atten_lim_db, options.threads))
         except BaseException:
             self.close()
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 
 import numpy as np
@@ -88,6 +89,35 @@ def test_local_job_redone_after_kill9(folders: Folders, daemons) -> None:
     assert not list((folders.state / "local-jobs").iterdir())
 
 
+def _engine_workers(pid: int) -> list[int]:
+    """The daemon's engine worker processes (not multiprocessing's resource tracker)."""
+    found = []
+    for child in _children(pid):
+        try:
+            cmdline = open(f"/proc/{child}/cmdline").read()
+        except OSError:
+            continue
+        if "spawn_main" in cmdline:
+            found.append(child)
+    return found
+
+
+def test_a_worker_killed_mid_job_is_retried_and_replaced(folders: Folders, daemons) -> None:
+    """SIGKILL of the engine worker mid-job: the file is redone in a new worker and delivered once, nothing fails."""
+    make_audio(folders.inbox / "long.wav", seconds=150.0, sr=48000)
+    frames = sf.info(folders.inbox / "long.wav").frames
+    d = daemons(write_config(folders, backend="local", api_key=None, local="workers = 1"))
+    wait_for(lambda: _states(folders).get("long.wav") == "submitted", timeout=60, what="job running")
+    assert d.proc is not None
+    first = wait_for(lambda: _engine_workers(d.proc.pid), timeout=30, what="a worker process")
+    os.kill(first[0], signal.SIGKILL)
+    d.wait_event("file_done", timeout=180)
+    assert folders.files(folders.outbox) == ["long.wav"] and folders.files(folders.failed) == []
+    assert sf.info(folders.outbox / "long.wav").frames == frames
+    now = _engine_workers(d.proc.pid)
+    assert now and first[0] not in now  # a fresh worker took over, and stays for the next job
+
+
 def test_local_engine_timeout_fails_files_with_job_timeout(folders: Folders, daemons) -> None:
     """When the local engine stops a job at job_timeout, every file on that job fails as JOB_TIMEOUT.
 
@@ -96,7 +126,7 @@ def test_local_engine_timeout_fails_files_with_job_timeout(folders: Folders, dae
     job) is still within its own deadline when the engine gives up, so it learns of the
     timeout from the engine: that answer must be a JOB_TIMEOUT failure, not a crashed poll.
     """
-    long = make_audio(folders.inbox / "long.wav", seconds=120.0, sr=48000)  # ~10 s of work here
+    long = make_audio(folders.inbox / "long.wav", seconds=360.0, sr=48000)  # ~10 s of work here
     cfg = write_config(folders, backend="local", api_key=None, local="workers = 1\njob_timeout = 3",
                        extra="settle_seconds = 1.0")
     d = daemons(cfg)

@@ -173,3 +173,62 @@ async def test_the_event_loop_keeps_running_during_a_job(noisy_wav: Path, tmp_pa
     stop.set()
     await beat
     assert len(gaps) > 10 and max(gaps) < 0.25
+
+
+@in_event_loop
+async def test_a_worker_serves_many_jobs_with_one_model_load(noisy_wav: Path, tmp_path: Path) -> None:
+    """Three jobs in a row run in the same worker process, which loaded the model once."""
+    pool = EnginePool(1)
+    try:
+        results = [await pool.run_job(noisy_wav, tmp_path / f"out{i}.wav") for i in range(3)]
+    finally:
+        await pool.aclose()
+    assert len({r.worker_pid for r in results}) == 1 and results[0].worker_pid != os.getpid()
+    assert [r.worker_jobs for r in results] == [1, 2, 3]
+    assert [r.model_loads for r in results] == [1, 1, 1]
+    assert all(sf.info(tmp_path / f"out{i}.wav").frames == RATE for i in range(3))
+
+
+@in_event_loop
+async def test_a_worker_killed_mid_job_is_replaced_for_the_next_job(noisy_wav: Path, tmp_path: Path) -> None:
+    """SIGKILL during a job fails that job as a crash; the next job gets a fresh worker and succeeds."""
+    pool = EnginePool(1)
+    try:
+        first = await pool.run_job(noisy_wav, tmp_path / "warm.wav")
+        job = asyncio.create_task(pool.run_job(noisy_wav, tmp_path / "out.wav", fault="hang"))
+        await _until(lambda: pool.active == 1)
+        assert pool.worker_pids == [first.worker_pid]  # the idle worker took the job
+        os.kill(first.worker_pid, signal.SIGKILL)
+        with pytest.raises(EngineCrashed, match="SIGKILL"):
+            await job
+        after = await pool.run_job(noisy_wav, tmp_path / "after.wav")
+    finally:
+        await pool.aclose()
+    assert after.worker_pid != first.worker_pid and after.worker_jobs == 1
+    assert not _alive(first.worker_pid)
+
+
+@in_event_loop
+async def test_a_hung_worker_is_replaced_after_its_timeout(noisy_wav: Path, tmp_path: Path) -> None:
+    """A job past its deadline kills its (model-loaded) worker; the next job runs in a new one."""
+    pool = EnginePool(1)
+    try:
+        first = await pool.run_job(noisy_wav, tmp_path / "warm.wav")
+        with pytest.raises(EngineTimedOut):
+            await pool.run_job(noisy_wav, tmp_path / "out.wav", timeout=1.0, fault="hang")
+        assert not _alive(first.worker_pid)
+        after = await pool.run_job(noisy_wav, tmp_path / "after.wav")
+    finally:
+        await pool.aclose()
+    assert after.worker_pid != first.worker_pid and sf.info(tmp_path / "after.wav").frames == RATE
+
+
+@in_event_loop
+async def test_closing_the_pool_stops_idle_workers(noisy_wav: Path, tmp_path: Path) -> None:
+    """Workers waiting for jobs do not outlive the pool."""
+    pool = EnginePool(2)
+    results = await asyncio.gather(*(pool.run_job(noisy_wav, tmp_path / f"o{i}.wav") for i in range(2)))
+    pids = [r.worker_pid for r in results]
+    assert sorted(pool.idle_pids) == sorted(pids)
+    await pool.aclose()
+    assert not any(_alive(pid) for pid in pids)
