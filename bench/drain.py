@@ -6,11 +6,21 @@ emulator processes with zero delay. Prints files/s until the last one is done, f
 default of ``deephearing.batch_files`` is chosen from this table.
 
     .venv/bin/python bench/drain.py [--files 2000] [--batches 1,4,8,16]
+
+The burst of issue 12 (``--burst``): the daemon is running, 2,000 WAVs of 0.1 s in 20
+folders are renamed into the inbox at once, ``settle_seconds = 0.5``, ``poll_interval =
+0.2``, default config otherwise; timed from the renames to the last ``file_done``; prints
+files/s and the peak RSS of the daemon's whole process tree (quality worker included) for
+``quality = "off"`` and ``"local"`` side by side. ``--base DIR`` runs a second dhwatch
+source tree (e.g. ``git archive main``) back to back in the same run, for a ratio:
+
+    .venv/bin/python bench/drain.py --burst [--files 2000] [--base /tmp/main-src]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -42,13 +52,63 @@ def run_once(n: int, batch: int, quality: str = "off", seconds: float = 0.1) -> 
         return n / elapsed, rss, emu.enhance_requests
 
 
+def run_burst(n: int, quality: str, source: Path | None, folders: int = 20) -> tuple[float, float, float]:
+    """Issue 12's burst: ``n`` files in ``folders`` folders renamed into a running daemon's inbox."""
+    with tempfile.TemporaryDirectory() as tmp, DeepHearingEmulator(keys={KEY}) as emu:
+        root = Path(tmp)
+        config = write_config(root, emu.base_url, KEY, settle_seconds=0.5, quality=quality,
+                              deephearing__poll_interval=0.2, deephearing__poll_max_interval=5.0)
+        staging = root / "staging"
+        data = small_wav_bytes(0.1)
+        for k in range(folders):
+            folder = staging / f"session{k:02d}"
+            folder.mkdir(parents=True)
+            for i in range(k, n, folders):
+                (folder / f"line{i:05d}.wav").write_bytes(data + i.to_bytes(4, "little"))
+        daemon = Daemon(config, source)
+        try:
+            daemon.wait("started", 1, timeout=60)
+            t0 = time.monotonic()
+            for k in range(folders):
+                os.rename(staging / f"session{k:02d}", root / "inbox" / f"session{k:02d}")
+            daemon.wait("file_done", n, timeout=1800)
+            elapsed = time.monotonic() - t0
+            cpu = daemon.cpu_seconds()
+            time.sleep(0.5)  # let the last reports start: they belong to the burst's memory
+            rss = daemon.tree_peak_mb
+        finally:
+            daemon.stop()
+        return n / elapsed, rss, 1000 * cpu / n
+
+
+def burst(n: int, base: Path | None) -> None:
+    """Files/s and tree peak RSS, quality off and local, for this tree (and ``base``), back to back."""
+    load = os.getloadavg()
+    print(f"burst: {n} files of 0.1 s in 20 folders renamed into the inbox; load average before: "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (2 cores)")
+    print("| tree | quality | files/s | peak RSS, daemon tree (MiB) | daemon CPU ms/file |")
+    print("|---|---|---:|---:|---:|")
+    trees: list[tuple[str, Path | None]] = ([("base", base)] if base else []) + [("this", None)]
+    for quality in ("off", "local"):
+        for name, source in trees:
+            rate, rss, cpu = run_burst(n, quality, source)
+            print(f"| {name} | {quality} | {rate:.1f} | {rss:.0f} | {cpu:.1f} |", flush=True)
+    load = os.getloadavg()
+    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=2000)
     parser.add_argument("--batches", default="1,4,8,16")
     parser.add_argument("--seconds", type=float, default=0.1, help="length of each file")
     parser.add_argument("--quality", default="off", help="'off', 'local', or 'both' to compare (reports cost)")
+    parser.add_argument("--burst", action="store_true", help="issue 12's burst, quality off and local")
+    parser.add_argument("--base", type=Path, default=None, help="a baseline dhwatch source tree to compare")
     args = parser.parse_args()
+    if args.burst:
+        burst(args.files, args.base)
+        return
     if args.quality == "both":
         compare_quality(args.files, args.seconds)
         return

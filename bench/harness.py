@@ -43,28 +43,74 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-class Daemon:
-    """``dhwatch run`` in a subprocess, counting log events as they arrive."""
+def tree_rss_mb(pid: int) -> float:
+    """The resident set size of ``pid`` and all its descendants now (VmRSS summed), in MiB."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    total_kib, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kib += int(line.split()[1])
+        except OSError:
+            pass
+    return total_kib / 1024
 
-    def __init__(self, config: Path) -> None:
+
+class Daemon:
+    """``dhwatch run`` in a subprocess, counting log events as they arrive.
+
+    ``source``: run the dhwatch package found in that folder instead of the installed one
+    (to compare a baseline checkout with this one in the same run). The peak RSS of the
+    daemon's whole process tree (workers included) is sampled every 100 ms.
+    """
+
+    def __init__(self, config: Path, source: Path | None = None) -> None:
+        env = dict(os.environ)
+        if source is not None:
+            env["PYTHONPATH"] = str(source)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dhwatch", "run", "--config", str(config)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )  # fmt: skip
         self.events: list[dict[str, Any]] = []
+        self.counts: dict[str, int] = {}
+        self.tree_peak_mb = 0.0
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    def _sample(self) -> None:
+        while self.proc.poll() is None:
+            self.tree_peak_mb = max(self.tree_peak_mb, tree_rss_mb(self.proc.pid))
+            time.sleep(0.1)
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             try:
-                self.events.append(json.loads(line))
+                event = json.loads(line)
             except ValueError:
-                pass
+                continue
+            event["_t"] = time.monotonic()
+            self.events.append(event)
+            name = str(event.get("event"))
+            self.counts[name] = self.counts.get(name, 0) + 1
 
     def count(self, event: str) -> int:
-        return sum(1 for e in list(self.events) if e.get("event") == event)
+        return self.counts.get(event, 0)
 
     def wait(self, event: str, n: int, timeout: float) -> float:
         """Wait until ``n`` events named ``event`` arrived; returns the time it took."""
@@ -79,6 +125,11 @@ class Daemon:
 
     def peak_rss_mb(self) -> float:
         return peak_rss_mb(self.proc.pid)
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the daemon process itself has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -72,12 +72,14 @@ def main() -> None:
         up = next(e for e in daemon.events if e.get("event") == "file_submitted")
         daemon_s = float(up["seconds"])
         rss = daemon.peak_rss_mb()
+        tree = daemon.tree_peak_mb
         daemon.stop()
     print(f"file: {mb:.0f} MB")
     print(f"curl -F : {curl_s:6.2f} s  {mb / curl_s:7.1f} MB/s")
     print(f"dhwatch : {daemon_s:6.2f} s  {mb / daemon_s:7.1f} MB/s")
     print(f"ratio dhwatch/curl throughput: {curl_s / daemon_s:.2f}")
-    print(f"daemon peak RSS: {rss:.0f} MiB (hashing + upload of a {mb:.0f} MB file)")
+    print(f"daemon peak RSS: {rss:.0f} MiB (hashing + upload of a {mb:.0f} MB file); "
+          f"whole process tree, sampled: {tree:.0f} MiB")
 
 
 def _no_processing(src: Path, out_dir: Path, name: str):  # type: ignore[no-untyped-def]

@@ -15,7 +15,8 @@ import hashlib
 import os
 import shutil
 import stat
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -57,16 +58,27 @@ class Written:
     sha256: str
 
 
-async def write_atomically(
+@dataclass(frozen=True)
+class Staged:
+    """A complete, checked result in its hidden temp file, not yet fsynced nor renamed (see :func:`publish`)."""
+
+    tmp: Path
+    final: Path
+    size: int
+    sha256: str
+
+
+async def stage_result(
     root: Path, rel_path: str, chunks: AsyncIterable[bytes], *, expected_length: int | None, row_id: int,
     name_for: Callable[[Path], str] | None = None,
-) -> Written:
-    """Stream ``chunks`` into ``root/rel_path`` atomically; raise :class:`ResultError` if broken.
+) -> Staged:
+    """Stream ``chunks`` into a hidden temp file beside ``root/rel_path``; raise :class:`ResultError` if broken.
 
     A broken result (short, empty, not audio) never replaces anything; the temp file is removed.
     ``name_for`` (run in a thread) sees the complete temp file and returns the final base name
     in the same folder, so what arrived can decide its own extension; it may raise
-    :class:`ResultError` to refuse it.
+    :class:`ResultError` to refuse it. Nothing is visible under the final name until
+    :func:`publish`.
     """
     rel = safe_relpath(rel_path)
     folder = await asyncio.to_thread(ensure_dir, root, rel.parent)
@@ -90,21 +102,80 @@ async def write_atomically(
                 raise ResultError("the service returned an empty result")
             if sniff(head) is None:
                 raise ResultError("the service returned something that is not audio")
-            await asyncio.to_thread(f.flush)
-            await asyncio.to_thread(os.fsync, f.fileno())
         finally:
             await asyncio.to_thread(f.close)
         if name_for is not None:
             final = folder / safe_relpath(await asyncio.to_thread(name_for, tmp)).name
-        await asyncio.to_thread(os.replace, tmp, final)
-        await asyncio.to_thread(fsync_dir, folder)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _unlink_quietly(tmp)
         raise
-    return Written(final, size, digest.hexdigest())
+    return Staged(tmp, final, size, digest.hexdigest())
+
+
+def publish(group: Sequence[Staged]) -> list[OSError | None]:
+    """Make a group of staged results visible and durable: per file ``None``, or why it failed.
+
+    The order that makes a power cut harmless, for the whole group at once: every temp file
+    fsynced (concurrently: the filesystem merges them into few journal commits), then each
+    renamed over its final name, then each folder fsynced ONCE for all the renames into it.
+    Only after this returns may a result be recorded as delivered. A file that failed is
+    not under its final name (its temp file is removed) or, if only its folder's fsync
+    failed, must be treated as not delivered (fetched again, replacing it).
+    """
+    errors: list[OSError | None] = [None] * len(group)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(group)))) as pool:
+        synced = list(pool.map(_fsync_path, [s.tmp for s in group]))
+    folders: dict[Path, list[int]] = {}
+    for i, (staged, error) in enumerate(zip(group, synced, strict=True)):
+        if error is None:
+            try:
+                os.replace(staged.tmp, staged.final)
+                folders.setdefault(staged.final.parent, []).append(i)
+                continue
+            except OSError as exc:
+                error = exc
+        errors[i] = error
+        _unlink_quietly(staged.tmp)
+    for folder, members in folders.items():
+        try:
+            fsync_dir(folder)
+        except OSError as exc:
+            for i in members:
+                errors[i] = exc
+    return errors
+
+
+async def write_atomically(
+    root: Path, rel_path: str, chunks: AsyncIterable[bytes], *, expected_length: int | None, row_id: int,
+    name_for: Callable[[Path], str] | None = None,
+) -> Written:
+    """Stream ``chunks`` into ``root/rel_path`` atomically and durably (:func:`stage_result`, then
+    :func:`publish` for this one file); raise :class:`ResultError` if broken."""
+    staged = await stage_result(root, rel_path, chunks, expected_length=expected_length, row_id=row_id,
+                                name_for=name_for)  # fmt: skip
+    error = (await asyncio.to_thread(publish, [staged]))[0]
+    if error is not None:
+        raise error
+    return Written(staged.final, staged.size, staged.sha256)
+
+
+def _fsync_path(path: Path) -> OSError | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def remove_temp_files(root: Path) -> int:

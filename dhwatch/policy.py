@@ -9,6 +9,7 @@ clock and the randomness come in as parameters so tests need neither sleeps nor 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -59,6 +60,24 @@ def next_poll_delay(polls_so_far: int, interval: float, max_interval: float) -> 
     Short jobs are noticed quickly; jobs that run for an hour cost a handful of requests.
     """
     return min(max_interval, interval * (1.5 ** min(polls_so_far, 60)))
+
+
+def stage_retry_delay(failures: int, *, cap: float = 300.0, max_doublings: int = 10) -> float:
+    """Seconds before a stage tries again something that failed ``failures`` times in a row
+    in-process (a folder it cannot write, a ledger it cannot sync, a poll that crashed).
+
+    Doubles from 2 s, at most ``max_doublings`` times, capped at ``cap``: a persistent fault
+    costs a log line now and then, never a core. No jitter: these are local faults, nothing
+    to spread across clients.
+    """
+    return min(cap, 2.0 ** min(max(1, failures), max_doublings))
+
+
+def wait_before_next(now: float, due_times: Iterable[float | None], cap: float = 1.0) -> float:
+    """Seconds a stage may sleep: until the earliest of ``due_times`` (None: nothing due), never
+    negative, and at most ``cap`` so a stage's heartbeat (systemd's watchdog) goes on."""
+    times = [t for t in due_times if t is not None]
+    return cap if not times else min(cap, max(0.0, min(times) - now))
 
 
 def day_start(now: float) -> float:

@@ -106,6 +106,9 @@ class Backend(Protocol):
     name: ClassVar[str]
     #: how many files one submit call may carry
     max_batch_files: int
+    #: only files smaller than this many bytes share a submit call (a larger one goes alone);
+    #: 0 when the backend never batches
+    max_batch_bytes: int
     #: whether a finished job's result can still be fetched (``status`` + ``open_result``) after
     #: :meth:`release`. Only then may a later file with identical content adopt a job that is
     #: already delivered; otherwise it adopts only jobs still in flight, and is sent again once

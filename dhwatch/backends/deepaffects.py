@@ -559,6 +559,7 @@ class DeepAffectsBackend:
     results_kept_after_release: ClassVar[bool] = False  # release() deletes the stored result; the vendor's result URL works once
     #: one JSON document per file: no batching
     max_batch_files = 1
+    max_batch_bytes = 0
 
     def __init__(
         self,

@@ -74,6 +74,7 @@ class DeepHearingBackend:
         self._key = key_provider
         self._short_retries = short_retries
         self.max_batch_files = settings.batch_files
+        self.max_batch_bytes = settings.batch_max_bytes
         timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
         limits = httpx.Limits(max_connections=32, max_keepalive_connections=8)
         self._api = httpx.AsyncClient(base_url=settings.base_url, timeout=timeout, limits=limits, transport=transport)

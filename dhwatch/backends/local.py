@@ -50,6 +50,7 @@ class LocalBackend:
     name: ClassVar[str] = "local"
     results_kept_after_release: ClassVar[bool] = False  # release() deletes the job and its output
     max_batch_files = 1
+    max_batch_bytes = 0
 
     def __init__(self, settings: Settings) -> None:
         from dhwatch.engine import EngineOptions, EnginePool

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -23,7 +24,7 @@ from dhwatch.audioformat import EXTENSIONS
 from dhwatch.audioheader import StatedFormat, file_format, format_change, shortfall, stated_format
 from dhwatch.backends.base import RemotePhase, RemoteStatus
 from dhwatch.context import Context
-from dhwatch.delivery import Written, ensure_dir, fsync_dir, write_atomically
+from dhwatch.delivery import Staged, Written, ensure_dir, fsync_dir, publish, stage_result, write_atomically
 from dhwatch.errors import DhwatchError, JobLost, ResultError, TransientError, TransitionConflict
 from dhwatch.finishing import FinishingError, FinishingPool, FinishReport
 from dhwatch.ledger import FileRow
@@ -41,6 +42,7 @@ class Fetcher:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self._slots = asyncio.Semaphore(ctx.settings.download_concurrency)
+        #: rows being downloaded or published (a download slot is held only while downloading)
         self._busy: set[int] = set()
         self._running = InFlight()
         #: where a result waits while it is finished per its recipe (emptied at start: a crash there
@@ -49,12 +51,15 @@ class Fetcher:
         shutil.rmtree(self._staging, ignore_errors=True)
         self._staging.mkdir(mode=0o700, exist_ok=True)
         self._finishing = FinishingPool(ctx.settings.download_concurrency)
+        #: downloaded results waiting for the next group fsync and rename (see delivery.publish)
+        self._to_publish: list[tuple[Staged, asyncio.Future[None]]] = []
+        self._publisher: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         ctx = self.ctx
         while True:
             ctx.beat("fetch")
-            free = ctx.settings.download_concurrency - len(self._busy)
+            free = 0 if self._slots.locked() else ctx.settings.download_concurrency
             for row in ctx.ledger.due(State.FETCHING, ctx.clock(), free + len(self._busy)) if free > 0 else []:
                 if row.id in self._busy:
                     continue
@@ -67,17 +72,52 @@ class Fetcher:
 
     async def _fetch(self, row: FileRow) -> None:
         ctx = self.ctx
+        holding = True
+
+        def release_slot() -> None:
+            nonlocal holding
+            if holding:
+                holding = False
+                self._slots.release()
+                ctx.kick("fetch")
+
         try:
-            await self._download(row)
+            await self._download(row, release_slot)
         except Exception as exc:  # a bug must not kill the stage
             ctx.log.exception("fetch_crashed", file=row.rel_path, error=str(exc))
             self._retry(row, f"internal error: {exc}", counts=True)
         finally:
             self._busy.discard(row.id)
-            self._slots.release()
-            ctx.kick("fetch")
+            release_slot()
 
-    async def _download(self, row: FileRow) -> None:
+    async def _publish(self, staged: Staged) -> None:
+        """Wait until this result is fsynced, renamed and its folder fsynced, together with
+        every other result downloaded meanwhile (one group, one folder fsync per folder)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._to_publish.append((staged, done))
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.create_task(self._publish_pending())
+        await done
+
+    async def _publish_pending(self) -> None:
+        while self._to_publish:
+            group, self._to_publish = self._to_publish, []
+            try:
+                errors = await asyncio.to_thread(publish, [staged for staged, _ in group])
+            except BaseException as exc:
+                for _, done in group:
+                    if not done.done():
+                        done.set_exception(exc if isinstance(exc, Exception) else OSError("publishing stopped"))
+                raise
+            for (_, done), error in zip(group, errors, strict=True):
+                if done.done():
+                    continue
+                if error is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(error)
+
+    async def _download(self, row: FileRow, release_slot: Callable[[], None]) -> None:
         ctx = self.ctx
         status = RemoteStatus(RemotePhase.COMPLETE, row.remote_status or "completed", row.result_url, row.billed_seconds)
         t0 = time.monotonic()
@@ -92,11 +132,17 @@ class Fetcher:
         try:
             with ctx.metrics.api_latency.labels("result").time():
                 async with ctx.backend.open_result(row.job_id or "", status) as stream:
-                    root, target = (self._staging, f"{row.id}/{PurePosixPath(rel).name}") if finish.needed \
-                        else (ctx.settings.outbox, rel)  # fmt: skip
-                    written = await write_atomically(
-                        root, target, stream, expected_length=stream.expected_length, row_id=row.id, name_for=check,
-                    )
+                    if finish.needed:  # kept under state_dir, then finished into the outbox
+                        written = await write_atomically(
+                            self._staging, f"{row.id}/{PurePosixPath(rel).name}", stream,
+                            expected_length=stream.expected_length, row_id=row.id, name_for=check,
+                        )  # fmt: skip
+                    else:
+                        staged = await stage_result(
+                            ctx.settings.outbox, rel, stream, expected_length=stream.expected_length, row_id=row.id,
+                            name_for=check,
+                        )
+            release_slot()  # the next download may start while this one is made durable (or finished)
             if finish.needed:
                 wanted = output_suffix(finish.output_format)
                 # the recipe's format names the output (take1.wav -> take1.flac); with "same" it is
@@ -104,6 +150,10 @@ class Fetcher:
                 rel = str(PurePosixPath(row.rel_path).with_suffix(wanted)) if wanted \
                     else str(PurePosixPath(rel).with_name(written.path.name))  # fmt: skip
                 written, report = await self._finish(row, written.path, rel, finish)
+                output, size = written.path, written.size
+            else:
+                await self._publish(staged)
+                output, size = staged.final, staged.size
         except FinishingError as exc:
             ctx.log.warning("finishing_failed", file=row.rel_path, row=row.id, recipe=row.recipe, error=str(exc))
             self._retry(row, str(exc), counts=True, code="FINISHING_FAILED")
@@ -123,14 +173,18 @@ class Fetcher:
         crashpoints.reached("after_output_renamed")
         if check.note:
             ctx.log.warning("result_format_changed", file=row.rel_path, row=row.id, job=row.job_id,
-                            output=str(written.path), note=check.note)
+                            output=str(output), note=check.note)
+        # No fsync of its own: the output is already durable (fsynced, renamed, folder fsynced),
+        # and the finisher makes DELIVERED durable (Ledger.sync, one fsync per round) before
+        # it touches any original; lost with the power, the row is FETCHING again and the
+        # same output is fetched and replaced again (docs/delivery.md).
         ctx.ledger.transition(
-            row.id, State.FETCHING, State.DELIVERED, now=ctx.clock(), durable=True, detail=check.note,
-            output_path=str(written.path), fetch_attempts=row.fetch_attempts + 1,
-            **({} if report is None else {"finishing": json.dumps(report.as_dict())}),
+            row.id, State.FETCHING, State.DELIVERED, now=ctx.clock(), detail=check.note,
+            output_path=str(output), fetch_attempts=row.fetch_attempts + 1,
+            finishing=None if report is None else json.dumps(report.as_dict()),
         )  # fmt: skip
-        ctx.metrics.bytes_down.inc(written.size)
-        ctx.log.info("file_delivered", file=row.rel_path, row=row.id, job=row.job_id, bytes=written.size,
+        ctx.metrics.bytes_down.inc(size)
+        ctx.log.info("file_delivered", file=row.rel_path, row=row.id, job=row.job_id, bytes=size,
                      seconds=round(time.monotonic() - t0, 3), recipe=row.recipe,
                      **({} if report is None else {"loudness_lufs": report.after.integrated_lufs,
                                                    "true_peak_dbtp": round(report.after.true_peak_dbtp, 2),
@@ -201,6 +255,8 @@ class Fetcher:
 
     async def aclose(self) -> None:
         await self._running.aclose()
+        if self._publisher is not None:
+            self._publisher.cancel()
         self._finishing.close()
 
 

@@ -20,6 +20,7 @@ from dhwatch.errors import (
 from dhwatch.failures import build_error_report, render
 from dhwatch.ledger import FileRow
 from dhwatch.naming import error_file_name
+from dhwatch.policy import stage_retry_delay
 from dhwatch.reporting import Reporter
 from dhwatch.sourcefile import Identity
 from dhwatch.states import State
@@ -46,6 +47,7 @@ class Finisher:
         #: row id → (failures so far, monotonic time of the next try): a folder that cannot be
         #: written must cost a log line now and then, not a core
         self._blocked: dict[int, tuple[int, float]] = {}
+        self._sync_failures = 0
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -55,12 +57,34 @@ class Finisher:
             ready = lambda r: self._blocked.get(r.id, (0, 0.0))[1] <= now  # noqa: E731
             steps = [self._guard(self.finish_delivered(r), r)
                      for r in ctx.ledger.in_state(State.DELIVERED, limit=64) if ready(r)]
+            if steps and not await self._sync_ledger():
+                for step in steps:
+                    step.close()
+                await ctx.idle("finish", stage_retry_delay(self._sync_failures))
+                continue
             steps += [self._guard(self.finish_failing(r), r)
                       for r in ctx.ledger.in_state(State.FAILING, limit=64) if ready(r)]
             if steps:
                 await asyncio.gather(*steps)
                 continue
             await ctx.idle("finish", 1.0)
+
+    async def _sync_ledger(self) -> bool:
+        """Make the round's DELIVERED commits durable, once for all, before any original is touched.
+
+        The fetcher commits DELIVERED without an fsync of its own (group commit): moving or
+        deleting an original is what must never happen on the strength of a commit a power
+        cut could still undo. False (and a log line, with back-off) if the ledger cannot sync.
+        """
+        try:
+            await self.ctx.ledger.sync()
+        except Exception as exc:  # noqa: BLE001 - state_dir full or read-only: wait, retry, say so
+            self._sync_failures += 1
+            self.ctx.log.error("ledger_sync_failed", error=str(exc), failures=self._sync_failures,
+                               retry_in_seconds=stage_retry_delay(self._sync_failures))
+            return False
+        self._sync_failures = 0
+        return True
 
     async def _guard(self, step: Coroutine[Any, Any, None], row: FileRow) -> None:
         try:
@@ -70,7 +94,7 @@ class Finisher:
             pass
         except Exception as exc:  # noqa: BLE001 - a folder we cannot write, or a surprise: back off, go on
             failures = self._blocked.get(row.id, (0, 0.0))[0] + 1
-            delay = min(300.0, 2.0 ** min(failures, 10))
+            delay = stage_retry_delay(failures)
             self._blocked[row.id] = (failures, time.monotonic() + delay)
             self.ctx.log.error("finish_failed", file=row.rel_path, row=row.id, error=str(exc),
                                retry_in_seconds=delay, failures=failures)

@@ -13,7 +13,7 @@ from dhwatch.errors import (
     BackendError, BackendUnavailable, InvalidFile, JobFailed, JobLost, TransitionConflict,
 )  # fmt: skip
 from dhwatch.ledger import FileRow
-from dhwatch.policy import job_timed_out, next_poll_delay
+from dhwatch.policy import job_timed_out, next_poll_delay, stage_retry_delay, wait_before_next
 from dhwatch.states import State
 
 
@@ -45,7 +45,7 @@ class Poller:
             if groups:
                 await asyncio.gather(*(self._poll(job_id, group) for job_id, group in groups.items()))
             if rows and not groups:  # everything due is backing off: sleep, do not spin
-                await ctx.idle("poll", min(1.0, min(t for _, t in self._blocked.values()) - now))
+                await ctx.idle("poll", wait_before_next(now, [t for _, t in self._blocked.values()]))
                 continue
             await sleep_until_due(ctx, "poll", (State.SUBMITTED,))
 
@@ -55,7 +55,7 @@ class Poller:
             self._blocked.pop(job_id, None)
         except Exception as exc:  # noqa: BLE001 - one job's surprise must not stop the others' polling
             failures = self._blocked.get(job_id, (0, 0.0))[0] + 1
-            delay = min(300.0, 2.0 ** min(failures, 8))
+            delay = stage_retry_delay(failures, max_doublings=8)
             self._blocked[job_id] = (failures, time.monotonic() + delay)
             self.ctx.log.error("poll_crashed", job=job_id, error=f"{type(exc).__name__}: {exc}",
                                retry_in_seconds=delay, failures=failures)
@@ -109,13 +109,11 @@ class Poller:
         if status.phase is RemotePhase.COMPLETE:
             if status.billed_seconds and any(not r.adopted for r in rows):
                 ctx.metrics.billed.inc(status.billed_seconds)
-            for row in rows:
-                with contextlib.suppress(TransitionConflict):
-                    ctx.ledger.transition(
-                        row.id, State.SUBMITTED, State.FETCHING, now=now, detail=f"job {status.raw_status}",
-                        remote_status=status.raw_status, result_url=status.result_url,
-                        billed_seconds=status.billed_seconds, next_attempt_at=now, fetch_attempts=0,
-                    )  # fmt: skip
+            # One transaction for the job's files (rows another stage moved meanwhile are left alone).
+            changes = {"remote_status": status.raw_status, "result_url": status.result_url,
+                       "billed_seconds": status.billed_seconds, "next_attempt_at": now, "fetch_attempts": 0}
+            ctx.ledger.transition_many([(row.id, changes) for row in rows], State.SUBMITTED, State.FETCHING,
+                                       now=now, detail=f"job {status.raw_status}", skip_conflicts=True)
             ctx.log.info("job_complete", job=job_id, files=[r.rel_path for r in rows], billed_seconds=status.billed_seconds)
             ctx.kick("fetch")
         elif status.phase is RemotePhase.FAILED:
@@ -132,6 +130,7 @@ class Poller:
     def _reschedule(self, rows: list[FileRow], job_id: str, status: RemoteStatus | None) -> None:
         ctx = self.ctx
         now = ctx.clock()
+        updates: list[tuple[int, dict[str, object]]] = []
         for row in rows:
             delay = next_poll_delay(row.polls, poll_interval(ctx), poll_max_interval(ctx))
             changes: dict[str, object] = {"polls": row.polls + 1, "next_attempt_at": now + delay}
@@ -139,5 +138,5 @@ class Poller:
                 changes["remote_status"] = status.raw_status
                 if status.billed_seconds is not None:
                     changes["billed_seconds"] = status.billed_seconds
-            with contextlib.suppress(TransitionConflict):
-                ctx.ledger.update(row.id, State.SUBMITTED, now=now, **changes)
+            updates.append((row.id, changes))
+        ctx.ledger.update_many(updates, State.SUBMITTED, now=now)  # rows moved meanwhile are left alone

@@ -9,7 +9,7 @@ from typing import Any, TypedDict
 from dhwatch.context import Context
 from dhwatch.errors import TransitionConflict
 from dhwatch.ledger import FileRow
-from dhwatch.policy import Backoff, after_failure
+from dhwatch.policy import Backoff, after_failure, wait_before_next
 from dhwatch.states import State
 
 
@@ -43,9 +43,13 @@ def poll_max_interval(ctx: Context) -> float:
 
 
 async def sleep_until_due(ctx: Context, stage: str, states: tuple[State, ...]) -> None:
-    nxt = ctx.ledger.next_due_at(states)
-    timeout = 1.0 if nxt is None else min(1.0, max(0.0, nxt - ctx.clock()))
-    await ctx.idle(stage, timeout)
+    """Sleep until the stage is kicked or its earliest row comes due (at most 1 s)."""
+    wakeup = ctx.wakeup(stage)
+    if wakeup.is_set():  # kicked while working: there may be work now, no need to ask when
+        wakeup.clear()
+        await asyncio.sleep(0)  # still let the others run
+        return
+    await ctx.idle(stage, wait_before_next(ctx.clock(), [ctx.ledger.next_due_at(states)]))
 
 
 class _FailChanges(TypedDict, total=False):

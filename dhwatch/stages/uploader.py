@@ -107,7 +107,7 @@ class Uploader:
         if not rows:
             return []
         limit = self.ctx.backend.max_batch_files
-        small = getattr(getattr(self.ctx.settings, self.ctx.settings.backend, None), "batch_max_bytes", 0)
+        small = self.ctx.backend.max_batch_bytes
         first = rows[0]
         if first.id in self._solo or first.size >= small or limit <= 1:
             return [first]
@@ -126,9 +126,11 @@ class Uploader:
         ctx = self.ctx
         try:
             try:
-                # Durable before any byte leaves: a crash from here on means "send again".
+                # Recorded before any byte leaves: a crash from here on means "send again". No
+                # fsync of its own: lost with the power, the rows are QUEUED, which is what
+                # recovery makes of UPLOADING anyway; the job ids' commit is the durable one.
                 ctx.ledger.transition_many([(r.id, {}) for r in batch], State.QUEUED, State.UPLOADING,
-                                           now=ctx.clock(), durable=True)
+                                           now=ctx.clock())
             except TransitionConflict:
                 return
             crashpoints.reached("before_upload")
@@ -199,12 +201,15 @@ class Uploader:
         ctx.metrics.bytes_up.inc(sum(r.size for r in rows))
         now = ctx.clock()
         first_poll = now + poll_interval(ctx)
-        # The job ids cost money: one durable commit (fsync) records them all.
+        # The job ids cost money: one commit records them all (safe from a crash at once), and
+        # the WAL fsync shared with every other commit of the moment makes it survive a power
+        # cut (group commit, Ledger.sync) before this request's slot is given back.
         ctx.ledger.transition_many(
             [(row.id, {"job_id": job_ids[key], "submitted_at": now, "polls": 0, "next_attempt_at": first_poll,
                        "attempts": row.attempts + 1}) for key, row in by_key.items()],
-            State.UPLOADING, State.SUBMITTED, now=now, durable=True,
+            State.UPLOADING, State.SUBMITTED, now=now,
         )  # fmt: skip
+        await ctx.ledger.sync()
         crashpoints.reached("after_submitted")
         for key, row in by_key.items():
             self._solo.discard(row.id)
