@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 
 from dhwatch.emulators.deephearing import DeepHearingEmulator
 from tests.conftest import API_KEY, Folders, write_config
@@ -116,3 +117,14 @@ SUBJECTS: dict[str, Callable[[], Iterator[Subject]]] = {
 def subject(request: pytest.FixtureRequest) -> Iterator[Subject]:
     """Each backend in turn, its emulator running for the length of the test."""
     yield from SUBJECTS[request.param]()
+
+
+def assert_delivered_once(folders: Folders, rels: list[str]) -> None:
+    """Each file in the outbox under its path, its original archived, nothing left or failed, same length."""
+    assert folders.files(folders.outbox) == sorted(rels)
+    assert folders.files(folders.archive) == sorted(rels)
+    assert folders.files(folders.inbox) == []
+    assert folders.files(folders.failed) == []
+    for rel in rels:
+        assert sf.info(folders.outbox / rel).frames == sf.info(folders.archive / rel).frames
+    assert not any(".dhwatch-" in f for f in folders.files(folders.root))  # no temp file anywhere

@@ -19,22 +19,12 @@ import shutil
 import soundfile as sf
 
 from tests.acceptance.test_daemon import ledger_states, sha
-from tests.backends import Subject, subject  # noqa: F401 - the fixture, parametrised over every backend
+from tests.backends import Subject, assert_delivered_once, subject  # noqa: F401 - the fixture, parametrised over every backend
 from tests.conftest import Daemon, Folders, assert_idle, make_audio, wait_for
 
 #: seconds a scenario may wait for its files (a loaded 2-core CI machine, the local engine's start)
 DONE_TIMEOUT = 90.0
 
-
-def _assert_delivered_once(folders: Folders, rels: list[str]) -> None:
-    """Each file in the outbox under its path, its original archived, nothing left or failed, same length."""
-    assert folders.files(folders.outbox) == sorted(rels)
-    assert folders.files(folders.archive) == sorted(rels)
-    assert folders.files(folders.inbox) == []
-    assert folders.files(folders.failed) == []
-    for rel in rels:
-        assert sf.info(folders.outbox / rel).frames == sf.info(folders.archive / rel).frames
-    assert not any(".dhwatch-" in f for f in folders.files(folders.root))  # no temp file anywhere
 
 
 def _all_done(folders: Folders, rels: list[str]) -> bool:
@@ -50,7 +40,7 @@ def test_happy_path(subject: Subject, folders: Folders, daemons) -> None:
     originals = {rel: sha(folders.inbox / rel) for rel in rels}
     d = daemons(subject.config(folders))
     d.wait_event("file_done", count=len(rels), timeout=DONE_TIMEOUT)
-    _assert_delivered_once(folders, rels)
+    assert_delivered_once(folders, rels)
     assert all(sha(folders.outbox / rel) != digest for rel, digest in originals.items())  # processed, not copied
     if subject.jobs is not None:
         assert subject.jobs() == len(rels)
@@ -80,7 +70,7 @@ def test_identical_content_under_many_names(subject: Subject, folders: Folders, 
     for rel in after:
         shutil.copyfile(folders.archive / "a.wav", folders.inbox / rel)
     d.wait_event("file_done", count=5, timeout=DONE_TIMEOUT)
-    _assert_delivered_once(folders, ["a.wav", "during/b.wav", *after])
+    assert_delivered_once(folders, ["a.wav", "during/b.wav", *after])
     if subject.jobs is not None:
         assert subject.jobs() == 1 if subject.keeps_results else subject.jobs() <= 2
     assert_idle(d)
@@ -124,7 +114,7 @@ def test_crash_loop_with_kill9(subject: Subject, folders: Folders, daemons) -> N
     last = daemons(cfg)
     started.append(last)
     wait_for(lambda: _all_done(folders, rels), timeout=DONE_TIMEOUT, what="every file done")
-    _assert_delivered_once(folders, rels)
+    assert_delivered_once(folders, rels)
     if subject.jobs is not None:
         in_upload = sum(e.get("recovered", {}).get("uploading", 0) for d in started for e in d.events("started"))
         assert len(rels) <= subject.jobs() <= len(rels) + in_upload
@@ -162,7 +152,7 @@ def test_big_file(subject: Subject, folders: Folders, daemons) -> None:
     before = sf.info(big)
     d = daemons(subject.config(folders))
     d.wait_event("file_done", timeout=3 * DONE_TIMEOUT)
-    _assert_delivered_once(folders, ["big/session.wav"])
+    assert_delivered_once(folders, ["big/session.wav"])
     after = sf.info(folders.outbox / "big" / "session.wav")
     assert (after.samplerate, after.channels, after.frames) == (before.samplerate, before.channels, before.frames)
     if subject.jobs is not None:
@@ -202,7 +192,7 @@ def test_stop_while_busy(subject: Subject, folders: Folders, daemons) -> None:
         subject.set_processing_seconds(0.0)
     d2 = daemons(cfg)
     d2.wait_event("file_done", timeout=DONE_TIMEOUT)
-    _assert_delivered_once(folders, ["a.wav"])
+    assert_delivered_once(folders, ["a.wav"])
     if subject.jobs is not None:
         assert subject.jobs() == 1
     assert_idle(d2)

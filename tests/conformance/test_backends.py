@@ -10,20 +10,11 @@ then hold every backend to the same promises: the happy path, its faults, and a 
 from __future__ import annotations
 
 import pytest
-import soundfile as sf
 
 from dhwatch.crashpoints import POINTS
-from tests.backends import Subject, subject  # noqa: F401 - the fixture, parametrised over every backend
+from tests.backends import Subject, assert_delivered_once, subject  # noqa: F401 - the fixture, parametrised over every backend
 from tests.conftest import Folders, make_audio
 
-
-def _assert_delivered_once(folders: Folders, rels: list[str]) -> None:
-    assert folders.files(folders.outbox) == sorted(rels)
-    assert folders.files(folders.archive) == sorted(rels)
-    assert folders.files(folders.inbox) == []
-    assert folders.files(folders.failed) == []
-    for rel in rels:
-        assert sf.info(folders.outbox / rel).frames == sf.info(folders.archive / rel).frames
 
 
 def test_happy_path(subject: Subject, folders: Folders, daemons) -> None:
@@ -33,7 +24,7 @@ def test_happy_path(subject: Subject, folders: Folders, daemons) -> None:
         make_audio(folders.inbox / rel, seed=i)
     d = daemons(subject.config(folders))
     d.wait_event("file_done", count=2, timeout=120)
-    _assert_delivered_once(folders, rels)
+    assert_delivered_once(folders, rels)
     if subject.jobs is not None:
         assert subject.jobs() == 2
     assert d.stop() == 0
@@ -62,7 +53,7 @@ def test_faults(subject: Subject, folders: Folders, daemons) -> None:
         rels.append(rel)
     d = daemons(subject.config(folders))
     d.wait_event("file_done", count=len(rels), timeout=120)
-    _assert_delivered_once(folders, rels)
+    assert_delivered_once(folders, rels)
 
 
 # after_finished_written is reached only under a recipe that finishes: tests/acceptance/test_recipes.py kills there
@@ -80,7 +71,7 @@ def test_crash_at_every_point(subject: Subject, folders: Folders, daemons, point
     assert d.proc.wait(120) == -9
     d2 = daemons(cfg)
     d2.wait_event("file_done", timeout=120)
-    _assert_delivered_once(folders, ["take.wav"])
+    assert_delivered_once(folders, ["take.wav"])
     assert not any(".dhwatch-" in f for f in folders.files(folders.root))
     if subject.jobs is not None:
         assert subject.jobs() == (2 if point == "after_upload_response" else 1)
