@@ -9,13 +9,13 @@ none may adopt again a job it was told is gone.
 from __future__ import annotations
 
 import shutil
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import soundfile as sf
 
+from tests.acceptance.test_daemon import ledger_states
 from tests.acceptance.test_deepaffects_daemon import deepaffects_config, emu  # noqa: F401 - the emulator fixture
 from tests.conftest import Daemon, Folders, assert_idle, make_audio, wait_for, write_config
 
@@ -27,14 +27,6 @@ def _config(folders: Folders, backend: str, request: pytest.FixtureRequest) -> P
     if backend == "deepaffects":
         return deepaffects_config(folders, request.getfixturevalue("emu"))
     return write_config(folders, base_url=request.getfixturevalue("emulator").base_url)
-
-
-def _states(folders: Folders) -> dict[str, str]:
-    conn = sqlite3.connect(f"file:{folders.state / 'ledger.sqlite3'}?mode=ro", uri=True, timeout=5)
-    try:
-        return {r[0]: r[1] for r in conn.execute("SELECT rel_path, state FROM files ORDER BY id")}
-    finally:
-        conn.close()
 
 
 def _copy_in(source: Path, folders: Folders, rel: str) -> None:
@@ -89,7 +81,7 @@ def test_identical_copies_during_the_first_job_are_delivered(
         request.getfixturevalue("emulator" if backend == "deephearing" else "emu").processing_seconds = 3.0
     d = daemons(_config(folders, backend, request))
     _copy_in(take, folders, "take.wav")
-    wait_for(lambda: _states(folders).get("take.wav") == "submitted", timeout=60, what="the first job running")
+    wait_for(lambda: ledger_states(folders).get("take.wav") == "submitted", timeout=60, what="the first job running")
     _copy_in(take, folders, "take copy.wav")
     _copy_in(take, folders, "sub/take.wav")
     d.wait_event("file_done", count=3, timeout=180)

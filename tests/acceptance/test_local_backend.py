@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 
 import numpy as np
 import soundfile as sf
 
+from tests.acceptance.test_daemon import ledger_states
 from tests.conftest import Folders, make_audio, wait_for, write_config
-
-
-def _states(folders: Folders) -> dict[str, str]:
-    conn = sqlite3.connect(f"file:{folders.state / 'ledger.sqlite3'}?mode=ro", uri=True, timeout=5)
-    try:
-        return {r[0]: r[1] for r in conn.execute("SELECT rel_path, state FROM files ORDER BY id")}
-    finally:
-        conn.close()
 
 
 def _children(pid: int) -> list[int]:
@@ -74,7 +66,7 @@ def test_local_job_redone_after_kill9(folders: Folders, daemons) -> None:
     make_audio(folders.inbox / "long.wav", seconds=20.0, sr=48000)
     cfg = write_config(folders, backend="local", api_key=None, local="workers = 1")
     d = daemons(cfg)
-    wait_for(lambda: _states(folders).get("long.wav") == "submitted", timeout=60, what="job running")
+    wait_for(lambda: ledger_states(folders).get("long.wav") == "submitted", timeout=60, what="job running")
     assert d.proc is not None
     workers = wait_for(lambda: _children(d.proc.pid), timeout=30, what="a worker process")
     d.kill()
@@ -107,7 +99,7 @@ def test_a_worker_killed_mid_job_is_retried_and_replaced(folders: Folders, daemo
     make_audio(folders.inbox / "long.wav", seconds=150.0, sr=48000)
     frames = sf.info(folders.inbox / "long.wav").frames
     d = daemons(write_config(folders, backend="local", api_key=None, local="workers = 1"))
-    wait_for(lambda: _states(folders).get("long.wav") == "submitted", timeout=60, what="job running")
+    wait_for(lambda: ledger_states(folders).get("long.wav") == "submitted", timeout=60, what="job running")
     assert d.proc is not None
     first = wait_for(lambda: _engine_workers(d.proc.pid), timeout=30, what="a worker process")
     os.kill(first[0], signal.SIGKILL)
