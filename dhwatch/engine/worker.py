@@ -370,6 +370,19 @@ def die_with_parent() -> None:
 _PR_SET_PDEATHSIG = 1
 
 
+def lower_priority(increment: int = 19) -> bool:
+    """Run this worker at the lowest CPU priority, where the system allows it.
+
+    The systemd unit's seccomp filter (``~@resources``) refuses ``setpriority`` with EPERM;
+    there the worker simply runs at the unit's priority rather than dying. True if lowered.
+    """
+    try:
+        os.nice(increment)
+    except OSError:
+        return False
+    return True
+
+
 def lean_malloc() -> None:
     """One glibc malloc arena for the whole worker instead of one per thread (worker RSS, measured).
 

@@ -163,9 +163,9 @@ def main() -> None:
     replies = os.fdopen(os.dup(1), "w", encoding="ascii")
     os.dup2(2, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.nice(19)
-    from dhwatch.engine.worker import die_with_parent
+    from dhwatch.engine.worker import die_with_parent, lower_priority
 
+    lower_priority()
     die_with_parent()
     for line in sys.stdin:
         try:

@@ -800,6 +800,9 @@ def test_daemon_runs_under_the_sandbox(sandbox: Sandbox, backend: str, request: 
         archived = sandbox.host["archive"] / "session" / "take 1.wav"
         wait_for(archived.exists, 30, what="the archived original")
         assert archived.stat().st_ino == inode, "archived by a rename within the share's one mount, not a copy"
+        # The report worker runs under the same seccomp filter (nice/setpriority refused).
+        wait_for((sandbox.host["outbox"] / "session" / "take 1.wav.quality.json").exists, 60,
+                 what="the quality report made by the sandboxed report worker")  # fmt: skip
         notify.wait("WATCHDOG", "1")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0, "".join(lines)
