@@ -280,6 +280,7 @@ class WebPage:
 
         async def stream() -> AsyncIterator[bytes]:
             try:
+                await self.feed.started.wait()  # from here on, no change is missed
                 yield f"retry: {SSE_RETRY_MS}\n: connected\n\n".encode()
                 while True:
                     try:

@@ -41,6 +41,8 @@ class ChangeFeed:
         self._subscribers: set[asyncio.Queue[Batch]] = set()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        #: set once the watcher knows where the ledger stands: changes after that are sent
+        self.started = asyncio.Event()
 
     @property
     def watching(self) -> bool:
@@ -53,7 +55,8 @@ class ChangeFeed:
         queue: asyncio.Queue[Batch] = asyncio.Queue(QUEUE_LIMIT)
         self._subscribers.add(queue)
         if not self.watching:
-            self._task = asyncio.create_task(self._watch(), name="web feed")
+            self.started = asyncio.Event()
+            self._task = asyncio.create_task(self._watch(self.started), name="web feed")
         return queue
 
     def unsubscribe(self, queue: asyncio.Queue[Batch]) -> None:
@@ -65,6 +68,7 @@ class ChangeFeed:
     async def aclose(self) -> None:
         """End every open stream (so the server need not wait for them) and stop watching."""
         self._closed = True
+        self.started.set()
         for queue in list(self._subscribers):
             self._drop(queue)
         if self._task is not None:
@@ -82,16 +86,28 @@ class ChangeFeed:
             except asyncio.QueueFull:
                 queue.get_nowait()
 
-    async def _watch(self) -> None:
-        mark = await self._reader.run(last_change)
+    async def _watch(self, started: asyncio.Event) -> None:
+        while True:
+            try:
+                mark = await self._reader.run(last_change)
+                break
+            except Exception as exc:  # noqa: BLE001 - the ledger cannot be read now: again after the interval
+                if self._on_error is not None:
+                    self._on_error(exc)
+                await asyncio.sleep(self._interval)
+        started.set()
+        # rows already sent whose updated_at equals the mark: two transactions may share one
+        # clock reading, so the next look includes the mark itself and skips these (empty at
+        # first: everything up to the first mark was on the page already)
         sent_at_mark: set[int] = set()
         while True:
             await asyncio.sleep(self._interval)
             try:
                 latest = await self._reader.run(last_change)
-                if latest < mark:
+                if latest < mark or (latest == mark and not sent_at_mark):
                     continue
-                rows = [r for r in await self._reader.run(lambda c: changed_since(c, mark, inclusive=True))
+                inclusive = bool(sent_at_mark)
+                rows = [r for r in await self._reader.run(lambda c: changed_since(c, mark, inclusive=inclusive))
                         if not (r.updated_at == mark and r.id in sent_at_mark)]  # fmt: skip
             except Exception as exc:  # noqa: BLE001 - a busy or replaced ledger file: try at the next turn
                 if self._on_error is not None:
