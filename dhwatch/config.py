@@ -15,7 +15,7 @@ import stat
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from dhwatch.errors import ConfigError
@@ -187,16 +187,17 @@ class WebSettings(_Section):
     #: true: the read-only views are open to anyone who reaches the address; false: everything needs the token
     public_read: bool = True
 
-    @model_validator(mode="after")
-    def _address(self) -> WebSettings:
-        if self.address:
+    @field_validator("address")
+    @classmethod
+    def _address(cls, address: str) -> str:
+        if address:
             from dhwatch.asgi import split_address
 
             try:
-                split_address(self.address)
+                split_address(address)
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
-        return self
+        return address
 
     def resolve_token(self, environ: dict[str, str] | None = None) -> str | None:
         """The token, read fresh (a changed token file counts at the next request's check)."""
