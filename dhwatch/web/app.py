@@ -174,7 +174,7 @@ class WebPage:
 
         def read(conn: Any) -> tuple[int, list[FileRow], list[str], data.Overview]:
             total, rows = data.list_files(conn, flt)
-            return total, rows, data.folders(conn), data.overview(conn, day_start(now))
+            return total, rows, data.top_folders(conn), data.overview(conn, day_start(now))
 
         total, rows, folders, overview = await self.reader.run(read)
         return self.render(

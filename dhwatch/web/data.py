@@ -111,16 +111,19 @@ def list_files(conn: sqlite3.Connection, flt: FileFilter) -> tuple[int, list[Fil
     return total, rows
 
 
-def folders(conn: sqlite3.Connection) -> list[str]:
-    """Every inbox folder a file came from ("" = the top level), sorted; for the filter's choices.
-
-    ``rtrim(path, <path without slashes>)`` strips the file name, leaving ``a/b/``: one pass
-    over the path index, no row comes into Python but the distinct folders.
-    """
+def top_folders(conn: sqlite3.Connection) -> list[str]:
+    """The inbox's top-level folders files came from ("" = files at the top level), sorted: the
+    folder filter's choices (a deeper folder is reached from a row's folder link)."""
     rows = conn.execute(
-        "SELECT DISTINCT rtrim(rel_path, replace(rel_path, '/', '')) FROM files WHERE rel_path NOT LIKE '/%'"
+        "SELECT DISTINCT CASE WHEN instr(rel_path, '/') > 0 THEN substr(rel_path, 1, instr(rel_path, '/') - 1) "
+        "ELSE '' END FROM files WHERE rel_path NOT LIKE '/%'"
     )
-    return sorted(str(r[0]).rstrip("/") for r in rows)
+    return sorted(str(r[0]) for r in rows)
+
+
+def newest_id(conn: sqlite3.Connection) -> int:
+    """The highest row id (0 for an empty ledger): what changes when a file arrives (one index lookup)."""
+    return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM files").fetchone()[0])
 
 
 def file_row(conn: sqlite3.Connection, file_id: int) -> FileRow | None:
