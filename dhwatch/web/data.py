@@ -150,8 +150,14 @@ def overview(conn: sqlite3.Connection, day_start: float) -> Overview:
     return Overview(counts, paused, kind, today)
 
 
+def data_version(conn: sqlite3.Connection) -> int:
+    """SQLite's count of commits by other connections, as this connection saw them: the live
+    feed's free "has anything changed?" (it reads no table)."""
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
 def last_change(conn: sqlite3.Connection) -> float:
-    """The latest ``updated_at`` of any row: the live feed's cheap "has anything changed?"."""
+    """The latest ``updated_at`` of any row: where the live feed starts."""
     row = conn.execute("SELECT MAX(updated_at) FROM files").fetchone()
     return float(row[0] or 0.0)
 

@@ -1,20 +1,28 @@
 """The live feed behind ``/events``: rows that changed, pushed to every open page.
 
 One watcher task serves every open page, and it exists only while at least one page is
-open: an idle daemon with no browser does nothing. While it runs it asks the ledger one
-cheap question at a bounded interval ("latest ``updated_at``?", one pass over a column)
-and reads the changed rows only when the answer moved. A page that cannot keep up (its
-queue is full) is dropped; its browser reconnects and reloads what it shows.
+open: an idle daemon with no browser does nothing. While it runs it asks SQLite, at a
+bounded interval, whether anyone committed since its last look (``PRAGMA data_version``
+on its own read-only connection: no table is read), and reads the changed rows only then.
+That connection lives in one thread of its own, which ends with the watcher. A page that
+cannot keep up (its queue is full) is dropped; its browser reconnects.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from dhwatch.ledger import connect
 
 from dhwatch.ledger import FileRow
-from dhwatch.web.data import LedgerReader, changed_since, last_change
+from dhwatch.web.data import MAX_LIMIT, LedgerReader, changed_since, data_version, last_change
+
+T = TypeVar("T")
 
 #: how often the watcher looks for changes while a page is open (seconds)
 CHECK_INTERVAL = 1.0
@@ -28,6 +36,34 @@ class Closed(Exception):
 
 #: what a subscriber receives: a batch of changed rows, or None when the feed closes or drops it
 Batch = list[FileRow] | None
+
+
+class _Connection:
+    """One read-only ledger connection used from one thread only (``data_version`` is per connection)."""
+
+    def __init__(self, reader: LedgerReader) -> None:
+        self._path = reader.path
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="web-feed")
+        self._conn: sqlite3.Connection | None = None
+
+    def _call(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        if self._conn is None:
+            self._conn = connect(self._path, readonly=True)
+        return query(self._conn)
+
+    async def run(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, query)
+
+    def close(self) -> None:
+        """Close the connection in its thread, and let the thread end."""
+
+        def closing() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        self._executor.submit(closing)
+        self._executor.shutdown(wait=False)
 
 
 class ChangeFeed:
@@ -87,31 +123,39 @@ class ChangeFeed:
                 queue.get_nowait()
 
     async def _watch(self, started: asyncio.Event) -> None:
+        ledger = _Connection(self._reader)
+        try:
+            await self._follow(ledger, started)
+        finally:
+            ledger.close()
+
+    async def _follow(self, ledger: _Connection, started: asyncio.Event) -> None:
         while True:
             try:
-                mark = await self._reader.run(last_change)
+                version = await ledger.run(data_version)
+                mark = await ledger.run(last_change)
                 break
             except Exception as exc:  # noqa: BLE001 - the ledger cannot be read now: again after the interval
-                if self._on_error is not None:
-                    self._on_error(exc)
+                self._report(exc)
                 await asyncio.sleep(self._interval)
         started.set()
         # rows already sent whose updated_at equals the mark: two transactions may share one
-        # clock reading, so the next look includes the mark itself and skips these (empty at
+        # clock reading, so later looks include the mark itself and skip these (empty at
         # first: everything up to the first mark was on the page already)
         sent_at_mark: set[int] = set()
         while True:
             await asyncio.sleep(self._interval)
             try:
-                latest = await self._reader.run(last_change)
-                if latest < mark or (latest == mark and not sent_at_mark):
-                    continue
+                now_version = await ledger.run(data_version)
+                if now_version == version:
+                    continue  # nobody committed anything: nothing read
                 inclusive = bool(sent_at_mark)
-                rows = [r for r in await self._reader.run(lambda c: changed_since(c, mark, inclusive=inclusive))
-                        if not (r.updated_at == mark and r.id in sent_at_mark)]  # fmt: skip
+                changed = await ledger.run(lambda c: changed_since(c, mark, inclusive=inclusive))
+                if len(changed) < MAX_LIMIT:
+                    version = now_version  # else more rows wait: read on at the next turn
+                rows = [r for r in changed if not (r.updated_at == mark and r.id in sent_at_mark)]
             except Exception as exc:  # noqa: BLE001 - a busy or replaced ledger file: try at the next turn
-                if self._on_error is not None:
-                    self._on_error(exc)
+                self._report(exc)
                 continue
             if not rows:
                 continue
@@ -123,3 +167,7 @@ class ChangeFeed:
                     queue.put_nowait(rows)
                 except asyncio.QueueFull:
                     self._drop(queue)
+
+    def _report(self, exc: Exception) -> None:
+        if self._on_error is not None:
+            self._on_error(exc)

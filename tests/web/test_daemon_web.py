@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -107,6 +109,33 @@ def test_idle_with_the_page_on_and_a_browser_gone(folders: Folders, emulator: De
     assert httpx.get(url + "/", timeout=10).status_code == 200
     assert_idle(d)
     assert d.stop() == 0
+
+
+def test_an_open_page_costs_next_to_nothing_while_idle(folders: Folders, emulator: DeepHearingEmulator,
+                                                       daemons: Callable[..., Daemon]) -> None:  # fmt: skip
+    """With a browser's event stream open on an idle daemon, the feed only asks SQLite whether anything was
+    committed: the daemon stays within the idle bounds and the stream carries no row."""
+    make_audio(folders.inbox / "a.wav")
+    d = daemons(web_config(folders, base_url=emulator.base_url))
+    url = page_url(d)
+    d.wait_event("file_done")
+    received: list[str] = []
+    opened = threading.Event()
+
+    def browser() -> None:
+        with contextlib.suppress(httpx.HTTPError), httpx.stream("GET", url + "/events", timeout=60) as stream:
+            for line in stream.iter_lines():
+                opened.set()
+                received.append(line)
+
+    reader = threading.Thread(target=browser, daemon=True)
+    reader.start()
+    assert opened.wait(10)
+    wait_for(lambda: d.events("stopping") == [] and len(received) >= 1, what="the stream's first line")
+    assert_idle(d)
+    assert [line for line in received if line.startswith("data:")] == []
+    assert d.stop() == 0
+    reader.join(10)
 
 
 def test_sigterm_ends_open_event_streams(folders: Folders, emulator: DeepHearingEmulator,
