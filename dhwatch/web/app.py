@@ -9,6 +9,7 @@ browser a session. See docs/web.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -32,6 +33,7 @@ from dhwatch.states import State
 from dhwatch.web import actions, data, media
 from dhwatch.web.auth import SESSION_COOKIE, SESSION_SECONDS, Caller, Sessions, cross_site, csrf_ok, identify, safe_next
 from dhwatch.web.feed import Batch, ChangeFeed, Closed
+from dhwatch.web.spectrograms import RENDERER, SpectrogramMaker
 from dhwatch.web.templates import TEMPLATE_DIR, environment, error_text, file_json, quality_table
 
 STATIC_DIR = TEMPLATE_DIR.with_name("static")
@@ -103,6 +105,8 @@ class WebPage:
     clock: Callable[[], float] = time.time
     feed_interval: float = 1.0
     log: Any = None
+    #: the spectrogram renderer, ``module:function`` (tests name a stand-in until the real one is merged)
+    spectrogram_renderer: str = RENDERER
     app: Starlette = field(init=False)
     feed: ChangeFeed = field(init=False)
     sessions: Sessions = field(init=False)
@@ -111,6 +115,7 @@ class WebPage:
         self.reader = data.LedgerReader(self.settings.state_dir)
         self.feed = ChangeFeed(self.reader, self.feed_interval, on_error=self._feed_error)
         self.sessions = Sessions(self.settings.web.resolve_token)
+        self.spectrograms = SpectrogramMaker(self.spectrogram_renderer)
         self.env = environment()
         routes = [
             Route("/", self.index),
@@ -134,8 +139,9 @@ class WebPage:
         await self.asgi(scope, receive, send)
 
     async def aclose(self) -> None:
-        """End the open event streams (so stopping never waits for a browser)."""
+        """End the open event streams and kill a spectrogram worker (stopping never waits for a browser)."""
         await self.feed.aclose()
+        await self.spectrograms.aclose()
 
     def _feed_error(self, exc: Exception) -> None:
         if self.log is not None:
@@ -261,12 +267,24 @@ class WebPage:
         side = request.path_params["side"]
         if side not in media.SIDES:
             return Response("not found\n", status_code=404, media_type="text/plain")
-        path = media.spectrogram_path(self.settings.state_dir, request.path_params["file_id"], side)
+        file_id = request.path_params["file_id"]
+        path = media.spectrogram_path(self.settings.state_dir, file_id, side)
+        cache = (media.spectrogram_dir(self.settings.state_dir),)
         try:
-            return await asyncio.to_thread(media.file_response, path, (media.spectrogram_dir(self.settings.state_dir),),
-                                           "image/png", cache="max-age=3600")  # fmt: skip
+            return await asyncio.to_thread(media.file_response, path, cache, "image/png", cache="max-age=3600")
         except media.NotServable:
-            return Response("no spectrogram yet\n", status_code=404, media_type="text/plain")
+            pass
+        row = await self._row(file_id)
+        source, roots = media.audio_source(self.settings, row, side) if row is not None else (None, ())
+        if source is not None and self.spectrograms.available:
+            try:
+                fd, _ = await asyncio.to_thread(media.open_inside, source, roots)
+            except media.NotServable:
+                fd = -1
+            if fd >= 0 and await self.spectrograms.make(fd, path):
+                with contextlib.suppress(media.NotServable):
+                    return await asyncio.to_thread(media.file_response, path, cache, "image/png", cache="max-age=3600")
+        return Response("no spectrogram for this file\n", status_code=404, media_type="text/plain")
 
     # ------------------------------------------------------------------ live updates
     async def events(self, request: Request) -> Response:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import struct
 from collections.abc import Callable
 
 import httpx
@@ -190,3 +193,40 @@ def test_audio_is_served_with_range(folders: Folders, files: Files, serve_page: 
     files.update(row, archived_path=str(archived))
     before = httpx.get(f"{url}/files/{row}/audio/before", headers={"Range": "bytes=0-43"})
     assert before.status_code == 206 and before.content == archived.read_bytes()[:44]
+
+
+def png_facts(png: bytes) -> tuple[int, int, dict[str, str]]:
+    """Width, height and text chunks of a PNG."""
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    width, height = struct.unpack(">II", png[16:24])
+    texts: dict[str, str] = {}
+    at = 8
+    while at < len(png):
+        (length,) = struct.unpack(">I", png[at : at + 4])
+        kind, body = png[at + 4 : at + 8], png[at + 8 : at + 8 + length]
+        if kind == b"tEXt":
+            key, _, value = body.partition(b"\0")
+            texts[key.decode()] = value.decode()
+        at += 12 + length
+    return width, height, texts
+
+
+def test_spectrogram_is_made_on_demand_by_a_worker(folders: Folders, files: Files,
+                                                   serve_page: Callable[..., str]) -> None:  # fmt: skip
+    """A missing spectrogram is rendered by a child process from the recorded file, cached, then served from the cache."""
+    row = files.add("voice.wav", State.DONE)
+    out = make_audio(folders.outbox / "voice.wav", seconds=1.0)
+    broken = files.add("broken.wav", State.DONE)
+    (folders.outbox / "broken.wav").write_bytes(b"RIFF but not audio")
+    url = serve_page(web_config(folders), spectrogram_renderer="tests.web.stand_in_spectrogram:render_spectrogram")
+    got = httpx.get(f"{url}/files/{row}/spectrogram/after.png", timeout=60)
+    assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+    width, height, texts = png_facts(got.content)
+    assert (width, height) == (900, 256)
+    assert texts["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest() and int(texts["pid"]) != os.getpid()
+    cached = folders.state / "web" / "spectrograms" / f"{row}-after.png"
+    assert cached.read_bytes() == got.content
+    assert httpx.get(f"{url}/files/{row}/spectrogram/after.png").content == got.content  # from the cache
+    assert httpx.get(f"{url}/files/{row}/spectrogram/before.png").status_code == 404  # no original kept
+    assert httpx.get(f"{url}/files/{broken}/spectrogram/after.png", timeout=60).status_code == 404
+    assert sorted(p.name for p in cached.parent.iterdir()) == [cached.name]  # no temp file left behind
