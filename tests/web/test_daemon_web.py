@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +15,7 @@ from typing import Any
 import httpx
 
 from dhwatch.emulators.deephearing import DeepHearingEmulator
+from dhwatch.queries import probe_daemon
 from tests.conftest import Daemon, Folders, assert_idle, free_port, make_audio, wait_for, write_config
 from tests.web.conftest import TOKEN, web_config
 
@@ -152,3 +156,17 @@ def test_sigterm_ends_open_event_streams(folders: Folders, emulator: DeepHearing
     assert all(not line.startswith("data:") for line in rest)
     assert d.stop(timeout=10) == 0
     d.wait_event("stopped")
+
+
+def test_a_taken_web_port_is_a_clear_error(folders: Folders, emulator: DeepHearingEmulator) -> None:
+    """`dhwatch run` with [web] on a port another program holds exits non-zero naming the address, leaving no lock."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        config = web_config(folders, base_url=emulator.base_url, web=f'address = "{address}"')
+        run = subprocess.run([sys.executable, "-m", "dhwatch", "run", "--config", str(config)],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode != 0
+    assert f"cannot listen on {address}" in run.stdout + run.stderr
+    assert probe_daemon(folders.state).running is False
