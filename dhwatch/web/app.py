@@ -116,6 +116,7 @@ class WebPage:
         self.feed = ChangeFeed(self.reader, self.feed_interval, on_error=self._feed_error)
         self.sessions = Sessions(self.settings.web.resolve_token)
         self.spectrograms = SpectrogramMaker(self.spectrogram_renderer)
+        self._guesses = asyncio.Lock()
         self.env = environment()
         routes = [
             Route("/", self.index),
@@ -142,6 +143,12 @@ class WebPage:
         """End the open event streams and kill a spectrogram worker (stopping never waits for a browser)."""
         await self.feed.aclose()
         await self.spectrograms.aclose()
+
+    async def _slow_down(self) -> None:
+        """After a wrong token: wait, one wrong guess at a time for the whole page (a script
+        guessing in parallel gets no more than two tries a second)."""
+        async with self._guesses:
+            await asyncio.sleep(WRONG_TOKEN_DELAY)
 
     def _feed_error(self, exc: Exception) -> None:
         if self.log is not None:
@@ -331,7 +338,7 @@ class WebPage:
         token = form.get("token")
         sid = self.sessions.login(token if isinstance(token, str) else None)
         if sid is None:
-            await asyncio.sleep(WRONG_TOKEN_DELAY)
+            await self._slow_down()
             status = 401 if self.sessions.enabled else 403
             return self.render(request, "login.html", status=status, next=target, wrong=True)
         response = RedirectResponse(target, status_code=303)
@@ -370,7 +377,7 @@ class WebPage:
         if isinstance(token, str) and token and self.sessions.token_ok(token):
             return None
         if isinstance(token, str) and token:
-            await asyncio.sleep(WRONG_TOKEN_DELAY)
+            await self._slow_down()
             return refuse(401, "Wrong token.")
         if caller.session is None:
             return refuse(401, "The token is required: log in first (/login).")

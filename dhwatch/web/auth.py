@@ -112,7 +112,7 @@ def identify(request: Request, sessions: Sessions) -> Caller:
 def cross_site(request: Request) -> bool:
     """True when a browser says this request comes from another site (a forged form, a script elsewhere).
 
-    ``Origin`` must name this page's own scheme, host and port; ``Sec-Fetch-Site`` must not
+    ``Origin`` must name this page's own host and port; ``Sec-Fetch-Site`` must not
     be ``cross-site`` or ``same-site``. A request with neither (curl, a script) is not a
     browser's cross-site request.
     """
@@ -124,9 +124,9 @@ def cross_site(request: Request) -> bool:
         return False
     if origin == "null":
         return True
+    # host and port only: behind a TLS proxy the browser says https while this server sees http
     own = request.headers.get("host", "")
-    parts = urlsplit(origin)
-    return parts.scheme != request.url.scheme or parts.netloc.lower() != own.lower()
+    return urlsplit(origin).netloc.lower() != own.lower()
 
 
 def csrf_ok(session: Session | None, given: object) -> bool:
