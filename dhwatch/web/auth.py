@@ -15,6 +15,7 @@ is compared in constant time and read fresh (a changed token file counts at once
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
 import time
@@ -37,6 +38,8 @@ class Session:
 
     csrf: str
     expires: float
+    #: which token it was opened with: a changed token ends every session
+    token_digest: bytes
 
 
 class Sessions:
@@ -68,7 +71,8 @@ class Sessions:
         while len(self._sessions) >= MAX_SESSIONS:
             self._sessions.pop(next(iter(self._sessions)))
         sid = secrets.token_urlsafe(32)
-        self._sessions[sid] = Session(csrf=secrets.token_urlsafe(32), expires=now + SESSION_SECONDS)
+        self._sessions[sid] = Session(csrf=secrets.token_urlsafe(32), expires=now + SESSION_SECONDS,
+                                      token_digest=_digest(given or ""))  # fmt: skip
         return sid
 
     def logout(self, sid: str | None) -> None:
@@ -76,13 +80,20 @@ class Sessions:
             self._sessions.pop(sid, None)
 
     def get(self, sid: str | None) -> Session | None:
-        """The live session with this id (None when absent or expired, or when the token was removed)."""
-        if not sid or not self.enabled:
+        """The live session with this id (None when absent or expired, or when the token was changed or removed)."""
+        token = self._token()
+        if not sid or not token:
             return None
         found = self._sessions.get(sid)
         if found is None or found.expires <= self._clock():
             return None
+        if not hmac.compare_digest(found.token_digest, _digest(token)):
+            return None  # the administrator changed the token: log in with the new one
         return found
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.strip().encode()).digest()
 
 
 @dataclass(frozen=True)

@@ -182,3 +182,19 @@ def test_actions_are_off_without_a_token(folders: Folders, failed_file: int, ser
     assert httpx.post(url + "/retry-failed", headers={"Authorization": "Bearer guess"}).status_code == 403
     assert httpx.post(url + "/login", data={"token": "anything"}).status_code == 403
     assert (folders.failed / "sub" / "bad.wav").exists()
+
+
+def test_changing_the_token_ends_browser_sessions(folders: Folders, failed_file: int,
+                                                  serve_page: Callable[..., str]) -> None:  # fmt: skip
+    """After the administrator changes the token file, a browser logged in with the old token must log in again."""
+    token_file = folders.root / "web.token"
+    token_file.write_text(TOKEN)
+    url = serve_page(web_config(folders, web=f'address = "127.0.0.1:0"\ntoken_file = "{token_file}"'))
+    with httpx.Client(base_url=url) as browser:
+        assert browser.post("/login", data={"token": TOKEN}).status_code == 303
+        csrf = csrf_of(browser.get(f"/files/{failed_file}").text)
+        token_file.write_text("a-new-token-0123456789")
+        refused = browser.post(f"/files/{failed_file}/retry", data={"csrf": csrf})
+        assert refused.status_code == 401
+        assert 'name="csrf"' not in browser.get(f"/files/{failed_file}").text
+    assert (folders.failed / "sub" / "bad.wav").exists()
