@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +43,8 @@ STATIC_DIR = TEMPLATE_DIR.with_name("static")
 SSE_RETRY_MS = 3000
 #: a comment line on an open event stream this often, so proxies and browsers keep it open
 SSE_KEEPALIVE_SECONDS = 25.0
+#: threads of the page's own (queries, rendering, opening files): a page is a side show of the daemon
+WEB_THREADS = 2
 #: pause after a wrong token, against guessing (the loop is not blocked)
 WRONG_TOKEN_DELAY = 0.5
 
@@ -112,7 +116,8 @@ class WebPage:
     sessions: Sessions = field(init=False)
 
     def __post_init__(self) -> None:
-        self.reader = data.LedgerReader(self.settings.state_dir)
+        self._threads = ThreadPoolExecutor(WEB_THREADS, thread_name_prefix="web")
+        self.reader = data.LedgerReader(self.settings.state_dir, self._threads)
         self.feed = ChangeFeed(self.reader, self.feed_interval, on_error=self._feed_error)
         self.sessions = Sessions(self.settings.web.resolve_token)
         self.spectrograms = SpectrogramMaker(self.spectrogram_renderer)
@@ -143,6 +148,7 @@ class WebPage:
         """End the open event streams and kill a spectrogram worker (stopping never waits for a browser)."""
         await self.feed.aclose()
         await self.spectrograms.aclose()
+        self._threads.shutdown(wait=False)
 
     async def _slow_down(self) -> None:
         """After a wrong token: wait, one wrong guess at a time for the whole page (a script
@@ -159,10 +165,10 @@ class WebPage:
         """A page from its template, rendered in a worker thread (a list of 100 rows is ~20 ms of
         Python that the daemon's event loop need not sit through in one piece)."""
         caller: Caller = context.pop("caller", None) or identify(request, self.sessions)
-        page = await asyncio.to_thread(
+        page = await self.reader.call(functools.partial(
             self.env.get_template(name).render, request=request, caller=caller, auth_enabled=self.sessions.enabled,
             now=self.clock(), public_read=self.settings.web.public_read, **context,
-        )  # fmt: skip
+        ))  # fmt: skip
         return HTMLResponse(page, status_code=status, headers={"Cache-Control": "no-store"})
 
     def row_html(self, row: FileRow) -> str:
@@ -266,7 +272,7 @@ class WebPage:
         if path is None:
             return Response("this file has no such audio now\n", status_code=404, media_type="text/plain")
         try:
-            return await asyncio.to_thread(media.file_response, path, roots, media.audio_type(path))
+            return await self.reader.call(media.file_response, path, roots, media.audio_type(path))
         except media.NotServable:
             return Response("this file has no such audio now\n", status_code=404, media_type="text/plain")
 
@@ -278,21 +284,20 @@ class WebPage:
             return Response("not found\n", status_code=404, media_type="text/plain")
         file_id = request.path_params["file_id"]
         path = media.spectrogram_path(self.settings.state_dir, file_id, side)
-        cache = (media.spectrogram_dir(self.settings.state_dir),)
-        try:
-            return await asyncio.to_thread(media.file_response, path, cache, "image/png", cache="max-age=3600")
-        except media.NotServable:
-            pass
+        serve = functools.partial(media.file_response, path, (media.spectrogram_dir(self.settings.state_dir),),
+                                  "image/png", cache="max-age=3600")  # fmt: skip
+        with contextlib.suppress(media.NotServable):
+            return await self.reader.call(serve)
         row = await self._row(file_id)
         source, roots = media.audio_source(self.settings, row, side) if row is not None else (None, ())
         if source is not None and self.spectrograms.available:
             try:
-                fd, _ = await asyncio.to_thread(media.open_inside, source, roots)
+                fd, _ = await self.reader.call(media.open_inside, source, roots)
             except media.NotServable:
                 fd = -1
             if fd >= 0 and await self.spectrograms.make(fd, path):
                 with contextlib.suppress(media.NotServable):
-                    return await asyncio.to_thread(media.file_response, path, cache, "image/png", cache="max-age=3600")
+                    return await self.reader.call(serve)
         return Response("no spectrogram for this file\n", status_code=404, media_type="text/plain")
 
     # ------------------------------------------------------------------ live updates

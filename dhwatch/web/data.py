@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from dhwatch.ledger import LEDGER_NAME, Event, FileRow, connect
 from dhwatch.naming import encode_path
@@ -179,8 +180,11 @@ class LedgerReader:
     thread that uses it; the daemon's own connection is never touched.
     """
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, executor: Executor | None = None) -> None:
         self.path = state_dir / LEDGER_NAME
+        #: the page's own threads: a burst of page views never queues behind (or starves) the
+        #: pipeline's file work in the loop's default executor; None = that default executor
+        self.executor = executor
 
     def run_sync(self, query: Callable[[sqlite3.Connection], T]) -> T:
         conn = connect(self.path, readonly=True)
@@ -191,4 +195,8 @@ class LedgerReader:
 
     async def run(self, query: Callable[[sqlite3.Connection], T]) -> T:
         """``query(conn)`` in a thread, off the event loop."""
-        return await asyncio.to_thread(self.run_sync, query)
+        return await self.call(self.run_sync, query)
+
+    async def call(self, func: Callable[..., T], *args: Any) -> T:
+        """``func(*args)`` in one of the page's threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
