@@ -79,7 +79,8 @@ class SpectrogramMaker:
 
     async def _run_child(self, fd: int, target: Path) -> bool:
         target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_name(f"{TEMP_PREFIX}{target.name}{TEMP_SUFFIX}")
+        # a temporary name that still ends in .png: a renderer may choose the format by the extension
+        temp = target.with_name(f"{TEMP_PREFIX}{target.stem}{TEMP_SUFFIX}{target.suffix}")
         child = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "dhwatch.web.spectrograms", self.renderer, f"/proc/self/fd/{fd}", str(temp),
             pass_fds=(fd,), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,

@@ -18,6 +18,7 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def render_spectrogram(audio_path: Path, png_path: Path, *, width: int = 900, height: int = 256) -> None:
+    assert png_path.suffix == ".png", "a renderer may choose the image format by the extension"
     data = audio_path.read_bytes()
     sf.info(str(audio_path))  # a real decoder opens it: undecodable audio fails here, as with the real renderer
     pixels = b"".join(b"\0" + b"\x80" * width for _ in range(height))
