@@ -368,6 +368,15 @@ def check_web(settings: Settings) -> Iterator[Finding]:
     except ConfigError as exc:
         yield _fail("web", str(exc))
         return
+    from dhwatch.asgi import bind
+    from dhwatch.queries import probe_daemon
+
+    if probe_daemon(settings.state_dir).running is False:  # a running daemon holds the port itself
+        try:
+            bind(web.address).close()
+        except ConfigError as exc:
+            yield _fail("web", f"{exc}: another program holds that port; choose another [web] address")
+            return
     token = web.resolve_token()
     seen_by = "anyone who reaches it" if web.public_read else "token holders only"
     if not token:

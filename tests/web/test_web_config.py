@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,13 +77,23 @@ def test_private_page_needs_a_token(tmp_path: Path) -> None:
 def test_check_reports_the_page(tmp_path: Path) -> None:
     """`dhwatch check` says who sees the page, warns when actions are off or the token is short, and about a readable token."""
     assert list(check_web(load_settings(config(tmp_path, "")))) == []
-    off = list(check_web(load_settings(config(tmp_path, 'address = "0.0.0.0:8080"'))))
+    off = list(check_web(load_settings(config(tmp_path, 'address = "127.0.0.1:0"'))))
     assert [f.level for f in off] == [Level.WARN] and "retrying from the page is off" in off[0].message
-    short = list(check_web(load_settings(config(tmp_path, 'address = "0.0.0.0:8080"\ntoken = "abc123"'))))
+    short = list(check_web(load_settings(config(tmp_path, 'address = "127.0.0.1:0"\ntoken = "abc123"'))))
     assert [f.level for f in short] == [Level.WARN] and "short" in short[0].message
     assert "abc123" not in short[0].message
-    path = config(tmp_path, 'address = "0.0.0.0:8080"\ntoken = "0123456789abcdef0123"')
+    path = config(tmp_path, 'address = "127.0.0.1:0"\ntoken = "0123456789abcdef0123"')
     good = list(check_web(load_settings(path)))
     assert [f.level for f in good] == [Level.OK] and "anyone who reaches it" in good[0].message
     path.chmod(0o644)
     assert world_readable_secret_files(load_settings(path), path) == [path]
+
+
+def test_check_finds_the_web_port_taken(tmp_path: Path) -> None:
+    """With no daemon running, `dhwatch check` fails the page when another program holds its port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        found = list(check_web(load_settings(config(tmp_path, f'address = "{address}"\ntoken = "0123456789abcdef0"'))))
+    assert [f.level for f in found] == [Level.FAIL] and f"cannot listen on {address}" in found[0].message
