@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -256,9 +257,11 @@ class WebPage:
         lines, suggestion = quality_table(row)
         before, _ = media.audio_source(self.settings, row, "before")
         after, _ = media.audio_source(self.settings, row, "after")
+        # a player only for a file that is there (an operator may have deleted a failed file)
+        exists = await self.reader.call(lambda: [p is not None and os.path.isfile(p) for p in (before, after)])
         return await self.render(
             request, "file.html", row=row, history=history, error=error_text(row), quality=lines,
-            quality_suggestion=suggestion, has_before=before is not None, has_after=after is not None,
+            quality_suggestion=suggestion, has_before=exists[0], has_after=exists[1],
         )  # fmt: skip
 
     async def audio(self, request: Request) -> Response:

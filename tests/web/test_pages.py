@@ -73,7 +73,8 @@ def test_pages_of_the_list_follow_each_other(folders: Folders, files: Files, ser
 
 
 def test_file_page_explains_a_failure(folders: Folders, files: Files, serve_page: Callable[..., str]) -> None:
-    """A failed file's page has its history, the error in plain words with what to do, and the retry form."""
+    """A failed file's page has its history, the error in plain words with what to do, and the retry form (and no
+    player for a failed file that is no longer there)."""
     row = files.add("bad.wav", State.FAILED, code="JOB_TIMEOUT", message="no answer after 3600 s")
     url = serve_page(web_config(folders))
     page = httpx.get(f"{url}/files/{row}").text
@@ -81,6 +82,7 @@ def test_file_page_explains_a_failure(folders: Folders, files: Files, serve_page
     assert '<section id="error"' in page and "did not finish it in time" in page
     assert "Copy the file into the inbox again to retry" in page and "no answer after 3600 s" in page
     assert '<form id="retry-form" method="post"' in page
+    assert 'id="before-audio"' not in page and "no longer in the failed folder" in page  # no player for a gone file
     assert page.count("<li><time>") == 4  # queued, uploading, failing, failed
     detail = httpx.get(f"{url}/api/files/{row}").json()
     assert detail["error"]["code"] == "JOB_TIMEOUT" and "in time" in detail["error"]["reason"]
@@ -100,6 +102,7 @@ def test_file_page_shows_the_quality_report_and_players(folders: Folders, files:
                         "actual": {"before": -40.0, "after": -52.0}, "status": 1, "suggestion": "The background..."},
     }, "suggestion": "Check Noise floor. First: reduce the noise at the source."}  # fmt: skip
     files.update(row, quality_status="done", quality=json.dumps(report))
+    make_audio(folders.outbox / "voice.wav")
     page = httpx.get(f"{serve_page(web_config(folders))}/files/{row}").text
     assert f'<audio id="before-audio" controls preload="metadata" src="/files/{row}/audio/before">' not in page
     assert f'<audio id="after-audio" controls preload="metadata" src="/files/{row}/audio/after">' in page
