@@ -85,9 +85,10 @@ def _where(flt: FileFilter) -> tuple[str, list[object]]:
     if flt.folder is not None:
         if flt.folder == "":
             where.append("instr(rel_path, '/') = 0")
-        else:
-            where.append("rel_path LIKE ? ESCAPE '\\'")
-            params.append(_like_escape(encode_path(flt.folder)) + "/%")
+        else:  # an exact, case-sensitive prefix (LIKE would ignore case: Drums/ is not drums/)
+            prefix = encode_path(flt.folder) + "/"
+            where.append("substr(rel_path, 1, ?) = ?")
+            params.extend((len(prefix), prefix))
     if flt.text:
         where.append("rel_path LIKE ? ESCAPE '\\'")
         params.append("%" + _like_escape(flt.text) + "%")
