@@ -115,12 +115,11 @@ class SpectrogramMaker:
 
 def main(argv: list[str]) -> int:
     """The worker: ``python -m dhwatch.web.spectrograms MODULE:FUNCTION AUDIO PNG``."""
-    from dhwatch.engine.worker import die_with_parent
+    from dhwatch.engine.worker import die_with_parent, lower_priority
 
     renderer, audio, png = argv
     die_with_parent()  # an orphan would render for nobody
-    with contextlib.suppress(OSError):  # the systemd unit's filter refuses setpriority (@resources): run as is
-        os.nice(19)
+    lower_priority()
     module, _, function = renderer.partition(":")
     render = getattr(importlib.import_module(module), function)
     render(Path(audio), Path(png), width=WIDTH, height=HEIGHT)
