@@ -24,7 +24,7 @@ from dhwatch.errors import LedgerCorrupt, LedgerError
 from dhwatch.logs import register_secret
 from dhwatch.store.base import Store
 from dhwatch.store.dialect import POSTGRESQL
-from dhwatch.store.schema import POSTGRES_MIGRATIONS, POSTGRES_SCHEMA_VERSION, TABLES
+from dhwatch.store.schema import POSTGRES_MIGRATIONS, POSTGRES_SCHEMA_VERSION, SCHEMA_VERSION, TABLES
 from dhwatch.store.sqlite import LEDGER_ID_NAME
 from dhwatch.store.sqlite import connect as connect_sqlite
 from dhwatch.store.sqlite import user_version
@@ -209,10 +209,11 @@ class PostgresStore(Store):
         """
         source = connect_sqlite(path, readonly=True)
         try:
+            source.execute("BEGIN")  # one snapshot of every table, even beside a writer
             version = user_version(source)
             if version == 0:
                 raise LedgerError(f"{path} is not a dhwatch ledger (schema version 0)")
-            if version > POSTGRES_SCHEMA_VERSION:
+            if version > SCHEMA_VERSION:
                 raise LedgerCorrupt(f"{path} has schema version {version}, newer than this dhwatch understands")
             source_id = _flag(source, "ledger_id")
             newest = source.execute("SELECT MAX(id) FROM files").fetchone()[0]
