@@ -36,6 +36,7 @@ from dhwatch.store.schema import POSTGRES_SCHEMA_VERSION, SCHEMA_VERSION
 from dhwatch.store.sqlite import LEDGER_ID_NAME, LEDGER_NAME, SqliteStore, connect, user_version
 
 if TYPE_CHECKING:
+    from dhwatch.config import Settings
     from dhwatch.store.postgres import PgConnection
 
 #: a read-only connection to either database (psycopg is imported only for a PostgreSQL ledger)
@@ -126,6 +127,13 @@ def connect_readonly(state_dir: Path) -> sqlite3.Connection:
         conn.close()
         raise LedgerError(f"the ledger {path} is empty: the daemon has not finished creating it")
     return conn
+
+
+def open_readonly(settings: Settings) -> ReadConn:
+    """The commands' read-only connection to the ledger the settings name (PostgreSQL or the SQLite file)."""
+    if settings.ledger_url:
+        return connect_readonly_url(settings.ledger_url, settings.ledger_password())
+    return connect_readonly(settings.state_dir)
 
 
 def connect_readonly_url(url: str, password: str | None = None) -> PgConnection:

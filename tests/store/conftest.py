@@ -16,13 +16,14 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from dhwatch.store import SqliteStore, Store
+from dhwatch.store.views import ReadConn, connect_readonly, connect_readonly_url
 from tests.conftest import free_port
 
 #: the throwaway cluster's superuser and its password
@@ -134,32 +135,52 @@ def pg_database(postgres_server: PostgresServer) -> Iterator[str]:
 KINDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
 
+class Opener:
+    """Opens the store under test (each call a new connection to the same ledger), and read-only views of it."""
+
+    def __init__(self, kind: str, state_dir: Path, url: str = "") -> None:
+        self.kind, self.state_dir, self.url = kind, state_dir, url
+        self.opened: list[Store] = []
+        self.readers: list[ReadConn] = []
+
+    def __call__(self) -> Store:
+        if self.kind == "sqlite":
+            self.opened.append(SqliteStore.open(self.state_dir))
+        else:
+            from dhwatch.store.postgres import PostgresStore
+
+            self.opened.append(PostgresStore.open(self.url, state_dir=self.state_dir, password=PG_PASSWORD))
+        return self.opened[-1]
+
+    def read(self) -> ReadConn:
+        """A read-only connection as the operator commands open it."""
+        if self.kind == "sqlite":
+            self.readers.append(connect_readonly(self.state_dir))
+        else:
+            self.readers.append(connect_readonly_url(self.url, PG_PASSWORD))
+        return self.readers[-1]
+
+    def close(self) -> None:
+        for s in self.opened:
+            s.close()
+        for r in self.readers:
+            r.close()
+
+
 @pytest.fixture(params=KINDS)
-def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Store]]:
-    """Opens the store under test (each call a new connection to the same ledger); all closed at the end."""
-    opened: list[Store] = []
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """Opens the store under test, SQLite then PostgreSQL; everything opened is closed at the end."""
     state_dir = tmp_path / "state"
     state_dir.mkdir()
-    if request.param == "sqlite":
-        def make() -> Store:
-            opened.append(SqliteStore.open(state_dir))
-            return opened[-1]
-    else:
-        from dhwatch.store.postgres import PostgresStore
-
-        url = request.getfixturevalue("pg_database")
-
-        def make() -> Store:
-            opened.append(PostgresStore.open(url, state_dir=state_dir, password=PG_PASSWORD))
-            return opened[-1]
+    url = "" if request.param == "sqlite" else request.getfixturevalue("pg_database")
+    opener = Opener(request.param, state_dir, url)
     try:
-        yield make
+        yield opener
     finally:
-        for s in opened:
-            s.close()
+        opener.close()
 
 
 @pytest.fixture
-def store(open_store: Callable[[], Store]) -> Store:
+def store(open_store: Opener) -> Store:
     """The store under test, open."""
     return open_store()
