@@ -29,6 +29,8 @@ from dhwatch.store.sqlite import LEDGER_ID_NAME
 from dhwatch.store.sqlite import connect as connect_sqlite
 from dhwatch.store.sqlite import user_version
 
+#: how long one statement waits for the server to come back before its stage is told (and backs off)
+RECONNECT_SECONDS = 30.0
 #: pg_advisory_xact_lock key held while migrating or copying ("dhwatch" in ASCII): hosts starting together take turns
 MIGRATION_LOCK = 0x6468776174636800
 
@@ -57,22 +59,83 @@ class PgConnection:
     """A psycopg connection in autocommit mode that takes the store's ``?`` statements.
 
     Transactions are explicit ``BEGIN``/``COMMIT`` statements, as on the SQLite connection,
-    so the store's code is the same for both.
+    so the store's code is the same for both. When the server goes away (a restart, a
+    network cut), the statement that finds out raises :class:`LedgerError`, and the next
+    statement connects again: the stages, which back off and retry on errors, wait and
+    resume. A read outside a transaction is simply retried once on the new connection; a
+    transaction cut off is not replayed (its caller gets the error, as after a crash: every
+    write is a compare-and-set, so doing the step again is safe).
     """
 
-    def __init__(self, raw: psycopg.Connection[Any]) -> None:
+    def __init__(self, raw: psycopg.Connection[Any], reconnect: Callable[[], psycopg.Connection[Any]]) -> None:
         self.raw = raw
+        self._reconnect = reconnect
+        self._in_tx = False
 
     @property
     def in_transaction(self) -> bool:
-        return self.raw.info.transaction_status != pq.TransactionStatus.IDLE
+        return not self._lost and self.raw.info.transaction_status != pq.TransactionStatus.IDLE
+
+    @property
+    def _lost(self) -> bool:
+        return self.raw.closed or self.raw.broken
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any:
         """Run one statement; the cursor reads like sqlite3's (``fetchone``, ``fetchall``, iteration, ``rowcount``)."""
+        begins = sql.startswith("BEGIN")
+        if self._lost:
+            if self._in_tx and not begins:
+                self._in_tx = False  # that transaction is gone; the next statement connects again
+                raise LedgerError("the connection to the ledger was lost in the middle of a transaction")
+            self._connect_again()
+        if begins:
+            self._in_tx = True
+        elif sql in ("COMMIT", "ROLLBACK"):
+            self._in_tx = False
+        try:
+            return self.raw.execute(POSTGRESQL.sql(sql), parameters)
+        except psycopg.OperationalError as exc:
+            if not self._lost:
+                raise
+            if (self._in_tx and not begins) or sql in ("COMMIT", "ROLLBACK"):
+                self._in_tx = False
+                raise LedgerError(f"lost the connection to the ledger during a transaction: {_first_line(exc)}") from None
+        # a read, or the BEGIN of a transaction, cut off by the loss: nothing was done, so once more
+        self._connect_again()
+        if begins:
+            self._in_tx = True
         return self.raw.execute(POSTGRESQL.sql(sql), parameters)
+
+    def _connect_again(self) -> None:
+        """A new connection, trying for up to :data:`RECONNECT_SECONDS` (a server restart takes a few).
+
+        This blocks the caller as SQLite's busy timeout does; after it, :class:`LedgerError`
+        goes to the stage, which backs off and tries again later.
+        """
+        self._in_tx = False
+        try:
+            self.raw.close()
+        except psycopg.Error:
+            pass
+        deadline = time.monotonic() + RECONNECT_SECONDS
+        pause = 0.1
+        while True:
+            try:
+                self.raw = self._reconnect()
+                return
+            except LedgerError:
+                if time.monotonic() + pause > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
     def close(self) -> None:
         self.raw.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def redact_url(url: str) -> str:
@@ -99,15 +162,18 @@ def connect(url: str, password: str | None = None, *, timeout: float = 10.0) -> 
                               "application_name": "dhwatch", "row_factory": _row_factory}  # fmt: skip
     if password:
         kwargs["password"] = password
-    try:
-        raw = psycopg.connect(url, **kwargs)
-    except psycopg.Error as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        for secret in (password, url_password(url)):
-            if secret:
-                detail = detail.replace(secret, "***")
-        raise LedgerError(f"cannot connect to the ledger {redact_url(url)}: {detail}") from None
-    return PgConnection(raw)
+
+    def open_raw() -> psycopg.Connection[Any]:
+        try:
+            return psycopg.connect(url, **kwargs)
+        except psycopg.Error as exc:
+            detail = _first_line(exc)
+            for secret in (password, url_password(url)):
+                if secret:
+                    detail = detail.replace(secret, "***")
+            raise LedgerError(f"cannot connect to the ledger {redact_url(url)}: {detail}") from None
+
+    return PgConnection(open_raw(), open_raw)
 
 
 def schema_version(conn: PgConnection) -> int:

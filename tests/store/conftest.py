@@ -15,6 +15,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,10 +38,22 @@ class PostgresServer:
 
     port: int
     bindir: Path
+    data: Path
+    #: the ``pg_ctl`` command line prefix (``runuser`` when the tests run as root)
+    prefix: tuple[str, ...]
+    options: str
 
     def url(self, database: str = "postgres") -> str:
         """The ``ledger_url`` of one database (no password: it comes from a file or a credential)."""
         return f"postgresql://{PG_USER}@127.0.0.1:{self.port}/{database}"
+
+    def pg_ctl(self, *args: str) -> None:
+        """``pg_ctl`` on this cluster, as the server's user (stop, start, restart)."""
+        log = ["-l", str(self.data.parent / "server.log")] if args[0] != "stop" else []  # else the server holds our pipe
+        out = subprocess.run([*self.prefix, str(self.bindir / "pg_ctl"), *args, *log, "-w", "-t", "120", "-D",
+                              str(self.data), "-o", self.options], capture_output=True, text=True, timeout=180)  # fmt: skip
+        if out.returncode != 0:
+            raise AssertionError(f"pg_ctl {args} failed: {out.stdout}{out.stderr}")
 
     def psql(self, sql: str, database: str = "postgres") -> str:
         """Run SQL as the superuser (for setting up and inspecting, never for the code under test)."""
@@ -114,11 +127,15 @@ def postgres_server() -> Iterator[PostgresServer]:
         shutil.rmtree(root, ignore_errors=True)
         pytest.skip(f"the PostgreSQL test cluster did not start: {detail}")
     try:
-        yield PostgresServer(port, bindir)
+        yield PostgresServer(port, bindir, data, tuple(prefix), options)
     finally:
-        subprocess.run([*prefix, str(bindir / "pg_ctl"), "stop", "-m", "immediate", "-w", "-D", str(data)],
+        subprocess.run([*prefix, str(bindir / "pg_ctl"), "stop", "-m", "fast", "-w", "-D", str(data)],
                        capture_output=True, timeout=120)  # fmt: skip
-        shutil.rmtree(root, ignore_errors=True)
+        for _ in range(50):  # a server process may still be closing files: bounded retries
+            shutil.rmtree(root, ignore_errors=True)
+            if not root.exists():
+                break
+            time.sleep(0.1)
 
 
 @pytest.fixture

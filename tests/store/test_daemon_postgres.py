@@ -72,3 +72,29 @@ def test_the_daemon_delivers_on_postgresql_and_resumes_after_kill_9(
     assert folders.files(folders.failed) == [] and folders.files(folders.inbox) == []
     for d in (first, second):
         assert PG_PASSWORD not in d.output()
+
+
+def test_the_daemon_waits_out_a_database_restart_and_delivers_everything_once(
+    folders: Folders, slow_emulator: DeepHearingEmulator, daemons: Callable[..., Daemon],
+    postgres_server: PostgresServer, pg_database: str,
+) -> None:  # fmt: skip
+    """The PostgreSQL server restarted while jobs are followed: the daemon reconnects, no stage crashes, every file is delivered and paid once."""
+    password_file = folders.root / "ledger.password"
+    password_file.write_text(PG_PASSWORD)
+    names = [f"take{i}.wav" for i in range(4)]
+    for i, name in enumerate(names):
+        make_audio(folders.inbox / name, seed=i)
+    cfg = write_config(folders, base_url=slow_emulator.base_url,
+                       extra=f'ledger_url = "{pg_database}"\nledger_password_file = "{password_file}"')  # fmt: skip
+    d = daemons(cfg)
+    wait_for(lambda: any(job for _, job in pg_states(postgres_server, pg_database).values()), timeout=60,
+             what="a job id recorded in PostgreSQL")  # fmt: skip
+    postgres_server.pg_ctl("stop", "-m", "fast")  # every session is cut, mid-run
+    postgres_server.pg_ctl("start")
+    wait_for(lambda: sorted(folders.files(folders.outbox)) == sorted(names), timeout=90, what="every output")
+    wait_for(lambda: [s for s, _ in pg_states(postgres_server, pg_database).values()] == ["done"] * len(names),
+             timeout=60, what="every row done")  # fmt: skip
+    assert d.events("stage_crashed") == [] and d.proc is not None and d.proc.poll() is None
+    assert d.stop() == 0
+    assert sorted(j.file_name for j in slow_emulator.jobs) == sorted(names)  # each paid once
+    assert PG_PASSWORD not in d.output()
