@@ -135,10 +135,13 @@ class Store(abc.ABC):
             )
 
     def _stamp(self, id_path: Path) -> None:
+        # set only if absent, then read back: hosts starting together on a new shared ledger
+        # must all record the one id that won, never each their own
+        with self._tx() as conn:
+            conn.execute("INSERT INTO daemon (key, value) VALUES ('ledger_id', ?) ON CONFLICT (key) DO NOTHING",
+                         (uuid.uuid4().hex,))  # fmt: skip
         ledger_id = self.get_flag("ledger_id")
-        if ledger_id is None:
-            ledger_id = uuid.uuid4().hex
-            self.set_flag("ledger_id", ledger_id)
+        assert ledger_id is not None
         if not id_path.exists():
             tmp = id_path.with_suffix(".tmp")
             tmp.write_text(ledger_id + "\n")

@@ -162,3 +162,38 @@ def test_the_postgresql_schema_has_sqlites_columns_and_the_hosts_ones(pg_ledgers
         assert ours - theirs == ({"host", "lease_until", "fence"} if table == "files" else set()), table
         assert theirs <= ours, table
     lite.close()
+
+
+@pytest.mark.postgres
+def test_hosts_starting_together_migrate_once(pg_database: str, tmp_path: Path) -> None:
+    """Four hosts opening an empty PostgreSQL ledger at the same moment all start; each migration is applied once."""
+    import threading
+
+    from dhwatch.store.postgres import PostgresStore
+
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def host(n: int) -> None:
+        state_dir = tmp_path / f"host{n}"
+        state_dir.mkdir()
+        try:
+            start.wait(30)
+            PostgresStore.open(pg_database, state_dir=state_dir, password=PG_PASSWORD).close()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=host, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and not any(t.is_alive() for t in threads)
+    store = PostgresStore.open(pg_database, password=PG_PASSWORD, stamp=False)
+    try:
+        versions = [r[0] for r in store._conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
+        assert versions == list(range(1, POSTGRES_SCHEMA_VERSION + 1))
+        ids = {(tmp_path / f"host{n}" / LEDGER_ID_NAME).read_text() for n in range(4)}
+        assert len(ids) == 1  # one ledger identity, whichever host stamped it first
+    finally:
+        store.close()
