@@ -94,3 +94,27 @@ def test_status_and_jobs_commands_read_a_postgresql_ledger(folders: Folders, pg_
     assert jobs.returncode == 0, jobs.stderr
     assert PG_PASSWORD not in status.stdout + status.stderr + jobs.stdout + jobs.stderr
     assert "bad.wav" in jobs.stdout
+
+
+@pytest.mark.postgres
+def test_check_reports_a_postgresql_ledger_not_a_missing_sqlite_file(folders: Folders, pg_database: str) -> None:
+    """`dhwatch check` on a host using ledger_url checks that database (schema, files), not the absent SQLite file."""
+    from dhwatch.store.postgres import PostgresStore
+
+    folders.state.mkdir()
+    store = PostgresStore.open(pg_database, state_dir=folders.state, password=PG_PASSWORD)  # stamps ledger.id
+    try:
+        filled(store)
+    finally:
+        store.close()
+    pw = folders.root / "pw"
+    pw.write_text(PG_PASSWORD)
+    cfg = write_config(folders, extra=f'ledger_url = "{pg_database}"\nledger_password_file = "{pw}"')
+    run = subprocess.run([sys.executable, "-m", "dhwatch", "check", "--timeout", "2", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    ledger = [line for line in run.stdout.splitlines() if line.split()[1:2] == ["ledger:"]]
+    assert ledger == [f"OK    ledger: {pg_database}: schema 6, 7 files" + ledger[0][ledger[0].rindex(" ("):]], run.stdout
+    pw.write_text("wrong-password-99")
+    run = subprocess.run([sys.executable, "-m", "dhwatch", "check", "--timeout", "2", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert "FAIL  ledger: cannot connect to the ledger" in run.stdout and "wrong-password-99" not in run.stdout
