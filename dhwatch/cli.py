@@ -29,7 +29,7 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 #: modules under dhwatch.commands; each has ``register(sub)`` adding its subcommand(s)
-COMMAND_MODULES = ("run", "emulate", "serve", "status", "jobs", "retry", "check", "process")
+COMMAND_MODULES = ("run", "emulate", "serve", "status", "jobs", "retry", "check", "process", "ledger")
 
 
 def add_command(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+import urllib.parse
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -23,6 +24,8 @@ from dhwatch.naming import is_audio_name
 from dhwatch.recipes import Recipe, folder_problems, recipe_for
 
 DEFAULT_EXTENSIONS = ["wav", "flac", "mp3", "m4a", "ogg"]
+#: the systemd credential (``LoadCredential=dhwatch-ledger-password:…``) holding a PostgreSQL ledger's password
+LEDGER_PASSWORD_CREDENTIAL = "dhwatch-ledger-password"
 
 
 class _Section(BaseModel):
@@ -277,6 +280,12 @@ class Settings(BaseSettings):
     #: POST a JSON note here when any file is done or failed (a recipe's own notify_url wins); "" = off
     notify_url: str = ""
 
+    #: the ledger: "" = the SQLite file in state_dir (one host); "postgresql://user@host:port/db" = a
+    #: PostgreSQL database several hosts can share. The password: ledger_password_file, or the
+    #: systemd credential 'dhwatch-ledger-password', or libpq's own (PGPASSFILE); never in the URL.
+    ledger_url: str = ""
+    ledger_password_file: Path | None = None
+
     #: relative paths are resolved against this folder (the config file's), else the CWD
     _base_dir: ClassVar[Path | None] = None
 
@@ -306,6 +315,10 @@ class Settings(BaseSettings):
                 section.api_key_file = Path(os.path.abspath(base / section.api_key_file))
         if self.web.token_file is not None:
             self.web.token_file = Path(os.path.abspath(base / self.web.token_file))
+        if self.ledger_password_file is not None:
+            self.ledger_password_file = Path(os.path.abspath(base / self.ledger_password_file))
+        if self.ledger_url and not self.ledger_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("ledger_url: must start with postgresql:// (or be empty for the SQLite ledger in state_dir)")
         self._check_recipes()
         keys = list(resolved)
         for i, a in enumerate(keys):
@@ -346,8 +359,28 @@ class Settings(BaseSettings):
 
     def secrets(self) -> list[str]:
         """Every secret this configuration can resolve, for log redaction."""
-        found = [section.resolve_api_key() for section in self.keyed_sections()] + [self.web.resolve_token()]
+        found = [section.resolve_api_key() for section in self.keyed_sections()]
+        found += [self.web.resolve_token(), self.ledger_password()]
         return [s for s in found if s]
+
+    def ledger_password(self, environ: dict[str, str] | None = None) -> str | None:
+        """The PostgreSQL ledger's password: ``ledger_password_file``, else the systemd credential
+        ``dhwatch-ledger-password``, else one written in ``ledger_url`` (None: let libpq find it)."""
+        if not self.ledger_url:
+            return None
+        env = os.environ if environ is None else environ
+        candidates = [] if self.ledger_password_file is None else [self.ledger_password_file]
+        if env.get("CREDENTIALS_DIRECTORY"):
+            candidates.append(Path(env["CREDENTIALS_DIRECTORY"]) / LEDGER_PASSWORD_CREDENTIAL)
+        for path in candidates:
+            try:
+                text = path.read_text(encoding="utf-8").strip()
+            except OSError:
+                continue
+            if text:
+                return text
+        password = urllib.parse.urlsplit(self.ledger_url).password
+        return urllib.parse.unquote(password) if password else None
 
 
 def _format_validation_error(exc: ValidationError, path: Path | None) -> str:

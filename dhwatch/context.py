@@ -12,7 +12,7 @@ from typing import Any
 from dhwatch import notice
 from dhwatch.backends.base import Backend
 from dhwatch.config import Settings
-from dhwatch.ledger import Ledger
+from dhwatch.store import Store as Ledger
 from dhwatch.logs import get_logger
 from dhwatch.metrics import Metrics
 

@@ -27,7 +27,7 @@ from dhwatch.delivery import remove_temp_files
 from dhwatch.notify import NotifyStage
 from dhwatch.errors import DhwatchError
 from dhwatch.intake import Intake
-from dhwatch.ledger import Ledger, StateDirLock
+from dhwatch.store import StateDirLock, open_store
 from dhwatch.logs import get_logger, register_secret
 from dhwatch.metrics import metrics_app
 from dhwatch.stages import Fetcher, Finisher, Poller, Uploader
@@ -198,7 +198,7 @@ async def run_daemon(
     except BaseException:
         lock.release()
         raise
-    ledger = Ledger.open(settings.state_dir)
+    ledger = open_store(settings)
     backend = create_backend(settings)
     ctx = Context(settings=settings, ledger=ledger, backend=backend, log=log)
     add_retry_listener(lambda kind: ctx.metrics.retries.labels(kind).inc())

@@ -8,6 +8,7 @@
     │   ├── LedgerLocked       another daemon owns the state_dir
     │   ├── LedgerCorrupt      the ledger file cannot be trusted; refuse to start
     │   └── TransitionConflict a compare-and-set found the row in another state
+    │       └── LeaseLost      a fenced write: another host holds the row's claim now
     ├── SourceError            the input file cannot be used (never the API's fault)
     │   ├── NotRegularFile     symlink, FIFO, device, hard link, other filesystem
     │   └── SourceChanged      the file changed or vanished while being read
@@ -40,7 +41,7 @@ class ConfigError(DhwatchError):
 
 
 class LedgerError(DhwatchError):
-    """The SQLite ledger cannot be used."""
+    """The ledger (SQLite or PostgreSQL) cannot be used."""
 
     code = "LEDGER_ERROR"
 
@@ -61,6 +62,12 @@ class TransitionConflict(LedgerError):
     """A compare-and-set transition found the row in a different state than expected."""
 
     code = "TRANSITION_CONFLICT"
+
+
+class LeaseLost(TransitionConflict):
+    """A fenced write found the row claimed again by another host: this host's lease ran out."""
+
+    code = "LEASE_LOST"
 
 
 class SourceError(DhwatchError):

@@ -170,8 +170,11 @@ def check_ledger(settings: Settings) -> Iterator[Finding]:
     """Opens read-only, passes ``quick_check``, a schema this dhwatch knows; refuses what the daemon refuses."""
     from dhwatch.errors import LedgerError
     from dhwatch.ledger import LEDGER_ID_NAME, LEDGER_NAME, SCHEMA_VERSION, Ledger
-    from dhwatch.queries import connect_readonly, count_by_state, get_flag, probe_daemon, schema_version
+    from dhwatch.queries import connect_readonly, count_by_state, get_flag, schema_version
 
+    if settings.ledger_url:
+        yield from check_postgres_ledger(settings)
+        return
     state_dir = settings.state_dir
     path = state_dir / LEDGER_NAME
     if not path.exists() and not (state_dir / LEDGER_ID_NAME).exists():
@@ -200,11 +203,49 @@ def check_ledger(settings: Settings) -> Iterator[Finding]:
     if stored_id and file_id and stored_id != file_id:
         yield _warn("ledger", f"{state_dir / LEDGER_ID_NAME} names another ledger ({file_id}) than the one "
                               f"in {path} ({stored_id}): was a ledger restored from another installation?")
+    yield daemon_finding(state_dir)
+
+
+def daemon_finding(state_dir: Path) -> Finding:
+    """Whether this host's daemon runs (its state_dir lock is held)."""
+    from dhwatch.queries import probe_daemon
+
     probe = probe_daemon(state_dir)
     if probe.running is None:
-        yield _warn("daemon", f"cannot tell whether it runs: {probe.detail}")
+        return _warn("daemon", f"cannot tell whether it runs: {probe.detail}")
+    return _ok("daemon", f"running (pid {probe.pid})" if probe.running else "not running")
+
+
+def check_postgres_ledger(settings: Settings) -> Iterator[Finding]:
+    """Connects (as the daemon would, read-only), and finds a schema this dhwatch knows."""
+    from dhwatch.errors import LedgerError
+    from dhwatch.queries import count_by_state, schema_version
+    from dhwatch.store.postgres import connect, redact_url
+    from dhwatch.store.schema import POSTGRES_SCHEMA_VERSION
+
+    where = redact_url(settings.ledger_url)
+    t0 = time.monotonic()
+    try:
+        conn = connect(settings.ledger_url, settings.ledger_password())
+    except LedgerError as exc:
+        yield _fail("ledger", str(exc))
+        return
+    try:
+        conn.execute("SET default_transaction_read_only = on")
+        version = schema_version(conn)
+        files = sum(count_by_state(conn).values()) if version else 0
+    finally:
+        conn.close()
+    took = time.monotonic() - t0
+    if version > POSTGRES_SCHEMA_VERSION:
+        yield _fail("ledger", f"{where} has schema {version}, newer than this dhwatch understands "
+                              f"({POSTGRES_SCHEMA_VERSION}): upgrade dhwatch on this host")  # fmt: skip
+    elif version == 0:
+        yield _ok("ledger", f"{where}: reachable, no schema yet; the daemon (or 'dhwatch ledger migrate') creates it")
     else:
-        yield _ok("daemon", f"running (pid {probe.pid})" if probe.running else "not running")
+        upgrade = "" if version == POSTGRES_SCHEMA_VERSION else f"; migrated to {POSTGRES_SCHEMA_VERSION} at start"
+        yield _ok("ledger", f"{where}: schema {version}{upgrade}, {files:,} files ({took:.2f} s)")
+    yield daemon_finding(settings.state_dir)
 
 
 # ====================================================================== inotify

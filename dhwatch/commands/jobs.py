@@ -67,12 +67,12 @@ def jobs_text(total: int, rows: list[FileRow], now: float) -> list[str]:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     from dhwatch.config import load_settings
-    from dhwatch.queries import JobFilter, connect_readonly, list_jobs
+    from dhwatch.queries import JobFilter, list_jobs, open_readonly
 
     settings = load_settings(args.config)
     now = time.time()
     states = tuple(dict.fromkeys(s for group in args.state for s in group))
-    conn = connect_readonly(settings.state_dir)
+    conn = open_readonly(settings)
     try:
         total, rows = list_jobs(conn, JobFilter(states=states, since=args.since, limit=args.limit or None))
     finally:
@@ -130,11 +130,11 @@ def show_json(paths: list[str], rows: list[FileRow], events: dict[int, list[Even
 
 def cmd_show(args: argparse.Namespace) -> int:
     from dhwatch.config import load_settings
-    from dhwatch.queries import FOLDER_KEYS, connect_readonly, histories, resolve_argument
+    from dhwatch.queries import FOLDER_KEYS, histories, open_readonly, resolve_argument
 
     settings = load_settings(args.config)
     folders = {k: getattr(settings, k) for k in FOLDER_KEYS}
-    conn = connect_readonly(settings.state_dir)
+    conn = open_readonly(settings)
     try:
         placed, rows = resolve_argument(conn, args.path, folders, Path.cwd())
         events = histories(conn, [r.id for r in rows])

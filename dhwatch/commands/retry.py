@@ -21,7 +21,6 @@ import functools
 import json
 import os
 import shutil
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from dhwatch.states import State
 if TYPE_CHECKING:
     from dhwatch.config import Settings
     from dhwatch.ledger import FileRow
+    from dhwatch.queries import ReadConn
 
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
@@ -238,7 +238,7 @@ def still_there(settings: Settings, row: FileRow) -> bool:
     return os.path.lexists(where)
 
 
-def _chosen_row(conn: sqlite3.Connection, settings: Settings, arg: str) -> tuple[FileRow | None, str | None]:
+def _chosen_row(conn: ReadConn, settings: Settings, arg: str) -> tuple[FileRow | None, str | None]:
     """The failed version an operator's path means, or why there is none."""
     from dhwatch.queries import FOLDER_KEYS, resolve_argument, without_report_suffix
 
@@ -258,14 +258,14 @@ def _chosen_row(conn: sqlite3.Connection, settings: Settings, arg: str) -> tuple
 
 def cmd_retry(args: argparse.Namespace) -> int:
     from dhwatch.config import load_settings
-    from dhwatch.queries import connect_readonly, failed_latest_versions, latest_version, probe_daemon
+    from dhwatch.queries import failed_latest_versions, latest_version, open_readonly, probe_daemon
 
     if not args.paths and not args.all_failed:
         print("dhwatch retry: give the failed files to retry, or --all-failed")
         return EXIT_FAILURE
     settings = load_settings(args.config)
     outcomes: list[Outcome] = []
-    conn = connect_readonly(settings.state_dir)
+    conn = open_readonly(settings)
     try:
         rows: list[FileRow] = []
         gone = 0

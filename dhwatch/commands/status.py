@@ -165,7 +165,7 @@ def never_ran_json(probe: DaemonProbe, *, state_dir: str, now: float) -> dict[st
 
 def cmd_status(args: argparse.Namespace) -> int:
     from dhwatch.config import load_settings
-    from dhwatch.queries import connect_readonly, never_ran, probe_daemon, status_snapshot
+    from dhwatch.queries import never_ran, open_readonly, probe_daemon, status_snapshot
 
     settings = load_settings(args.config)
     now = time.time()
@@ -176,7 +176,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             print(f"daemon:  {daemon_text(probe)}; {NEVER_RAN}: there is no ledger in {settings.state_dir} yet")
         return EXIT_NEVER_RAN
-    conn = connect_readonly(settings.state_dir)
+    conn = open_readonly(settings)
     try:
         snap = status_snapshot(
             conn, day_start=fmt.local_midnight(now), in_flight_limit=args.in_flight, failure_limit=args.failures
