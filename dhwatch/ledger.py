@@ -609,25 +609,36 @@ class Ledger:
             params += (limit,)
         return [FileRow.from_sql(r) for r in self._conn.execute(sql, params)]
 
-    def due(self, state: State, now: float, limit: int) -> list[FileRow]:
-        """Rows in ``state`` whose ``next_attempt_at`` has come, oldest first."""
+    def due(self, state: State, now: float, limit: int, *, backends: Sequence[str] | None = None) -> list[FileRow]:
+        """Rows in ``state`` whose ``next_attempt_at`` has come, oldest first (only ``backends``' rows, if given)."""
+        only, params = _backend_filter(backends)
         rows = self._conn.execute(
-            "SELECT * FROM files WHERE state = ? AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
-            (state.value, now, limit),
+            f"SELECT * FROM files WHERE state = ? AND next_attempt_at <= ?{only} ORDER BY next_attempt_at, id LIMIT ?",
+            (state.value, now, *params, limit),
         )
         return [FileRow.from_sql(r) for r in rows]
 
-    def next_due_at(self, states: Sequence[State]) -> float | None:
+    def next_due_at(self, states: Sequence[State], *, backends: Sequence[str] | None = None) -> float | None:
         """The earliest ``next_attempt_at`` among rows in these states (for sleeping exactly).
 
         One ``ORDER BY … LIMIT 1`` per state: the first entry of the (state, next_attempt_at)
         index, whatever the number of rows (``MIN`` over ``state IN`` read them all).
+        ``backends`` keeps only those backends' rows (a paused backend's rows are not due).
         """
+        only, params = _backend_filter(backends)
         found = [
             float(r[0]) for s in states for r in self._conn.execute(
-                "SELECT next_attempt_at FROM files WHERE state = ? ORDER BY next_attempt_at LIMIT 1", (s.value,))
+                f"SELECT next_attempt_at FROM files WHERE state = ?{only} ORDER BY next_attempt_at LIMIT 1",
+                (s.value, *params))
         ]  # fmt: skip
         return min(found) if found else None
+
+    def backends_active(self) -> set[str]:
+        """The backends of rows not finished yet: each must be running for its files to go on."""
+        marks = ", ".join("?" for _ in ACTIVE)
+        rows = self._conn.execute(f"SELECT DISTINCT backend FROM files WHERE state IN ({marks})",
+                                  tuple(s.value for s in ACTIVE))  # fmt: skip
+        return {str(r[0]) for r in rows}
 
     def active_for_path(self, rel_path: str) -> FileRow | None:
         """The row currently owning this inbox path, if any."""
@@ -830,6 +841,13 @@ class Ledger:
                 conn.execute("DELETE FROM daemon WHERE key = ?", (key,))
             else:
                 conn.execute("INSERT OR REPLACE INTO daemon (key, value) VALUES (?, ?)", (key, redact_text(value)))
+
+
+def _backend_filter(backends: Sequence[str] | None) -> tuple[str, tuple[str, ...]]:
+    """An ``AND backend IN (...)`` clause and its parameters; nothing when ``backends`` is None."""
+    if backends is None:
+        return "", ()
+    return f" AND backend IN ({', '.join('?' for _ in backends) or 'NULL'})", tuple(backends)
 
 
 def _corrupt_message(path: Path, detail: str) -> str:
