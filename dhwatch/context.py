@@ -85,9 +85,6 @@ class Context:
         """A backend's settings section (poll intervals, job_timeout)."""
         return self.settings.backend_section(backend)
 
-    def all_backends(self) -> list[Backend]:
-        return [self.backend_named(n) for n in self.backend_names]
-
     # ------------------------------------------------------------------ pauses
     def sending(self) -> list[str]:
         """The backends that may be sent files now (not paused)."""
@@ -103,9 +100,9 @@ class Context:
         parts = []
         for name, pause in self.pauses.items():
             users = recipes_using(name, self.settings.backend, self.settings.recipes)
-            who = f" ({', '.join(users)})" if users else ""
-            parts.append(f"backend {name}{who}: {pause.reason}")
-        flowing = [n for n in self.backend_names if n not in self.pauses]
+            who = ", ".join(users) or "files taken under an earlier config"
+            parts.append(f"backend {name} ({who}): {pause.reason}")
+        flowing = self.sending()
         if flowing:
             parts.append(f"files for {', '.join(flowing)} are processed as usual")
         return "; ".join(parts)
