@@ -90,6 +90,11 @@ class Context:
         """The backends that may be sent files now (not paused)."""
         return [n for n in self.backend_names if n not in self.pauses]
 
+    def sending_filter(self) -> list[str] | None:
+        """For the ledger's due-row queries: None while nothing is paused (every row counts, no filter
+        to apply), else the backends that may be sent files (none at all: nothing is due)."""
+        return None if not self.pauses else self.sending()
+
     @property
     def paused(self) -> str | None:
         """Why submitting is paused, in words a person reads (``status``, the health check, the pause notice)."""

@@ -611,6 +611,8 @@ class Ledger:
 
     def due(self, state: State, now: float, limit: int, *, backends: Sequence[str] | None = None) -> list[FileRow]:
         """Rows in ``state`` whose ``next_attempt_at`` has come, oldest first (only ``backends``' rows, if given)."""
+        if backends is not None and not backends:
+            return []
         only, params = _backend_filter(backends)
         rows = self._conn.execute(
             f"SELECT * FROM files WHERE state = ? AND next_attempt_at <= ?{only} ORDER BY next_attempt_at, id LIMIT ?",
@@ -625,6 +627,8 @@ class Ledger:
         index, whatever the number of rows (``MIN`` over ``state IN`` read them all).
         ``backends`` keeps only those backends' rows (a paused backend's rows are not due).
         """
+        if backends is not None and not backends:
+            return None
         only, params = _backend_filter(backends)
         found = [
             float(r[0]) for s in states for r in self._conn.execute(
@@ -847,7 +851,7 @@ def _backend_filter(backends: Sequence[str] | None) -> tuple[str, tuple[str, ...
     """An ``AND backend IN (...)`` clause and its parameters; nothing when ``backends`` is None."""
     if backends is None:
         return "", ()
-    return f" AND backend IN ({', '.join('?' for _ in backends) or 'NULL'})", tuple(backends)
+    return f" AND backend IN ({', '.join('?' for _ in backends)})", tuple(backends)
 
 
 def _corrupt_message(path: Path, detail: str) -> str:

@@ -39,14 +39,14 @@ class Uploader:
             ctx.beat("upload")
             self._over_budget()
             await self._dispatch()
-            await sleep_until_due(ctx, "upload", (State.QUEUED,), backends=ctx.sending())
+            await sleep_until_due(ctx, "upload", (State.QUEUED,), backends=ctx.sending_filter())
 
     async def _dispatch(self) -> None:
         ctx = self.ctx
         while not self._slots.locked() and (sending := ctx.sending()):
             want = 4 * max(ctx.backend_named(n).max_batch_files for n in sending)
-            rows = [r for r in ctx.ledger.due(State.QUEUED, ctx.clock(), want + len(self._busy), backends=sending)
-                    if r.id not in self._busy]  # fmt: skip
+            rows = [r for r in ctx.ledger.due(State.QUEUED, ctx.clock(), want + len(self._busy),
+                                              backends=ctx.sending_filter()) if r.id not in self._busy]  # fmt: skip
             batch = self._batch(self._without_duplicates(rows[:want]))
             if not batch:
                 return

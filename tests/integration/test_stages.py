@@ -205,4 +205,4 @@ def test_a_paused_backend_holds_back_only_its_own_files(folders: Folders) -> Non
     assert local.requests == [["plain.wav"]] and ctx.ledger.get(row).state is State.SUBMITTED
     assert len(remote.requests) == sent  # nothing more sent to the paused backend
     assert {ctx.ledger.get(r).state for r in waiting} == {State.QUEUED}
-    assert ctx.ledger.next_due_at((State.QUEUED,), backends=ctx.sending()) is None  # nothing due: the stage sleeps
+    assert ctx.ledger.next_due_at((State.QUEUED,), backends=ctx.sending_filter()) is None  # nothing due: it sleeps
