@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from dhwatch.errors import ConfigError
 from dhwatch.naming import is_audio_name
-from dhwatch.recipes import Recipe, folder_problems, recipe_for
+from dhwatch.recipes import Recipe, backends_in_use, folder_problems, recipe_for
 
 DEFAULT_EXTENSIONS = ["wav", "flac", "mp3", "m4a", "ogg"]
 #: the systemd credential (``LoadCredential=dhwatch-ledger-password:…``) holding a PostgreSQL ledger's password
@@ -330,10 +330,6 @@ class Settings(BaseSettings):
 
     def _check_recipes(self) -> None:
         problems = folder_problems(self.recipes)
-        for name, recipe in self.recipes.items():
-            if recipe.backend is not None and recipe.backend != self.backend:
-                problems.append(f"recipes.{name}.backend: {recipe.backend!r} differs from the top-level backend "
-                                f"{self.backend!r}; one daemon runs one backend (run a second dhwatch for this folder)")
         if self.notify_url and not self.notify_url.startswith(("http://", "https://")):
             problems.append("notify_url: must start with http:// or https://")
         if problems:
@@ -343,10 +339,15 @@ class Settings(BaseSettings):
         """The recipe of an inbox path (deepest folder wins), or None for the top-level behaviour."""
         return recipe_for(rel_path, self.recipes)
 
-    def backend_section(self) -> DeepHearingSettings | LocalSettings | DeepAffectsSettings:
-        """The selected backend's section (each has poll_interval, poll_max_interval, job_timeout)."""
-        section: DeepHearingSettings | LocalSettings | DeepAffectsSettings = getattr(self, self.backend)
+    def backend_section(self, name: str | None = None) -> DeepHearingSettings | LocalSettings | DeepAffectsSettings:
+        """A backend's section, the top-level backend's by default (each has poll_interval,
+        poll_max_interval, job_timeout)."""
+        section: DeepHearingSettings | LocalSettings | DeepAffectsSettings = getattr(self, name or self.backend)
         return section
+
+    def backends_in_use(self) -> list[str]:
+        """The top-level backend and every recipe's own (``recipes.NAME.backend``)."""
+        return backends_in_use(self.backend, self.recipes)
 
     @property
     def job_timeout(self) -> float:
@@ -431,16 +432,19 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
     return settings
 
 
-def require_api_key(settings: Settings) -> None:
-    """Fail at start (naming the keys) when the selected backend needs a key and has none."""
-    section = settings.backend_section()
-    if isinstance(section, KeyedSection) and not section.resolve_api_key():
-        name = settings.backend
-        raise ConfigError(
-            f"{name}.api_key: no API key configured. Set {name}.api_key, "
-            f"{name}.api_key_file, DHWATCH_{name.upper()}__API_KEY, or the systemd credential "
-            f"'{section.credential_name}' (LoadCredential=)."
-        )
+def require_api_key(settings: Settings, backend: str | None = None) -> None:
+    """Fail at start (naming the keys) when a backend in use (or only ``backend``) needs a key and has none."""
+    missing: list[str] = []
+    for name in [backend] if backend else settings.backends_in_use():
+        section = settings.backend_section(name)
+        if isinstance(section, KeyedSection) and not section.resolve_api_key():
+            missing.append(
+                f"{name}.api_key: no API key configured. Set {name}.api_key, "
+                f"{name}.api_key_file, DHWATCH_{name.upper()}__API_KEY, or the systemd credential "
+                f"'{section.credential_name}' (LoadCredential=)."
+            )
+    if missing:
+        raise ConfigError("\n".join(missing))
 
 
 def require_quality_settings(settings: Settings) -> None:

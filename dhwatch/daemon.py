@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dhwatch.asgi import AsgiServer
-from dhwatch.backends import create_backend
+from dhwatch.backends import create_backend, create_other_backends
 from dhwatch.backends.http import add_retry_listener
 from dhwatch.config import (
     Settings, require_api_key, require_quality_settings, require_web_settings, world_readable_secret_files,
@@ -150,12 +150,7 @@ async def _auth_loop(ctx: Context) -> None:
             continue
         for secret in ctx.settings.secrets():
             register_secret(secret)
-        try:
-            await ctx.backend.check_auth()
-        except DhwatchError as exc:
-            ctx.log.error("still_paused", reason=ctx.paused, check=str(exc))
-            continue
-        ctx.resume()
+        await ctx.recheck_pauses()
 
 
 async def _drained(ctx: Context, intake: Intake, progress: Callable[[dict[str, int]], None] | None) -> None:
@@ -200,7 +195,8 @@ async def run_daemon(
         raise
     ledger = open_store(settings)
     backend = create_backend(settings)
-    ctx = Context(settings=settings, ledger=ledger, backend=backend, log=log)
+    others = create_other_backends(settings, ledger.backends_active())
+    ctx = Context(settings=settings, ledger=ledger, backend=backend, others=others, log=log)
     add_retry_listener(lambda kind: ctx.metrics.retries.labels(kind).inc())
     notifier = Notifier()
     stop = asyncio.Event()
@@ -213,21 +209,13 @@ async def run_daemon(
         removed = remove_temp_files(settings.outbox) + remove_temp_files(settings.failed_dir)
         if settings.archive_dir is not None:
             removed += remove_temp_files(settings.archive_dir)
-        paused = ledger.get_flag("paused")
-        if paused:
-            ctx.paused = paused
-            ctx.paused_kind = ledger.get_flag("paused_kind") or "auth"
-            ctx.metrics.paused.set(1)
-        ctx.sync_notice()
+        ctx.restore_pauses()
+        paused = ctx.paused
         await listeners.start()
         log.info("started", backend=settings.backend, inbox=str(settings.inbox), outbox=str(settings.outbox),
                  recovered=recovered, temp_files_removed=removed, paused=paused, pid=os.getpid())
-        if paused and ctx.paused_kind != "budget":
-            try:
-                await backend.check_auth()
-                ctx.resume()
-            except DhwatchError:
-                log.error("submitting_paused", reason=paused, files_are_safe=True)
+        if paused:
+            await ctx.recheck_pauses()
         intake = Intake(ctx)
         reporter = Reporter(ctx)
         uploader, poller, fetcher, finisher = Uploader(ctx), Poller(ctx), Fetcher(ctx), Finisher(ctx, reporter)
@@ -271,9 +259,10 @@ async def run_daemon(
             await asyncio.wait_for(listeners.aclose(), timeout=STOP_GRACE_SECONDS)  # no-op after a clean stop
         except (TimeoutError, Exception):  # noqa: BLE001 - closing must not mask the exit
             pass
-        try:
-            await asyncio.wait_for(backend.aclose(), timeout=2.0)
-        except (TimeoutError, Exception):  # noqa: BLE001 - closing must not mask the exit
-            pass
+        for each in (backend, *others.values()):
+            try:
+                await asyncio.wait_for(each.aclose(), timeout=2.0)
+            except (TimeoutError, Exception):  # noqa: BLE001 - closing must not mask the exit
+                pass
         ledger.close()
         lock.release()

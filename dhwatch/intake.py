@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from dhwatch.audioformat import sniff
 from dhwatch.backends.base import keeps_results_after_release
 from dhwatch.context import Context
-from dhwatch.recipes import denoise_key
+from dhwatch.recipes import backend_of, denoise_key
 from dhwatch.policy import MAX_SECONDS_PER_BYTE, duration_limit, duration_refusal
 from dhwatch.errors import NotRegularFile, SourceChanged
 from dhwatch.settle import SettleTracker
@@ -225,7 +225,7 @@ class Intake:
         def insert(**fields: Any) -> int:
             return ctx.ledger.insert(
                 rel_path=rel, size=ident.size, mtime_ns=ident.mtime_ns, inode=ident.inode, device=ident.device,
-                sha256=fp.sha256, backend=settings.backend, now=now, **taken, **fields,
+                sha256=fp.sha256, now=now, **taken, **fields,
             )  # fmt: skip
 
         done = ctx.ledger.finished_version(rel)
@@ -240,8 +240,9 @@ class Intake:
             ctx.log.warning("file_refused", file=rel, row=row_id, code=code, reason=reason)
             ctx.kick("finish")
             return
-        earlier = ctx.ledger.reusable_job(fp.sha256, settings.backend, finished=keeps_results_after_release(ctx.backend),
-                                          denoise=taken["denoise"])  # fmt: skip
+        backend = taken["backend"]
+        earlier = ctx.ledger.reusable_job(fp.sha256, backend, denoise=taken["denoise"],
+                                          finished=keeps_results_after_release(ctx.backend_named(backend)))  # fmt: skip
         if earlier is not None and earlier.job_id:
             row_id = insert(
                 state=State.SUBMITTED, job_id=earlier.job_id, adopted=1, submitted_at=now,
@@ -262,7 +263,7 @@ class Intake:
             return
         row_id = ctx.ledger.insert(
             rel_path=rel, size=st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino, device=st.st_dev, sha256="",
-            backend=ctx.settings.backend, now=now, state=State.FAILING, error_code="NOT_REGULAR_FILE",
+            now=now, state=State.FAILING, error_code="NOT_REGULAR_FILE",
             **recipe_fields(rel, ctx.settings),
             error_message=f"refused: {reason}; dhwatch never opens or follows such entries",
         )  # fmt: skip
@@ -271,13 +272,15 @@ class Intake:
 
 
 def recipe_fields(rel: str, settings: Settings) -> dict[str, Any]:
-    """The ledger columns that pin a file to the recipe it is taken under (its settings as they are now)."""
+    """The ledger columns that pin a file to the recipe it is taken under (its settings as they are now),
+    and to the backend that recipe (or the top level) names."""
     found = settings.recipe_of(rel)
     if found is None:
-        return {"recipe": None, "recipe_settings": None, "denoise": ""}
+        return {"recipe": None, "recipe_settings": None, "denoise": "", "backend": settings.backend}
     name, recipe = found
-    return {"recipe": name, "recipe_settings": recipe.snapshot(),
-            "denoise": denoise_key(settings.backend, recipe.atten_lim_db, settings.local.atten_lim_db)}  # fmt: skip
+    backend = backend_of(recipe, settings.backend)
+    return {"recipe": name, "recipe_settings": recipe.snapshot(), "backend": backend,
+            "denoise": denoise_key(backend, recipe.atten_lim_db, settings.local.atten_lim_db)}  # fmt: skip
 
 
 def refusal(fp: Fingerprint, settings: Settings) -> tuple[str, str] | None:

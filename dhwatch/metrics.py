@@ -43,6 +43,8 @@ class Metrics:
         self.billed = Counter("dhwatch_billed_seconds", "Billed seconds reported by the backend", registry=r)
         self.paused = Gauge("dhwatch_paused", "1 while submitting is paused (bad key, budget, broken engine)",
                             registry=r)
+        self.backend_paused = Gauge("dhwatch_backend_paused", "1 while files for this backend are held back "
+                                    "(its key refused, the budget, its engine broken)", ["backend"], registry=r)
         self.finished = Counter("dhwatch_finished_files", "Files finished, by outcome", ["outcome"], registry=r)
 
     def set_counts(self, counts: dict[str, int]) -> None:

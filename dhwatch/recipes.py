@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 OutputFormat = Literal["same", "wav", "flac", "mp3", "ogg", "m4a"]
+BackendName = Literal["deephearing", "local", "deepaffects"]
 #: the default ceiling when a loudness target is set and no ceiling is (EBU R128 s1, streaming)
 DEFAULT_TRUE_PEAK_DBTP = -1.0
 
@@ -42,8 +43,8 @@ class Recipe(BaseModel):
     sample_rate: int = Field(0, ge=0, le=384_000)
     #: 0 = keep; 16, 24 or 32 (float) for wav/flac
     bit_depth: Literal[0, 16, 24, 32] = 0
-    #: another backend for this folder; None = the top-level one
-    backend: Literal["deephearing", "local", "deepaffects"] | None = None
+    #: another backend for this folder (built from its own section, e.g. ``[deephearing]``); None = the top-level one
+    backend: BackendName | None = None
     #: None = the top-level ``quality``
     quality: Literal["local", "huawei", "off"] | None = None
     #: POST a JSON note here when a file of this recipe is done or failed; "" = the top-level one
@@ -149,6 +150,27 @@ def recipe_for(rel_path: str, recipes: Mapping[str, Recipe]) -> tuple[str, Recip
             if PurePosixPath(norm) in parents and (best is None or depth > best[0]):
                 best = (depth, name, recipe)
     return None if best is None else (best[1], best[2])
+
+
+def backend_of(recipe: Recipe | None, default: str) -> str:
+    """The backend that denoises a recipe's files: its own ``backend``, else the top-level one."""
+    return default if recipe is None or recipe.backend is None else recipe.backend
+
+
+def backends_in_use(default: str, recipes: Mapping[str, Recipe]) -> list[str]:
+    """Every backend the daemon must run for new files: the top-level one first, then the recipes' own."""
+    names = [default]
+    for recipe in recipes.values():
+        name = backend_of(recipe, default)
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def recipes_using(backend: str, default: str, recipes: Mapping[str, Recipe]) -> list[str]:
+    """Who sends new files to ``backend``, in words: ``recipe podcast``, ``files under no recipe``."""
+    users = [f"recipe {name}" for name, recipe in recipes.items() if backend_of(recipe, default) == backend]
+    return users + (["files under no recipe"] if backend == default else [])
 
 
 def denoise_key(backend: str, atten_lim_db: float | None, default_atten_lim_db: float) -> str:

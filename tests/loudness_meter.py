@@ -64,7 +64,28 @@ def true_peak_dbtp(data: Samples, rate: int) -> float:
     return 20 * np.log10(peak) if peak > 0 else -np.inf
 
 
+def decode(path: Path) -> tuple[Samples, int]:
+    """``(samples (frames, channels), rate)`` of an audio file: libsndfile where it reads the file
+    (WAV, FLAC, Ogg, MP3), else FFmpeg through PyAV (M4A/AAC), decoded as a listener's player would."""
+    try:
+        data, rate = sf.read(path, dtype="float64", always_2d=True)
+        return np.asarray(data, dtype=np.float64), int(rate)
+    except sf.LibsndfileError:
+        pass
+    import av
+
+    blocks: list[Samples] = []
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        rate = int(stream.codec_context.sample_rate)
+        channels = int(stream.codec_context.channels)
+        for frame in container.decode(stream):
+            arr = frame.to_ndarray().astype(np.float64)
+            blocks.append(arr.T if frame.format.is_planar else arr.reshape(-1, channels))
+    return np.concatenate(blocks), rate
+
+
 def meter_file(path: Path) -> tuple[float, float, int, int]:
-    """``(integrated LUFS, true peak dBTP, sample rate, channels)`` of an audio file libsndfile reads."""
-    data, rate = sf.read(path, dtype="float64", always_2d=True)
+    """``(integrated LUFS, true peak dBTP, sample rate, channels)`` of an audio file, as decoded (see :func:`decode`)."""
+    data, rate = decode(path)
     return integrated_lufs(data, rate), true_peak_dbtp(data, rate), rate, data.shape[1]

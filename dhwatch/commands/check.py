@@ -88,16 +88,20 @@ def existing_ancestor(path: Path) -> Path:
 
 # ====================================================================== config
 def check_secrets(settings: Settings, config_path: Path) -> Iterator[Finding]:
-    """The API key: there when the backend needs one, and not readable by everyone."""
+    """The API keys: one for every backend in use that needs one (the top level's and the recipes'),
+    none asked of the others; and not readable by everyone."""
     from dhwatch.config import require_api_key, world_readable_secret_files
 
-    if settings.backend != "local":
+    in_use = settings.backends_in_use()
+    for name in in_use:
+        if name == "local":
+            continue
         try:
-            require_api_key(settings)
+            require_api_key(settings, name)
         except ConfigError as exc:
             yield _fail("api key", str(exc))
         else:
-            yield _ok("api key", "configured")
+            yield _ok("api key", "configured" if len(in_use) == 1 else f"{name}: configured")
     for path in world_readable_secret_files(settings, config_path):
         yield _warn("api key", f"{path} holds the key and other users can read it: chmod 600 {path} "
                                "(or use the systemd credential)")
@@ -323,12 +327,12 @@ def check_disk(settings: Settings) -> Iterator[Finding]:
 
 
 # ====================================================================== backend
-async def _check_api(settings: Settings, timeout: float) -> Finding:
+async def _check_api(settings: Settings, timeout: float, name: str) -> Finding:
     from dhwatch.backends import create_backend
     from dhwatch.errors import AuthError
 
-    url = getattr(settings.backend_section(), "base_url", settings.backend)
-    backend = create_backend(settings)
+    url = getattr(settings.backend_section(name), "base_url", name)
+    backend = create_backend(settings, name)
     t0 = time.monotonic()
     try:
         await asyncio.wait_for(backend.check_auth(), timeout=timeout)
@@ -370,7 +374,7 @@ def check_webhook(settings: Settings) -> Iterator[Finding]:
     The vendor's FAQ says never to give ``localhost`` or ``127.0.0.1`` as the webhook; with
     one, every result comes by the (rate-limited, slow) fallback poll instead.
     """
-    if settings.backend != "deepaffects":
+    if "deepaffects" not in settings.backends_in_use():
         return
     section = settings.deepaffects
     url = section.public_url
@@ -430,14 +434,21 @@ def check_web(settings: Settings) -> Iterator[Finding]:
         yield _ok("web", f"page on {web.address} ({seen_by}); actions need the token")
 
 
-def check_backend(settings: Settings, timeout: float) -> Finding:
-    """The API answers and accepts the key, or the local engine loads."""
-    if settings.backend == "local":
+def check_backend(settings: Settings, timeout: float, name: str | None = None) -> Finding:
+    """The API answers and accepts the key, or the local engine loads (the top-level backend, or ``name``)."""
+    name = name or settings.backend
+    if name == "local":
         return check_local_engine(settings)
-    section = settings.backend_section()
+    section = settings.backend_section(name)
     if hasattr(section, "resolve_api_key") and not section.resolve_api_key():
-        return _fail("api", "not checked: no API key")
-    return asyncio.run(_check_api(settings, timeout))
+        return _fail("api", f"{name}: not checked: no API key")
+    return asyncio.run(_check_api(settings, timeout, name))
+
+
+def check_backends(settings: Settings, timeout: float) -> Iterator[Finding]:
+    """Every backend in use (the top level's and each recipe's own) works; the others are not tried."""
+    for name in settings.backends_in_use():
+        yield check_backend(settings, timeout, name)
 
 
 def check_recipes(settings: Settings) -> Iterator[Finding]:
@@ -468,7 +479,7 @@ def run_checks(settings: Settings, config_path: Path, *, timeout: float) -> Iter
     yield from check_disk(settings)
     yield from check_webhook(settings)
     yield from check_web(settings)
-    yield check_backend(settings, timeout)
+    yield from check_backends(settings, timeout)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -482,7 +493,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         for line in rest:
             print(f"      {line.strip()}")
         return EXIT_CONFIG
-    summary = f"{args.config} is valid (backend {settings.backend}, on_success {settings.on_success})"
+    others = settings.backends_in_use()[1:]
+    also = f", recipes also use {', '.join(others)}" if others else ""
+    summary = f"{args.config} is valid (backend {settings.backend}{also}, on_success {settings.on_success})"
     print(_ok("config", summary).line())
     failures = warnings = 0
     for finding in run_checks(settings, args.config, timeout=args.timeout):
@@ -512,7 +525,8 @@ def register(sub: SubParsers) -> None:
                        the inbox; a WARN for an inbox on a network share
           disk         free space in the outbox and the state_dir
           api/engine   the DeepHearing API answers and accepts the key; or, for the local
-                       backend, the engine loads
+                       backend, the engine loads; every backend in use is checked (the
+                       top level's and each recipe's own backend), with its own key
 
         Safe beside a running daemon: it only reads (and creates, then deletes, one hidden
         temp file per folder to prove it is writable). Run it as the daemon's user.

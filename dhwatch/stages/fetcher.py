@@ -122,7 +122,8 @@ class Fetcher:
         status = RemoteStatus(RemotePhase.COMPLETE, row.remote_status or "completed", row.result_url, row.billed_seconds)
         t0 = time.monotonic()
         rel = row.rel_path
-        suffix = ctx.backend.output_suffix(status)
+        backend = ctx.backend_of(row)
+        suffix = backend.output_suffix(status)
         if suffix and not rel.lower().endswith(suffix):
             rel = str(PurePosixPath(rel).with_suffix(suffix))
         finish = finish_of(row)
@@ -131,7 +132,7 @@ class Fetcher:
         report: FinishReport | None = None
         try:
             with ctx.metrics.api_latency.labels("result").time():
-                async with ctx.backend.open_result(row.job_id or "", status) as stream:
+                async with backend.open_result(row.job_id or "", status) as stream:
                     if finish.needed:  # kept under state_dir, then finished into the outbox
                         written = await write_atomically(
                             self._staging, f"{row.id}/{PurePosixPath(rel).name}", stream,

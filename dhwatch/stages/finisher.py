@@ -141,7 +141,7 @@ class Finisher:
             notify.enqueue(ctx, row.id)
         if row.job_id and not ctx.ledger.rows_for_job(row.job_id, State.FETCHING) \
                 and not ctx.ledger.rows_for_job(row.job_id, State.SUBMITTED):
-            await ctx.backend.release(row.job_id)
+            await ctx.backend_of(row).release(row.job_id)
         ctx.log.info(
             "file_done", file=row.rel_path, row=row.id, job=row.job_id, output=row.output_path, recipe=row.recipe,
             original=mode, archived_to=None if archived is None else str(archived),

@@ -1,4 +1,8 @@
-"""The poll stage: follow SUBMITTED jobs until they finish, fail, or pass their deadline."""
+"""The poll stage: follow SUBMITTED jobs until they finish, fail, or pass their deadline.
+
+Each job is asked about at the backend its files were taken with, on that backend's own
+intervals and ``job_timeout``.
+"""
 
 from __future__ import annotations
 
@@ -37,13 +41,13 @@ class Poller:
         while True:
             ctx.beat("poll")
             rows = ctx.ledger.due(State.SUBMITTED, ctx.clock(), 256)
-            groups: dict[str, list[FileRow]] = defaultdict(list)
+            groups: dict[tuple[str, str], list[FileRow]] = defaultdict(list)
             now = time.monotonic()
             for row in rows:
                 if self._blocked.get(row.job_id or "", (0, 0.0))[1] <= now:
-                    groups[row.job_id or ""].append(row)
+                    groups[(row.backend, row.job_id or "")].append(row)
             if groups:
-                await asyncio.gather(*(self._poll(job_id, group) for job_id, group in groups.items()))
+                await asyncio.gather(*(self._poll(job_id, group) for (_, job_id), group in groups.items()))
             if rows and not groups:  # everything due is backing off: sleep, do not spin
                 await ctx.idle("poll", wait_before_next(now, [t for _, t in self._blocked.values()]))
                 continue
@@ -66,7 +70,8 @@ class Poller:
         ctx = self.ctx
         async with self._slots:
             now = ctx.clock()
-            timeout = ctx.settings.job_timeout
+            name = rows[0].backend  # one job, one backend (see run)
+            timeout = ctx.section(name).job_timeout
             live: list[FileRow] = []
             for row in rows:
                 if job_timed_out(row.submitted_at or row.created_at, now, timeout):
@@ -83,7 +88,7 @@ class Poller:
                 return
             try:
                 with ctx.metrics.api_latency.labels("status").time():
-                    status = await ctx.backend.status(job_id)
+                    status = await ctx.backend_named(name).status(job_id)
             except JobLost as exc:
                 requeue_lost(ctx, job_id, live, State.SUBMITTED, str(exc))
                 return
@@ -93,7 +98,7 @@ class Poller:
                         fail(ctx, row, State.SUBMITTED, exc.code, str(exc))
                 return
             except BackendUnavailable as exc:
-                ctx.pause(f"{exc} — jobs already submitted are kept and followed once the key works")
+                ctx.pause(f"{exc} — jobs already submitted are kept and followed once the key works", backend=name)
                 self._reschedule(live, job_id, None)
                 return
             except BackendError as exc:
@@ -132,7 +137,7 @@ class Poller:
         now = ctx.clock()
         updates: list[tuple[int, dict[str, object]]] = []
         for row in rows:
-            delay = next_poll_delay(row.polls, poll_interval(ctx), poll_max_interval(ctx))
+            delay = next_poll_delay(row.polls, poll_interval(ctx, row.backend), poll_max_interval(ctx, row.backend))
             changes: dict[str, object] = {"polls": row.polls + 1, "next_attempt_at": now + delay}
             if status is not None:
                 changes["remote_status"] = status.raw_status

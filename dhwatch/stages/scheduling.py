@@ -34,22 +34,26 @@ def backoff_for(ctx: Context) -> Backoff:
     return Backoff(base=ctx.settings.retry_base_seconds, cap=ctx.settings.retry_max_seconds)
 
 
-def poll_interval(ctx: Context) -> float:
-    return ctx.settings.backend_section().poll_interval
+def poll_interval(ctx: Context, backend: str) -> float:
+    """How soon a job of ``backend`` is first asked about (each backend's own section says)."""
+    return ctx.section(backend).poll_interval
 
 
-def poll_max_interval(ctx: Context) -> float:
-    return max(poll_interval(ctx), ctx.settings.backend_section().poll_max_interval)
+def poll_max_interval(ctx: Context, backend: str) -> float:
+    return max(poll_interval(ctx, backend), ctx.section(backend).poll_max_interval)
 
 
-async def sleep_until_due(ctx: Context, stage: str, states: tuple[State, ...]) -> None:
-    """Sleep until the stage is kicked or its earliest row comes due (at most 1 s)."""
+async def sleep_until_due(
+    ctx: Context, stage: str, states: tuple[State, ...], backends: list[str] | None = None
+) -> None:
+    """Sleep until the stage is kicked or its earliest row comes due (at most 1 s); with ``backends``,
+    only those backends' rows count (a paused backend's waiting files must not wake the stage)."""
     wakeup = ctx.wakeup(stage)
     if wakeup.is_set():  # kicked while working: there may be work now, no need to ask when
         wakeup.clear()
         await asyncio.sleep(0)  # still let the others run
         return
-    await ctx.idle(stage, wait_before_next(ctx.clock(), [ctx.ledger.next_due_at(states)]))
+    await ctx.idle(stage, wait_before_next(ctx.clock(), [ctx.ledger.next_due_at(states, backends=backends)]))
 
 
 class _FailChanges(TypedDict, total=False):

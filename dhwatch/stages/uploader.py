@@ -1,4 +1,8 @@
-"""The upload stage: QUEUED rows to the backend, in batches, a few requests at a time."""
+"""The upload stage: QUEUED rows to their backend, in batches, a few requests at a time.
+
+Each file goes to the backend recorded in its row; a request carries files of one backend.
+A paused backend's files wait (they are not even read from the ledger as due), the others go on.
+"""
 
 from __future__ import annotations
 
@@ -33,15 +37,16 @@ class Uploader:
         ctx = self.ctx
         while True:
             ctx.beat("upload")
-            if not self._over_budget() and ctx.paused is None:
-                await self._dispatch()
-            await sleep_until_due(ctx, "upload", (State.QUEUED,))
+            self._over_budget()
+            await self._dispatch()
+            await sleep_until_due(ctx, "upload", (State.QUEUED,), backends=ctx.sending_filter())
 
     async def _dispatch(self) -> None:
         ctx = self.ctx
-        while not self._slots.locked() and ctx.paused is None:
-            want = 4 * ctx.backend.max_batch_files
-            rows = [r for r in ctx.ledger.due(State.QUEUED, ctx.clock(), want + len(self._busy)) if r.id not in self._busy]
+        while not self._slots.locked() and (sending := ctx.sending()):
+            want = 4 * max(ctx.backend_named(n).max_batch_files for n in sending)
+            rows = [r for r in ctx.ledger.due(State.QUEUED, ctx.clock(), want + len(self._busy),
+                                              backends=ctx.sending_filter()) if r.id not in self._busy]  # fmt: skip
             batch = self._batch(self._without_duplicates(rows[:want]))
             if not batch:
                 return
@@ -53,8 +58,9 @@ class Uploader:
     def _over_budget(self) -> bool:
         """The cost guard: pause submitting once today's billed seconds reach the budget.
 
-        Checked against what the backend has billed so far; jobs already in flight when the
-        budget is reached still finish. The pause lifts by itself after local midnight.
+        Checked against what the backends have billed so far (the budget is one, shared by every
+        backend: each is paused); jobs already in flight when the budget is reached still finish.
+        The pause lifts by itself after local midnight. A backend paused for its key stays so.
         """
         ctx = self.ctx
         budget = ctx.settings.daily_budget_seconds
@@ -62,11 +68,15 @@ class Uploader:
             return False
         billed = ctx.ledger.billed_seconds(since=day_start(ctx.clock()))
         if over_budget(billed, budget):
-            ctx.pause(f"the daily budget of {budget:g} billed seconds is reached ({billed:g} s billed today); "
-                      "submitting resumes after midnight or when daily_budget_seconds is raised", kind="budget")
+            for name in ctx.backend_names:
+                if ctx.pauses.get(name, None) is None or ctx.pauses[name].kind == "budget":
+                    ctx.pause(f"the daily budget of {budget:g} billed seconds is reached ({billed:g} s billed today); "
+                              "submitting resumes after midnight or when daily_budget_seconds is raised",
+                              kind="budget", backend=name)  # fmt: skip
             return True
-        if ctx.paused_kind == "budget":
-            ctx.resume()
+        for name, pause in list(ctx.pauses.items()):
+            if pause.kind == "budget":
+                ctx.resume(name)
         return False
 
     def _without_duplicates(self, rows: list[FileRow]) -> list[FileRow]:
@@ -80,9 +90,9 @@ class Uploader:
         ctx = self.ctx
         now = ctx.clock()
         fresh: list[FileRow] = []
-        seen: set[str] = set()
-        finished = keeps_results_after_release(ctx.backend)
+        seen: set[tuple[str, str, str]] = set()
         for row in rows:
+            finished = keeps_results_after_release(ctx.backend_of(row))
             leader = ctx.ledger.content_leader(row.sha256, row.backend, row.id, finished=finished, denoise=row.denoise)
             if leader is not None and leader.job_id:
                 try:
@@ -95,20 +105,22 @@ class Uploader:
                     ctx.kick("poll")
                 except TransitionConflict:
                     pass
-            elif leader is not None or row.sha256 in seen:
-                ctx.ledger.update(row.id, State.QUEUED, now=now, next_attempt_at=now + poll_interval(ctx))
+            elif leader is not None or (row.sha256, row.backend, row.denoise) in seen:
+                ctx.ledger.update(row.id, State.QUEUED, now=now, next_attempt_at=now + poll_interval(ctx, row.backend))
             else:
-                seen.add(row.sha256)
+                seen.add((row.sha256, row.backend, row.denoise))
                 fresh.append(row)
         return fresh
 
     def _batch(self, rows: list[FileRow]) -> list[FileRow]:
-        """The next request's rows: small files together (up to ``batch_files``), a large one alone."""
+        """The next request's rows, all for the first row's backend: small files together (up to its
+        ``batch_files``), a large one alone."""
         if not rows:
             return []
-        limit = self.ctx.backend.max_batch_files
-        small = self.ctx.backend.max_batch_bytes
         first = rows[0]
+        backend = self.ctx.backend_of(first)
+        limit = backend.max_batch_files
+        small = backend.max_batch_bytes
         if first.id in self._solo or first.size >= small or limit <= 1:
             return [first]
         batch = [first]
@@ -116,7 +128,7 @@ class Uploader:
         for r in rows[1:]:
             if len(batch) >= limit:
                 break
-            if r.id in self._solo or r.size >= small or total + r.size > small * limit:
+            if r.backend != first.backend or r.id in self._solo or r.size >= small or total + r.size > small * limit:
                 continue
             batch.append(r)
             total += r.size
@@ -156,10 +168,11 @@ class Uploader:
             for row in rows
         ]
         by_key = {u.key: row for u, row in zip(uploads, rows, strict=True)}
+        name = rows[0].backend  # a batch is one backend's (see _batch)
         t0 = time.monotonic()
         try:
             with ctx.metrics.api_latency.labels("submit").time():
-                job_ids = await ctx.backend.submit(uploads)
+                job_ids = await ctx.backend_named(name).submit(uploads)
         except SourceChanged as exc:
             for key, row in by_key.items():
                 if exc.key in (None, key):
@@ -185,7 +198,7 @@ class Uploader:
         except BackendUnavailable as exc:
             for row in rows:
                 self._requeue(row, counts=False, reason=str(exc), delay=0.0)
-            ctx.pause(f"{exc} — files stay in the inbox and will be sent once the key works")
+            ctx.pause(f"{exc} — files stay in the inbox and will be sent once the key works", backend=name)
             return
         except TransientError as exc:
             ctx.metrics.retries.labels(exc.kind).inc()
@@ -200,7 +213,7 @@ class Uploader:
         crashpoints.reached("after_upload_response")
         ctx.metrics.bytes_up.inc(sum(r.size for r in rows))
         now = ctx.clock()
-        first_poll = now + poll_interval(ctx)
+        first_poll = now + poll_interval(ctx, name)
         # The job ids cost money: one commit records them all (safe from a crash at once), and
         # the WAL fsync shared with every other commit of the moment makes it survive a power
         # cut (group commit, Ledger.sync) before this request's slot is given back.

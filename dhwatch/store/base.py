@@ -58,6 +58,13 @@ class Connection(Protocol):
     def close(self) -> None: ...
 
 
+def _backend_filter(backends: Sequence[str] | None) -> tuple[str, tuple[str, ...]]:
+    """An ``AND backend IN (...)`` clause and its parameters; nothing when ``backends`` is None."""
+    if backends is None:
+        return "", ()
+    return f" AND backend IN ({_marks(backends)})", tuple(backends)
+
+
 def _marks(values: Sized) -> str:
     return ", ".join("?" for _ in range(len(values)))
 
@@ -338,24 +345,38 @@ class Store(abc.ABC):
             params += (limit,)
         return self._rows(sql, params)
 
-    def due(self, state: State, now: float, limit: int) -> list[FileRow]:
-        """Rows in ``state`` whose ``next_attempt_at`` has come, oldest first."""
+    def due(self, state: State, now: float, limit: int, *, backends: Sequence[str] | None = None) -> list[FileRow]:
+        """Rows in ``state`` whose ``next_attempt_at`` has come, oldest first (only ``backends``' rows, if given)."""
+        if backends is not None and not backends:
+            return []
+        only, params = _backend_filter(backends)
         return self._rows(
-            "SELECT * FROM files WHERE state = ? AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
-            (state.value, now, limit),
+            f"SELECT * FROM files WHERE state = ? AND next_attempt_at <= ?{only} ORDER BY next_attempt_at, id LIMIT ?",
+            (state.value, now, *params, limit),
         )
 
-    def next_due_at(self, states: Sequence[State]) -> float | None:
+    def next_due_at(self, states: Sequence[State], *, backends: Sequence[str] | None = None) -> float | None:
         """The earliest ``next_attempt_at`` among rows in these states (for sleeping exactly).
 
         One ``ORDER BY … LIMIT 1`` per state: the first entry of the (state, next_attempt_at)
         index, whatever the number of rows (``MIN`` over ``state IN`` read them all).
+        ``backends`` keeps only those backends' rows (a paused backend's rows are not due).
         """
+        if backends is not None and not backends:
+            return None
+        only, params = _backend_filter(backends)
         found = [
             float(r[0]) for s in states for r in self._conn.execute(
-                "SELECT next_attempt_at FROM files WHERE state = ? ORDER BY next_attempt_at LIMIT 1", (s.value,))
+                f"SELECT next_attempt_at FROM files WHERE state = ?{only} ORDER BY next_attempt_at LIMIT 1",
+                (s.value, *params))
         ]  # fmt: skip
         return min(found) if found else None
+
+    def backends_active(self) -> set[str]:
+        """The backends of rows not finished yet: each must be running for its files to go on."""
+        rows = self._conn.execute(f"SELECT DISTINCT backend FROM files WHERE state IN ({_marks(ACTIVE)})",
+                                  tuple(s.value for s in ACTIVE))  # fmt: skip
+        return {str(r[0]) for r in rows}
 
     def active_for_path(self, rel_path: str) -> FileRow | None:
         """The row currently owning this inbox path, if any."""

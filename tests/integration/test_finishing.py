@@ -98,3 +98,22 @@ def test_gain_stays_linear_up_to_the_ceiling(tmp_path: Path) -> None:
     assert np.max(np.abs(out - ratio * tone)) < 1e-4
     lufs, peak, _rate, _ch = meter_file(tmp_path / "out.wav")
     assert abs(lufs - target) <= 0.5 and peak <= -1.0
+
+
+@pytest.mark.parametrize(("fmt", "plosives", "level", "seed", "rate", "channels"), [
+    ("mp3", True, -16.0, 4, 44100, 2),   # the encode overshot the ceiling by 0.78 dB before the fix
+    ("m4a", True, -38.0, 1, 44100, 2),   # AAC, 0.57 dB over
+    ("ogg", True, -23.0, 3, 48000, 1),   # Vorbis, 0.06 dB over
+])  # fmt: skip
+def test_lossy_output_stays_under_the_ceiling_once_decoded(tmp_path: Path, fmt: str, plosives: bool, level: float,
+                                                           seed: int, rate: int, channels: int) -> None:
+    """An mp3, m4a or ogg output, decoded as a player does, keeps its true peak under the ceiling and its
+    loudness within 0.5 LU of the target; the report says what the decoded file measures."""
+    src = write_take(tmp_path / "take.wav", 10, rate, channels, level, seed=seed, plosives=plosives)
+    out = tmp_path / f"out.{fmt}"
+    report = finish_file(src, out, Finish(-16.0, -1.0, fmt, 0, 0))
+    lufs, peak, _rate, _ch = meter_file(out)
+    assert peak <= -1.0, (peak, report)
+    assert abs(lufs + 16.0) <= 0.5, (lufs, report)
+    assert report.after.true_peak_dbtp <= -1.0 and abs(report.after.true_peak_dbtp - peak) < 0.3, (peak, report)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, "take.wav"])  # no render left behind

@@ -173,3 +173,36 @@ def test_batches_follow_the_backends_own_size_limit(folders: Folders) -> None:
     asyncio.run(drain_uploads(Uploader(ctx)))
     assert sorted(sorted(r) for r in backend.requests) == [["big.wav"], ["s1.wav", "s2.wav"]]
 
+
+
+class FakeLocal(FakeBackend):
+    """A second backend, as a recipe's own ``backend = "local"`` would add."""
+
+    name: ClassVar[str] = "local"
+
+
+def test_a_paused_backend_holds_back_only_its_own_files(folders: Folders) -> None:
+    """With many files waiting for a backend whose key was refused, a file for another backend is still sent
+    at once (the paused backend's files never fill the upload stage's view), and the refused ones stay queued."""
+
+    def refuse(uploads: Sequence[Upload]) -> Mapping[str, str]:
+        raise BackendUnavailable("Unregistered API Key")
+
+    remote, local = FakeBackend(refuse), FakeLocal(job_ids, max_batch_files=1)
+    ctx = make_ctx(folders, remote)
+    ctx.others["local"] = local
+    waiting = [queue_file(ctx, folders, f"r{i}.wav", bytes([i]) * 20) for i in range(40)]
+    asyncio.run(drain_uploads(Uploader(ctx)))
+    sent = len(remote.requests)  # the requests in flight when the refusal came (upload_concurrency)
+    assert list(ctx.pauses) == ["deephearing"] and 1 <= sent <= 2
+    path = folders.inbox / "plain.wav"
+    path.write_bytes(b"plain take")
+    st = path.stat()
+    row = ctx.ledger.insert(rel_path="plain.wav", size=st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino,
+                            device=st.st_dev, sha256=hashlib.sha256(b"plain take").hexdigest(), backend="local",
+                            now=NOW)  # fmt: skip
+    asyncio.run(drain_uploads(Uploader(ctx)))
+    assert local.requests == [["plain.wav"]] and ctx.ledger.get(row).state is State.SUBMITTED
+    assert len(remote.requests) == sent  # nothing more sent to the paused backend
+    assert {ctx.ledger.get(r).state for r in waiting} == {State.QUEUED}
+    assert ctx.ledger.next_due_at((State.QUEUED,), backends=ctx.sending_filter()) is None  # nothing due: it sleeps

@@ -115,3 +115,28 @@ def test_a_recipe_asking_for_huawei_reports_needs_the_huawei_keys(tmp_path: Path
     settings = load(tmp_path, '[recipes.p]\nfolders = ["p"]\nquality = "huawei"\n')
     with pytest.raises(ConfigError, match="huawei.project_id"):
         require_quality_settings(settings)  # type: ignore[arg-type]
+
+
+def test_a_recipes_own_backend_is_in_use_and_needs_its_key(tmp_path: Path) -> None:
+    """A recipe naming another backend than the top level's is accepted; the daemon then needs that backend's
+    key (named in the error) and no key of a backend nobody uses."""
+    from dhwatch.config import Settings, require_api_key
+
+    settings = load(tmp_path, 'backend = "local"\n[recipes.podcast]\nfolders = ["podcast"]\nbackend = "deephearing"\n'
+                               '[recipes.plain]\nfolders = ["plain"]\n')  # fmt: skip
+    assert isinstance(settings, Settings)
+    assert settings.backends_in_use() == ["local", "deephearing"]
+    with pytest.raises(ConfigError) as info:
+        require_api_key(settings)
+    assert "deephearing.api_key" in str(info.value) and "deepaffects" not in str(info.value)
+    require_api_key(settings, "local")  # the local engine needs none
+
+
+def test_who_uses_a_backend_is_said_in_words() -> None:
+    """The pause text names the recipes that send files to a backend, and the files under no recipe."""
+    from dhwatch.recipes import backend_of, recipes_using
+
+    recipes = {"podcast": Recipe(folders=["podcast"], backend="deephearing"), "roomtone": Recipe(folders=["room"])}
+    assert backend_of(recipes["roomtone"], "local") == "local" and backend_of(None, "local") == "local"
+    assert recipes_using("deephearing", "local", recipes) == ["recipe podcast"]
+    assert recipes_using("local", "local", recipes) == ["recipe roomtone", "files under no recipe"]
