@@ -34,7 +34,6 @@ are estimates with the limits written next to each function and in ``docs/qualit
 from __future__ import annotations
 
 import importlib.resources
-import importlib.util
 import math
 import threading
 from collections.abc import Sequence
@@ -47,6 +46,7 @@ import numpy.typing as npt
 import soxr
 
 from dhwatch.quality import dsp
+from dhwatch.quality.dnsmos import DnsmosNetwork
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
@@ -705,7 +705,7 @@ _DNSMOS_FIT = {
     "ovrl": np.poly1d([-0.06766283, 1.11546468, 0.04602535]),
 }
 _dnsmos_lock = threading.Lock()
-_dnsmos_session: Any = None
+_dnsmos_network: DnsmosNetwork | None = None
 
 
 def dnsmos_model_path() -> Path | None:
@@ -724,44 +724,35 @@ def dnsmos_unavailable_reason() -> str | None:
     """Why DNSMOS cannot run here (missing package), or None when it can."""
     if dnsmos_model_path() is None:
         return "DNSMOS model not installed (pip package speechmos)"
-    if importlib.util.find_spec("onnxruntime") is None:  # found, not imported: that costs ~20 MB
-        return "DNSMOS needs the onnxruntime package"
     return None
 
 
-def _dnsmos() -> Any:
-    """The ONNX session, loaded once per process. One thread: the denoiser needs the cores.
+def _dnsmos() -> DnsmosNetwork:
+    """The network, its weights read once per process (1 MB).
 
-    No memory arena and no memory pattern: with them onnxruntime keeps the peak of a run
-    (~110 MB of activations for one 9 s window: the first two convolutions' outputs are 74
-    and 37 MB) reserved for the life of the process; without them it is given back after
-    each run, at no measurable cost in speed for one window.
+    Evaluated in numpy a few rows at a time (:mod:`dhwatch.quality.dnsmos`), not by
+    onnxruntime: a whole-window run held ~110 MB of activations, and the library and its
+    session ~50 MB more, in a report worker that must fit the daemon's 100 MiB tree.
     """
-    global _dnsmos_session
+    global _dnsmos_network
     with _dnsmos_lock:
-        if _dnsmos_session is None:
-            import onnxruntime
-
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = 1
-            options.inter_op_num_threads = 1
-            options.enable_cpu_mem_arena = False
-            options.enable_mem_pattern = False
-            _dnsmos_session = onnxruntime.InferenceSession(
-                str(dnsmos_model_path()), options, providers=["CPUExecutionProvider"]
-            )
-        return _dnsmos_session
+        if _dnsmos_network is None:
+            path = dnsmos_model_path()
+            assert path is not None  # checked by the caller (dnsmos_unavailable_reason)
+            _dnsmos_network = DnsmosNetwork(path)
+        return _dnsmos_network
 
 
 def dnsmos_scores(windows: Sequence[npt.NDArray[Any]]) -> DnsmosScores | None:
     """DNSMOS P.835 scores averaged over 16 kHz mono windows of ~9 s.
 
     Shorter windows are repeated to length, as the reference implementation does. Returns
-    None when DNSMOS is unavailable or no window is given. The ONNX session is thread-safe.
+    None when DNSMOS is unavailable or no window is given. The network is thread-safe (it
+    keeps no state between calls).
     """
     if not windows or dnsmos_unavailable_reason() is not None:
         return None
-    session = _dnsmos()
+    network = _dnsmos()
     raw: list[FloatArray] = []
     for window in windows:
         audio = np.clip(np.asarray(window, dtype=np.float32).reshape(-1), -1.0, 1.0)
@@ -770,7 +761,7 @@ def dnsmos_scores(windows: Sequence[npt.NDArray[Any]]) -> DnsmosScores | None:
         if audio.size < DNSMOS_WINDOW_SAMPLES:
             audio = np.tile(audio, -(-DNSMOS_WINDOW_SAMPLES // audio.size))
         audio = audio[:DNSMOS_WINDOW_SAMPLES]
-        raw.append(np.asarray(session.run(None, {"input_1": audio[np.newaxis, :]})[0][0], dtype=np.float64))
+        raw.append(network(audio))
     if not raw:
         return None
     sig, bak, ovrl = (np.array([r[i] for r in raw]) for i in range(3))
