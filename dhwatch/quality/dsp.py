@@ -41,11 +41,10 @@ class SosFilter:
     ``sos`` is ``(sections, 6)``: ``b0 b1 b2 a0 a1 a2`` per row (``a0`` = 1), as scipy writes
     it. Blocks are ``(frames,)`` or ``(frames, channels)``; every channel has its own state.
 
-    Each section is split into its FIR part (three shifted products) and its all-pole part
-    ``y[n] = w[n] - a1 y[n-1] - a2 y[n-2]``. The all-pole part is exact over sub-blocks of
-    :data:`_SUB` samples: a sub-block's output is its zero-state response (a product with
-    the lower-triangular matrix of the impulse response) plus the response to the two
-    outputs before it; those two carried values obey a 2x2 linear recursion across
+    Exact over sub-blocks of :data:`_SUB` samples: a sub-block's output is its zero-state
+    response (a product with the lower-triangular matrix of the section's impulse
+    response), plus the response to the two inputs before it (known), plus the response to
+    the two outputs before it; those two carried values obey a 2x2 linear recursion across
     sub-blocks, solved by doubling (log2 of the sub-block count in numpy steps).
     """
 
@@ -58,7 +57,7 @@ class SosFilter:
         """Filter the next block (same shape out, float64)."""
         x = np.asarray(block, dtype=np.float64)
         flat = x.ndim == 1
-        y = (x[np.newaxis, :] if flat else x.T).copy()  # (channels, frames)
+        y = x[np.newaxis, :] if flat else x.T  # (channels, frames); never written to
         if y.shape[1]:
             for i, section in enumerate(self._sections):
                 y, self._state[i] = section.run(y, self._state[i])
@@ -72,54 +71,60 @@ class _Section:
         b0, b1, b2, a0, a1, a2 = (float(v) for v in row)
         if a0 != 1.0:
             b0, b1, b2, a1, a2 = b0 / a0, b1 / a0, b2 / a0, a1 / a0, a2 / a0
-        self.b = (b0, b1, b2)
         # g: impulse response of 1 / (1 + a1 z^-1 + a2 z^-2); p1, p2: the response to a
         # previous output of 1 one (p1) or two (p2) samples before the sub-block
-        g, p1, p2 = np.zeros(_SUB), np.zeros(_SUB), np.zeros(_SUB)
+        g, p1, p2 = np.zeros(_SUB + 2), np.zeros(_SUB), np.zeros(_SUB)
         for seq, before in ((g, (0.0, 0.0)), (p1, (1.0, 0.0)), (p2, (0.0, 1.0))):
             y1, y2 = before
-            for n in range(_SUB):
+            for n in range(seq.size):
                 value = (1.0 if seq is g and n == 0 else 0.0) - a1 * y1 - a2 * y2
                 seq[n] = value
                 y1, y2 = value, y1
+        g_1 = np.concatenate(([0.0], g[: _SUB - 1]))  # g delayed by one sample
+        g_2 = np.concatenate(([0.0, 0.0], g[: _SUB - 2]))
+        h = b0 * g[:_SUB] + b1 * g_1 + b2 * g_2  # the whole section's impulse response
         lag = np.arange(_SUB)[:, None] - np.arange(_SUB)[None, :]
-        self.zero_state = np.where(lag >= 0, g[np.maximum(lag, 0)], 0.0).T  # right-multiply: rows @ this
-        self.carried = np.stack((p1, p2))  # (2, L): carried values -> sub-block response
+        #: right-multiply a sub-block's inputs (as a row) by this: its zero-state response
+        self.zero_state = np.where(lag >= 0, h[np.maximum(lag, 0)], 0.0).T
+        #: the response to the two inputs before the sub-block (x[-1], x[-2]), rows
+        self.previous_inputs = np.stack((b1 * g[:_SUB] + b2 * g_1, b2 * g[:_SUB]))
+        #: the response to the two outputs before the sub-block (y[-1], y[-2]), rows
+        self.carried = np.stack((p1, p2))
         # carried values after a sub-block, from the carried values before it (row vectors)
         self.step = self.carried[:, [_SUB - 1, _SUB - 2]]
 
     def run(self, x: FloatArray, state: FloatArray) -> tuple[FloatArray, FloatArray]:
         """Filter ``(channels, n)`` samples from ``state``; the output and the new state."""
         channels, n = x.shape
-        b0, b1, b2 = self.b
         x1, x2, y1, y2 = state
-        w = b0 * x
-        w[:, 1:] += b1 * x[:, :-1]
-        w[:, 0] += b1 * x1
-        w[:, 2:] += b2 * x[:, :-2]
-        w[:, 0] += b2 * x2
-        if n > 1:
-            w[:, 1] += b2 * x1
         k = -(-n // _SUB)
         if n == k * _SUB:
-            padded = w
+            padded = x
         else:
             padded = np.zeros((channels, k * _SUB))
-            padded[:, :n] = w
-        zero_state = (padded.reshape(channels * k, _SUB) @ self.zero_state).reshape(channels, k, _SUB)
-        # carried[:, j] = (y[jL - 1], y[jL - 2]); carried[:, j+1] = carried[:, j] @ step + ends of zero_state[:, j]
+            padded[:, :n] = x
+        blocks = padded.reshape(channels, k, _SUB)
+        before = np.empty((channels, k, 2))  # the two inputs before each sub-block
+        before[:, 0, 0], before[:, 0, 1] = x1, x2
+        before[:, 1:, 0] = blocks[:, :-1, _SUB - 1]
+        before[:, 1:, 1] = blocks[:, :-1, _SUB - 2]
+        out = padded.reshape(channels * k, _SUB) @ self.zero_state
+        out += before.reshape(channels * k, 2) @ self.previous_inputs
+        out3 = out.reshape(channels, k, _SUB)
+        # carried[:, j] = (y[jL - 1], y[jL - 2]); carried[:, j+1] = carried[:, j] @ step + ends of out3[:, j]
         carried = np.empty((channels, k, 2))
         carried[:, 0, 0], carried[:, 0, 1] = y1, y2
-        carried[:, 1:, 0] = zero_state[:, :-1, _SUB - 1]
-        carried[:, 1:, 1] = zero_state[:, :-1, _SUB - 2]
+        carried[:, 1:, 0] = out3[:, :-1, _SUB - 1]
+        carried[:, 1:, 1] = out3[:, :-1, _SUB - 2]
         power, distance = self.step, 1
         while distance < k:
             carried[:, distance:] = carried[:, distance:] + carried[:, :-distance] @ power
             power, distance = power @ power, distance * 2
-        y = (zero_state + carried @ self.carried).reshape(channels, k * _SUB)[:, :n]
-        last_x = np.concatenate((np.stack((x2, x1), axis=1), x), axis=1)[:, -2:]
-        last_y = np.concatenate((np.stack((y2, y1), axis=1), y), axis=1)[:, -2:]
-        return y, np.stack((last_x[:, 1], last_x[:, 0], last_y[:, 1], last_y[:, 0]))
+        out += carried.reshape(channels * k, 2) @ self.carried
+        y = out.reshape(channels, k * _SUB)[:, :n]
+        if n >= 2:
+            return y, np.stack((x[:, -1], x[:, -2], y[:, -1], y[:, -2]))
+        return y, np.stack((x[:, -1], x1, y[:, -1], y1))
 
 
 # --------------------------------------------------------------------------------------
