@@ -139,8 +139,9 @@ class DnsmosNetwork:
             self._dft = np.ascontiguousarray(np.concatenate((real, imag)).T)
             #: per layer: weights per kernel row, (3 rows, 3 columns * C_in, C_out), and the bias
             self._convs = [(_by_kernel_row(tensors[f"{name}/kernel:0"]), tensors[f"{name}/bias:0"]) for name in _CONVS]
-            self._dense = [(tensors[f"{_PREFIX}{name}/MatMul/ReadVariableOp/resource:0"],
-                            tensors[f"{_PREFIX}{name}/BiasAdd/ReadVariableOp/resource:0"]) for name in _DENSE]  # fmt: skip
+            dense = f"{_PREFIX}{{}}/{{}}/ReadVariableOp/resource:0"
+            self._dense = [(tensors[dense.format(name, "MatMul")], tensors[dense.format(name, "BiasAdd")])
+                           for name in _DENSE]  # fmt: skip
         except KeyError as exc:
             raise DnsmosModelError(f"{model.name} lacks the tensor {exc}") from None
         if self._dft.shape != (_FRAME, 322) or self._convs[0][0].shape[1] != 3:

@@ -22,7 +22,8 @@ import soundfile as sf
 from dhwatch.quality import dnsmos, metrics
 from tests.unit.test_quality_metrics import add_noise, speech_like
 
-pytestmark = pytest.mark.skipif(metrics.dnsmos_model_path() is None, reason="speechmos (the DNSMOS model) not installed")
+pytestmark = pytest.mark.skipif(metrics.dnsmos_model_path() is None,
+                                reason="speechmos (the DNSMOS model) not installed")
 
 
 def reference_scores(windows: list[npt.NDArray[np.float32]]) -> metrics.DnsmosScores:
@@ -57,7 +58,9 @@ CASES = {
     "clean speech (60 dB)": lambda: [speech_window(60.0, 4)],
     "2 s of speech, repeated to 9 s": lambda: [speech_window(20.0, 5)[: 2 * metrics.ANALYSIS_RATE]],
     "digital silence": lambda: [np.zeros(metrics.DNSMOS_WINDOW_SAMPLES, dtype=np.float32)],
-    "clipping noise": lambda: [np.random.default_rng(6).uniform(-2, 2, metrics.DNSMOS_WINDOW_SAMPLES).astype(np.float32)],
+    "clipping noise": lambda: [
+        np.random.default_rng(6).uniform(-2, 2, metrics.DNSMOS_WINDOW_SAMPLES).astype(np.float32)
+    ],
 }
 
 
