@@ -154,10 +154,13 @@ class DnsmosNetwork:
         if audio.size != WINDOW_SAMPLES:
             raise ValueError(f"a DNSMOS window is {WINDOW_SAMPLES} samples, not {audio.size}")
         spectrum = self._log_power(audio)  # (900, 161, 1): rows = time, channel last
-        pooled = np.concatenate([self._stripe(spectrum, start) for start in range(0, _FRAMES, STRIPE_ROWS)])
-        x = _pool(_conv_striped(pooled, *self._convs[4]))
-        x = _pool(_conv_striped(x, *self._convs[5]))
-        x = _conv_striped(x, *self._convs[6])
+        pooled = np.empty((_FRAMES // 2, self._bins // 2, self._convs[3][1].shape[0]), dtype=np.float32)
+        for start in range(0, _FRAMES, STRIPE_ROWS):  # each stripe's pooled rows written in place
+            stripe = self._stripe(spectrum, start)
+            pooled[start // 2 : start // 2 + stripe.shape[0]] = stripe
+        x = _conv_striped(pooled, *self._convs[4], pool=True)
+        x = _conv_striped(x, *self._convs[5], pool=True)
+        x = _conv_striped(x, *self._convs[6], pool=False)
         features = x.reshape(-1, x.shape[-1]).max(axis=0)
         for i, (weights, bias) in enumerate(self._dense):
             features = features @ weights + bias
@@ -195,14 +198,23 @@ def _conv_rows(x: Floats, first: int, last: int, weights: Floats, bias: Floats) 
     return out, (first if first == 0 else first + 1), (last if last == _FRAMES else last - 1)
 
 
-def _conv_striped(x: Floats, weights: Floats, bias: Floats) -> Floats:
-    """:func:`_conv` of a whole (rows, columns, C_in) map, :data:`STRIPE_ROWS` output rows at a time."""
+def _conv_striped(x: Floats, weights: Floats, bias: Floats, *, pool: bool) -> Floats:
+    """:func:`_conv` of a whole (rows, columns, C_in) map, :data:`STRIPE_ROWS` output rows at a
+    time, each stripe pooled (``pool``) before the next is made: the full-size output is never held.
+
+    Stripes start on even rows, so 2x2 pooling never pairs rows of two stripes.
+    """
     total = x.shape[0]
-    return np.concatenate([
-        _conv(x[max(0, start - 1) : min(total, start + STRIPE_ROWS + 1)], weights, bias,
-              pad_top=start == 0, pad_bottom=start + STRIPE_ROWS >= total)
-        for start in range(0, total, STRIPE_ROWS)
-    ])  # fmt: skip
+    rows, columns = (total // 2, x.shape[1] // 2) if pool else (total, x.shape[1])
+    out = np.empty((rows, columns, bias.shape[0]), dtype=np.float32)
+    for start in range(0, total, STRIPE_ROWS):
+        stripe = _conv(x[max(0, start - 1) : min(total, start + STRIPE_ROWS + 1)], weights, bias,
+                       pad_top=start == 0, pad_bottom=start + STRIPE_ROWS >= total)  # fmt: skip
+        if pool:
+            stripe = _pool(stripe)
+            start //= 2
+        out[start : start + stripe.shape[0]] = stripe
+    return out
 
 
 def _conv(x: Floats, weights: Floats, bias: Floats, *, pad_top: bool = True, pad_bottom: bool = True) -> Floats:
