@@ -1,4 +1,4 @@
-"""The upload and poll stages in-process: a real ledger in a temporary state_dir, real inbox files, an
+"""The upload, poll and finish stages in-process: a real ledger in a temporary state_dir, real inbox files, an
 injected clock, and a backend made of plain functions (the one thing faked: the stage's
 decisions are under test, not the wire protocol, which the emulator tests cover).
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,7 +19,7 @@ from dhwatch.config import load_settings
 from dhwatch.context import Context
 from dhwatch.errors import BackendError, BackendUnavailable, InvalidFile, JobLost
 from dhwatch.ledger import Ledger
-from dhwatch.stages import Poller, Uploader
+from dhwatch.stages import Finisher, Poller, Uploader
 from dhwatch.states import State
 from tests.conftest import Folders, write_config
 
@@ -51,11 +52,15 @@ class FakeBackend:
         self.max_batch_bytes = max_batch_bytes
         self.requests: list[list[str]] = []  #: the rel_paths of each submit call
         self.status_requests: list[str] = []  #: the job id of each status call
+        self.released: list[str] = []  #: the job id of each release call
 
     async def submit(self, uploads: Sequence[Upload]) -> Mapping[str, str]:
         assert self._submit is not None, "the stage submitted, which this test did not expect"
         self.requests.append([u.rel_path for u in uploads])
         return self._submit(uploads)
+
+    async def release(self, job_id: str) -> None:
+        self.released.append(job_id)
 
     async def status(self, job_id: str) -> RemoteStatus:
         assert self._status is not None, "the stage asked for a job's status, which this test did not expect"
@@ -345,3 +350,93 @@ def test_a_crashing_poll_backs_off_instead_of_spinning(folders: Folders) -> None
     failures, second_retry = poller._blocked["job-1"]
     assert failures == 2 and second_retry - first_retry > 1.0  # 4 s after the second crash, 2 s after the first
     assert ctx.ledger.get(row).state is State.SUBMITTED
+
+
+# --------------------------------------------------------------------------------------
+# The finish stage
+
+
+def delivered_file(ctx: Context, folders: Folders, rel: str, job_id: str) -> int:
+    """A file whose result is in the outbox (DELIVERED), its original still in the inbox."""
+    row = submitted_file(ctx, folders, rel, job_id)
+    output = folders.outbox / rel
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(b"clean " + rel.encode())
+    ctx.ledger.transition(row, State.SUBMITTED, State.FETCHING, now=NOW, result_url=f"https://r/{job_id}")
+    ctx.ledger.transition(row, State.FETCHING, State.DELIVERED, now=NOW, output_path=str(output))
+    return row
+
+
+def finish_delivered(finisher: Finisher, row: int) -> None:
+    asyncio.run(finisher.finish_delivered(finisher.ctx.ledger.get(row)))
+
+
+def make_finish_ctx(folders: Folders, backend: FakeBackend, **top: Any) -> Context:
+    """A context whose output folders exist, as the daemon makes them at start."""
+    for folder in (folders.outbox, folders.failed, folders.archive):
+        folder.mkdir(parents=True, exist_ok=True)
+    return make_ctx(folders, backend, **top)
+
+
+def test_delivered_file_is_archived_and_its_job_released(folders: Folders) -> None:
+    """After delivery the original moves to the archive, the row is DONE with where it went, and the job is released."""
+    backend = FakeBackend()
+    ctx = make_finish_ctx(folders, backend, on_success="archive")
+    row = delivered_file(ctx, folders, "take.wav", "job-1")
+    finish_delivered(Finisher(ctx), row)
+    current = ctx.ledger.get(row)
+    assert current.state is State.DONE
+    assert not (folders.inbox / "take.wav").exists()
+    assert current.archived_path is not None and Path(current.archived_path).read_bytes() == b"take.wav" * 4
+    assert backend.released == ["job-1"]
+
+
+def test_a_job_still_fetching_for_another_file_is_not_released(folders: Folders) -> None:
+    """A job shared with a file whose result is still being fetched is kept until that file is delivered too."""
+    backend = FakeBackend()
+    ctx = make_finish_ctx(folders, backend, on_success="archive")
+    first = delivered_file(ctx, folders, "a.wav", "job-1")
+    twin = submitted_file(ctx, folders, "copy of a.wav", "job-1")
+    ctx.ledger.transition(twin, State.SUBMITTED, State.FETCHING, now=NOW, result_url="https://r/job-1")
+    finish_delivered(Finisher(ctx), first)
+    assert ctx.ledger.get(first).state is State.DONE and backend.released == []
+
+
+def test_an_original_replaced_in_the_inbox_is_left_for_its_own_processing(folders: Folders) -> None:
+    """If a newer version took the original's name meanwhile, it is not archived in the old one's place."""
+    ctx = make_finish_ctx(folders, FakeBackend(), on_success="archive")
+    row = delivered_file(ctx, folders, "take.wav", "job-1")
+    (folders.inbox / "take.wav").write_bytes(b"a newer, longer take")
+    finish_delivered(Finisher(ctx), row)
+    current = ctx.ledger.get(row)
+    assert (current.state, current.archived_path) == (State.DONE, None)
+    assert (folders.inbox / "take.wav").read_bytes() == b"a newer, longer take"
+
+
+def test_failing_file_moves_to_failed_with_its_error_report(folders: Folders) -> None:
+    """A failing file is moved to failed/ under its own path, with a .error.json saying why, and the row is FAILED."""
+    ctx = make_finish_ctx(folders, FakeBackend())
+    row = queue_file(ctx, folders, "bad.wav", b"not audio at all")
+    ctx.ledger.transition(row, State.QUEUED, State.FAILING, now=NOW, error_code="INVALID_FILE",
+                          error_message="the file does not start like any audio format")  # fmt: skip
+    asyncio.run(Finisher(ctx).finish_failing(ctx.ledger.get(row)))
+    assert ctx.ledger.get(row).state is State.FAILED
+    assert not (folders.inbox / "bad.wav").exists()
+    assert (folders.failed / "bad.wav").read_bytes() == b"not audio at all"
+    report = json.loads((folders.failed / "bad.wav.error.json").read_text())
+    assert (report["code"], report["file"]) == ("INVALID_FILE", "bad.wav")
+
+
+def test_a_finish_step_that_keeps_failing_backs_off(folders: Folders) -> None:
+    """A finish step that raises (an archive folder it cannot write) is retried after 2 s, then 4 s: never in a loop."""
+    ctx = make_finish_ctx(folders, FakeBackend(), on_success="archive")
+    row = delivered_file(ctx, folders, "take.wav", "job-1")
+    finisher = Finisher(ctx)
+
+    async def broken() -> None:
+        raise PermissionError("archive folder is read-only")
+
+    for _ in range(2):
+        asyncio.run(finisher._guard(broken(), ctx.ledger.get(row)))
+    failures, _ = finisher._blocked[row]
+    assert failures == 2 and ctx.ledger.get(row).state is State.DELIVERED
