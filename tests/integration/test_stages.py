@@ -222,7 +222,7 @@ def running(job_id: str) -> RemoteStatus:
 
 
 def test_finished_job_moves_all_its_files_to_fetching_after_one_status_request(folders: Folders) -> None:
-    """Two files sharing a finished job both go to FETCHING with its result link and billed seconds, after one request."""
+    """Two files sharing a finished job both go to FETCHING with its link and billed seconds, after one request."""
     backend = FakeBackend(status=lambda job: RemoteStatus(RemotePhase.COMPLETE, "completed",
                                                           result_url=f"https://r/{job}", billed_seconds=12.5))
     ctx = make_ctx(folders, backend)
