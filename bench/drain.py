@@ -14,7 +14,7 @@ files/s and the peak RSS of the daemon's whole process tree (quality worker incl
 ``quality = "off"`` and ``"local"`` side by side. ``--base DIR`` runs a second dhwatch
 source tree (e.g. ``git archive main``) back to back in the same run, for a ratio:
 
-    .venv/bin/python bench/drain.py --burst [--files 2000] [--base /tmp/main-src]
+    .venv/bin/python bench/drain.py --burst [--files 2000] [--base /tmp/main-src] [--burst-quality local]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def run_burst(n: int, quality: str, source: Path | None, folders: int = 20) -> t
         return n / elapsed, rss, 1000 * cpu / n
 
 
-def burst(n: int, base: Path | None) -> None:
+def burst(n: int, base: Path | None, qualities: tuple[str, ...] = ("off", "local")) -> None:
     """Files/s and tree peak RSS, quality off and local, for this tree (and ``base``), back to back."""
     load = os.getloadavg()
     print(f"burst: {n} files of 0.1 s in 20 folders renamed into the inbox; load average before: "
@@ -89,7 +89,7 @@ def burst(n: int, base: Path | None) -> None:
     print("| tree | quality | files/s | peak RSS, daemon tree (MiB) | daemon CPU ms/file |")
     print("|---|---|---:|---:|---:|")
     trees: list[tuple[str, Path | None]] = ([("base", base)] if base else []) + [("this", None)]
-    for quality in ("off", "local"):
+    for quality in qualities:
         for name, source in trees:
             rate, rss, cpu = run_burst(n, quality, source)
             print(f"| {name} | {quality} | {rate:.1f} | {rss:.0f} | {cpu:.1f} |", flush=True)
@@ -104,10 +104,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.1, help="length of each file")
     parser.add_argument("--quality", default="off", help="'off', 'local', or 'both' to compare (reports cost)")
     parser.add_argument("--burst", action="store_true", help="issue 12's burst, quality off and local")
+    parser.add_argument("--burst-quality", choices=["both", "off", "local"], default="both",
+                        help="--burst: run only one report setting (e.g. for --files 10000)")
     parser.add_argument("--base", type=Path, default=None, help="a baseline dhwatch source tree to compare")
     args = parser.parse_args()
     if args.burst:
-        burst(args.files, args.base)
+        burst(args.files, args.base, ("off", "local") if args.burst_quality == "both" else (args.burst_quality,))
         return
     if args.quality == "both":
         compare_quality(args.files, args.seconds)

@@ -80,9 +80,12 @@ class Daemon:
         env = dict(os.environ)
         if source is not None:
             env["PYTHONPATH"] = str(source)
+        # run from ``source``: ``python -m`` puts the working directory first on sys.path, so
+        # started from a checkout's root the "baseline" would silently be that checkout
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dhwatch", "run", "--config", str(config)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            cwd=str(source) if source is not None else None,
         )  # fmt: skip
         self.events: list[dict[str, Any]] = []
         self.counts: dict[str, int] = {}

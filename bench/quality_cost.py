@@ -9,12 +9,15 @@ same file. Run from the repository root::
     .venv/bin/python bench/quality_cost.py                 # 0.25, 1 and 10 minutes, 48 kHz mono
     .venv/bin/python bench/quality_cost.py --minutes 1 5 --channels 2 --rate 44100
     .venv/bin/python bench/quality_cost.py --daemon              # memory and stop time, see below
+    .venv/bin/python bench/quality_cost.py --daemon --base /tmp/main-src   # and main's tree, same run
 
 ``--daemon`` measures what reports cost the running daemon instead: the peak RSS of the
 whole process tree (the daemon plus its report worker, sampled every 50 ms) with reports
 on (``quality = "local"``, with and without DNSMOS) and off, for (a) one 9-hour 16 kHz
 mono 1 GiB WAV delivered through the DeepHearing emulator and (b) 2,000 small files; and
 the time from SIGTERM to the daemon's exit while the 9-hour file's report is being made.
+``--base DIR`` runs a second dhwatch source tree (``git archive main dhwatch | tar -x -C DIR``)
+back to back with this one, case by case, for a before/after in one run.
 
 Audio: the speech-like test signal of ``tests/unit/test_quality_metrics.py`` plus white
 noise at 10 dB SNR (the output is the same speech 50 dB cleaner, so the two files differ
@@ -95,12 +98,16 @@ def main() -> None:
     parser.add_argument("--hours", type=float, default=9.32, help="--daemon: length of the long file (9.32 h = 1 GiB)")
     parser.add_argument("--files", type=int, default=2000, help="--daemon: how many small files")
     parser.add_argument("--only", choices=["long", "small"], help="--daemon: run one of the two cases")
+    parser.add_argument("--base", type=Path, default=None, help="--daemon: a baseline dhwatch source tree to compare")
+    parser.add_argument("--quality", choices=list(QUALITY), action="append",
+                        help="--daemon: only these report settings (repeatable; default: all three)")
     parser.add_argument("--no-sigterm", action="store_true",
                         help="--daemon: let the long file's report finish uninterrupted (to compare with a "
                              "dhwatch whose stop waits for the report)")
     args = parser.parse_args()
     if args.daemon:
-        daemon_costs(args.hours, args.files, args.only, sigterm=not args.no_sigterm)
+        daemon_costs(args.hours, args.files, args.only, sigterm=not args.no_sigterm, base=args.base,
+                     qualities=args.quality or list(QUALITY))
         return
     dnsmos = dnsmos_unavailable_reason()
     print(f"{args.rate} Hz, {args.channels} ch; DNSMOS: {dnsmos or 'available'}")
@@ -204,14 +211,14 @@ def bench_config(root: Path, base_url: str, quality: str) -> Path:
     return config
 
 
-def run_long(src: Path, quality: str, sigterm: bool = True) -> tuple[float, float | None]:
+def run_long(src: Path, quality: str, sigterm: bool = True, source: Path | None = None) -> tuple[float, float | None]:
     """Deliver ``src`` (and make its report); peak tree RSS in MiB, and SIGTERM-to-exit seconds
     during its report (reports on: the report is interrupted 20 s in, then made by a second start)."""
     with tempfile.TemporaryDirectory(prefix="dhwatch-bench-") as tmp, DeepHearingEmulator(keys={KEY}) as emu:
         root = Path(tmp)
         config = bench_config(root, emu.base_url, quality)
         shutil.copyfile(src, root / "inbox" / src.name)  # a copy: dhwatch refuses hard-linked files
-        daemon = Daemon(config)
+        daemon = Daemon(config, source)
         rss = TreeRss(daemon.proc.pid)
         stop_s: float | None = None
         try:
@@ -228,7 +235,7 @@ def run_long(src: Path, quality: str, sigterm: bool = True) -> tuple[float, floa
                 stop_s = time.monotonic() - sent
                 if not daemon.count("quality_report"):  # unfinished: the next start makes the report
                     peak = rss.stop()
-                    daemon = Daemon(config)
+                    daemon = Daemon(config, source)
                     rss = TreeRss(daemon.proc.pid)
                     rss.peak_mb = peak
                     daemon.wait("quality_report", 1, timeout=7200)
@@ -238,13 +245,13 @@ def run_long(src: Path, quality: str, sigterm: bool = True) -> tuple[float, floa
         return peak, stop_s
 
 
-def run_small(n: int, quality: str) -> float:
+def run_small(n: int, quality: str, source: Path | None = None) -> float:
     """Drain ``n`` small files (and make their reports); peak tree RSS in MiB."""
     with tempfile.TemporaryDirectory(prefix="dhwatch-bench-") as tmp, DeepHearingEmulator(keys={KEY}) as emu:
         root = Path(tmp)
         config = bench_config(root, emu.base_url, quality)
         unique_copies(root / "inbox", n, small_wav_bytes(0.5))
-        daemon = Daemon(config)
+        daemon = Daemon(config, source)
         rss = TreeRss(daemon.proc.pid)
         try:
             daemon.wait("file_done" if quality == "off" else "quality_report", n, timeout=7200)
@@ -254,8 +261,10 @@ def run_small(n: int, quality: str) -> float:
         return peak
 
 
-def daemon_costs(hours: float, files: int, only: str | None, *, sigterm: bool = True) -> None:
+def daemon_costs(hours: float, files: int, only: str | None, *, sigterm: bool = True, base: Path | None = None,
+                 qualities: list[str] | None = None) -> None:
     """Print the peak RSS of the daemon's process tree with reports on and off, and the SIGTERM time."""
+    trees: list[tuple[str, Path | None]] = ([("base", base)] if base else []) + [("this", None)]
     print(f"peak RSS of the daemon's process tree (daemon + report worker, sampled every 50 ms), MiB; "
           f"DNSMOS: {dnsmos_unavailable_reason() or 'available'}", flush=True)
     if only in (None, "long"):
@@ -264,14 +273,16 @@ def daemon_costs(hours: float, files: int, only: str | None, *, sigterm: bool = 
             write_long_wav(src, hours)
             print(f"(a) one {hours:g} h 16 kHz mono WAV ({src.stat().st_size / 2**30:.2f} GiB) through the "
                   "DeepHearing emulator", flush=True)
-            for quality in QUALITY:
-                peak, stop_s = run_long(src, quality, sigterm)
-                stop = f"; SIGTERM during its report -> exit in {stop_s:.2f} s" if stop_s is not None else ""
-                print(f"    {quality:>16}: {peak:6.0f} MiB{stop}", flush=True)
+            for quality in qualities or QUALITY:
+                for name, source in trees:
+                    peak, stop_s = run_long(src, quality, sigterm, source)
+                    stop = f"; SIGTERM during its report -> exit in {stop_s:.2f} s" if stop_s is not None else ""
+                    print(f"    {name:>4} {quality:>16}: {peak:6.0f} MiB{stop}", flush=True)
     if only in (None, "small"):
         print(f"(b) {files} small files (0.5 s each)", flush=True)
-        for quality in QUALITY:
-            print(f"    {quality:>16}: {run_small(files, quality):6.0f} MiB", flush=True)
+        for quality in qualities or QUALITY:
+            for name, source in trees:
+                print(f"    {name:>4} {quality:>16}: {run_small(files, quality, source):6.0f} MiB", flush=True)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ are estimates with the limits written next to each function and in ``docs/qualit
 from __future__ import annotations
 
 import importlib.resources
-import importlib.util
 import math
 import threading
 from collections.abc import Sequence
@@ -45,7 +44,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import soxr
-from scipy import ndimage, signal
+
+from dhwatch.quality import dsp
+from dhwatch.quality.dnsmos import DnsmosNetwork
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
@@ -255,8 +256,7 @@ class LoudnessMeter:
     """
 
     def __init__(self, samplerate: int, channels: int) -> None:
-        self._sos = k_weighting_sos(samplerate)
-        self._zi = np.zeros((self._sos.shape[0], 2, channels))
+        self._k_weighting = dsp.SosFilter(k_weighting_sos(samplerate), channels)
         self._weights = channel_weights(channels)
         self._subblocks = FrameAccumulator(samplerate, 0.1)
         self._tail_sums = np.zeros(0)  # the last (up to 3) sub-blocks: the next block starts there
@@ -265,7 +265,7 @@ class LoudnessMeter:
 
     def add(self, block: npt.NDArray[np.floating[Any]]) -> None:
         """Add ``(frames, channels)`` samples."""
-        filtered, self._zi = signal.sosfilt(self._sos, block, axis=0, zi=self._zi)
+        filtered = self._k_weighting(block)
         self._subblocks.push((filtered * filtered) @ self._weights)
         sums, counts = self._subblocks.take()
         if sums.size == 0:
@@ -369,16 +369,14 @@ class SignalAnalyzer:
         self._frames = 0
         self._loudness = LoudnessMeter(samplerate, channels)
         self._true_peak = TruePeakMeter(samplerate, channels)
-        self._highpass = signal.butter(2, 20.0, "highpass", fs=samplerate, output="sos")
-        self._highpass_zi = np.zeros((self._highpass.shape[0], 2))
+        self._highpass = dsp.SosFilter(dsp.butter_highpass_sos(20.0, samplerate))
         self._full = FrameAccumulator(samplerate, FRAME_SECONDS)
         self._decimator = (
             soxr.ResampleStream(samplerate, ANALYSIS_RATE, 1, dtype="float32", quality="HQ")
             if samplerate != ANALYSIS_RATE
             else None
         )
-        self._band = signal.butter(2, SPEECH_BAND, "bandpass", fs=ANALYSIS_RATE, output="sos")
-        self._band_zi = np.zeros((self._band.shape[0], 2))
+        self._band = dsp.SosFilter(dsp.butter_bandpass_sos(*SPEECH_BAND, ANALYSIS_RATE))
         self._band_frames = FrameAccumulator(ANALYSIS_RATE, FRAME_SECONDS)
         self._windows = windows
         self._speech = SpeechTracker()
@@ -400,7 +398,7 @@ class SignalAnalyzer:
         self._loudness.add(block)
         self._true_peak.add(block)
         mono = block.mean(axis=1, dtype=np.float32) if self.channels > 1 else block[:, 0]
-        highpassed, self._highpass_zi = signal.sosfilt(self._highpass, mono, zi=self._highpass_zi)
+        highpassed = self._highpass(mono)
         self._full.push(highpassed * highpassed)
         self._push_analysis(self._decimator.resample_chunk(mono) if self._decimator is not None else mono)
         self._hand_on()
@@ -409,7 +407,7 @@ class SignalAnalyzer:
         if mono16k.size:
             if self._windows is not None:
                 self._windows.push(mono16k)
-            band, self._band_zi = signal.sosfilt(self._band, mono16k, zi=self._band_zi)
+            band = self._band(mono16k)
             self._band_frames.push(band * band)
 
     def _hand_on(self) -> None:
@@ -460,12 +458,6 @@ def analyze(
 # Blind estimators on the level tracks
 
 
-def _moving_average(values: FloatArray, width: int) -> FloatArray:
-    if values.size == 0 or width <= 1:
-        return values
-    return ndimage.uniform_filter1d(values, size=width, mode="nearest")
-
-
 def _fill_short_gaps(active: BoolArray, max_gap: int) -> BoolArray:
     """Mark inactive runs shorter than ``max_gap`` frames that lie between active frames as active."""
     filled = active.copy()
@@ -490,7 +482,7 @@ class SpeechActivity:
 
 def smoothed_band_db(band_power: FloatArray) -> FloatArray:
     """The speech detector's level track: 30 ms-smoothed analysis-band level in dBFS."""
-    return np.asarray(power_db(_moving_average(band_power, 3)), dtype=np.float64)
+    return np.asarray(power_db(dsp.moving_average(band_power, 3)), dtype=np.float64)
 
 
 def detect_speech(band_power: FloatArray, loud_db: float | None = None) -> SpeechActivity:
@@ -511,7 +503,7 @@ def detect_speech(band_power: FloatArray, loud_db: float | None = None) -> Speec
         return SpeechActivity(empty, empty, np.zeros(0), np.zeros(0))
     band_db = smoothed_band_db(band_power)
     window = max(1, int(round(NOISE_WINDOW_SECONDS / FRAME_SECONDS)))
-    local_floor = ndimage.minimum_filter1d(band_db, size=window, mode="nearest")
+    local_floor = dsp.moving_minimum(band_db, window)
     loud = float(np.percentile(band_db, 99)) if loud_db is None else loud_db
     gate = max(ACTIVITY_FLOOR_DB, loud - ACTIVITY_RANGE_DB)
     raw = (band_db > local_floor + ACTIVITY_MARGIN_DB) & (band_db > gate)
@@ -573,8 +565,8 @@ def syllable_nuclei(activity: SpeechActivity) -> npt.NDArray[np.intp]:
     """Frame indices of syllable nuclei: prominent peaks of the 50 ms-smoothed speech-band level."""
     if activity.band_db.size == 0:
         return np.zeros(0, dtype=np.intp)
-    envelope = _moving_average(activity.band_db, 5)
-    peaks, _ = signal.find_peaks(
+    envelope = dsp.moving_average(activity.band_db, 5)
+    peaks = dsp.find_peaks(
         envelope,
         prominence=_NUCLEUS_PROMINENCE_DB,
         distance=max(1, int(round(_NUCLEUS_MIN_GAP_SECONDS / FRAME_SECONDS))),
@@ -713,7 +705,7 @@ _DNSMOS_FIT = {
     "ovrl": np.poly1d([-0.06766283, 1.11546468, 0.04602535]),
 }
 _dnsmos_lock = threading.Lock()
-_dnsmos_session: Any = None
+_dnsmos_network: DnsmosNetwork | None = None
 
 
 def dnsmos_model_path() -> Path | None:
@@ -732,44 +724,35 @@ def dnsmos_unavailable_reason() -> str | None:
     """Why DNSMOS cannot run here (missing package), or None when it can."""
     if dnsmos_model_path() is None:
         return "DNSMOS model not installed (pip package speechmos)"
-    if importlib.util.find_spec("onnxruntime") is None:  # found, not imported: that costs ~20 MB
-        return "DNSMOS needs the onnxruntime package"
     return None
 
 
-def _dnsmos() -> Any:
-    """The ONNX session, loaded once per process. One thread: the denoiser needs the cores.
+def _dnsmos() -> DnsmosNetwork:
+    """The network, its weights read once per process (1 MB).
 
-    No memory arena and no memory pattern: with them onnxruntime keeps the peak of a run
-    (~110 MB of activations for one 9 s window: the first two convolutions' outputs are 74
-    and 37 MB) reserved for the life of the process; without them it is given back after
-    each run, at no measurable cost in speed for one window.
+    Evaluated in numpy a few rows at a time (:mod:`dhwatch.quality.dnsmos`), not by
+    onnxruntime: a whole-window run held ~110 MB of activations, and the library and its
+    session ~50 MB more, in a report worker that must fit the daemon's 100 MiB tree.
     """
-    global _dnsmos_session
+    global _dnsmos_network
     with _dnsmos_lock:
-        if _dnsmos_session is None:
-            import onnxruntime
-
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = 1
-            options.inter_op_num_threads = 1
-            options.enable_cpu_mem_arena = False
-            options.enable_mem_pattern = False
-            _dnsmos_session = onnxruntime.InferenceSession(
-                str(dnsmos_model_path()), options, providers=["CPUExecutionProvider"]
-            )
-        return _dnsmos_session
+        if _dnsmos_network is None:
+            path = dnsmos_model_path()
+            assert path is not None  # checked by the caller (dnsmos_unavailable_reason)
+            _dnsmos_network = DnsmosNetwork(path)
+        return _dnsmos_network
 
 
 def dnsmos_scores(windows: Sequence[npt.NDArray[Any]]) -> DnsmosScores | None:
     """DNSMOS P.835 scores averaged over 16 kHz mono windows of ~9 s.
 
     Shorter windows are repeated to length, as the reference implementation does. Returns
-    None when DNSMOS is unavailable or no window is given. The ONNX session is thread-safe.
+    None when DNSMOS is unavailable or no window is given. The network is thread-safe (it
+    keeps no state between calls).
     """
     if not windows or dnsmos_unavailable_reason() is not None:
         return None
-    session = _dnsmos()
+    network = _dnsmos()
     raw: list[FloatArray] = []
     for window in windows:
         audio = np.clip(np.asarray(window, dtype=np.float32).reshape(-1), -1.0, 1.0)
@@ -778,7 +761,7 @@ def dnsmos_scores(windows: Sequence[npt.NDArray[Any]]) -> DnsmosScores | None:
         if audio.size < DNSMOS_WINDOW_SAMPLES:
             audio = np.tile(audio, -(-DNSMOS_WINDOW_SAMPLES // audio.size))
         audio = audio[:DNSMOS_WINDOW_SAMPLES]
-        raw.append(np.asarray(session.run(None, {"input_1": audio[np.newaxis, :]})[0][0], dtype=np.float64))
+        raw.append(network(audio))
     if not raw:
         return None
     sig, bak, ovrl = (np.array([r[i] for r in raw]) for i in range(3))

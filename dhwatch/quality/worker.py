@@ -159,7 +159,13 @@ def main() -> None:
     Lowest CPU priority, deaf to Ctrl-C (it reaches the whole terminal's process group; the
     daemon stops this worker itself), and dies with the daemon. Whatever a library prints
     goes to stderr, never into the replies.
+
+    One BLAS thread (set before numpy is first imported): the analysis's matrix products are
+    small (:mod:`dhwatch.quality.dsp`), and a pool of OpenBLAS threads contending for the
+    two cores the denoiser also wants made them ten times slower, and cost memory.
     """
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = "1"
     replies = os.fdopen(os.dup(1), "w", encoding="ascii")
     os.dup2(2, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
