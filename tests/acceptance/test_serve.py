@@ -58,3 +58,14 @@ def test_serve_refuses_bad_key_and_undecodable_audio(serve: str, tmp_path: Path)
         assert r.json()["error"]["code"] == "API_KEY_NOT_FOUND"
         r = client.post("/enhance", headers={"Authorization": SERVE_KEY}, files={"f": broken.open("rb")})
         assert r.json()["error"]["code"] == "INVALID_FILE"
+
+
+def test_serve_carries_no_fault_hooks() -> None:
+    """`dhwatch serve` runs the production service: no emulator (fault-injection) module is ever loaded."""
+    probe = (
+        "import sys, dhwatch.commands.serve, dhwatch.serve, dhwatch.service.app; "
+        "print(sorted(m for m in sys.modules if m.startswith('dhwatch.emulators')))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
