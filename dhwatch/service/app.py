@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote
 
 import anyio.to_thread
@@ -43,7 +43,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from dhwatch.asgi import BodyTimeout, ClientGone, iter_body
@@ -116,7 +116,7 @@ def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> R
                     media_type="application/json")  # fmt: skip
 
 
-class _Refused(Exception):
+class Refused(Exception):
     """Raised inside a handler to answer ``response`` at once."""
 
     def __init__(self, response: Response) -> None:
@@ -128,7 +128,7 @@ def _refusing(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
     async def endpoint(request: Request) -> Response:
         try:
             response: Response = await handler(request)
-        except _Refused as exc:
+        except Refused as exc:
             return exc.response
         return response
 
@@ -225,15 +225,15 @@ class DeepHearingService:
             exception_handlers=_framework_errors(api_error),
         )
         self.storage_app = Starlette(
-            routes=[Route("/results/{job_id}/{file}", _refusing(self._result), methods=["GET", "HEAD"],
+            routes=[Route("/results/{job_id}/{file:path}", _refusing(self._result), methods=["GET", "HEAD"],
                           name="result")],  # fmt: skip
             exception_handlers=_framework_errors(storage_error),
         )
 
     # ----------------------------------------------------------------- lifecycle
 
-    def start(self) -> None:
-        """Create the working folder and the processor threads."""
+    def start(self) -> Self:
+        """Create the working folder and the processor threads; returns self."""
         if self._workdir is not None:
             raise RuntimeError("service already started")
         workdir = self._workdir_arg or Path(tempfile.mkdtemp(prefix=self.workdir_prefix))
@@ -241,6 +241,7 @@ class DeepHearingService:
             (workdir / sub).mkdir(parents=True, exist_ok=True)
         self._workdir = workdir
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=self.worker_name)
+        return self
 
     def stop(self) -> None:
         """Stop the processor threads; remove a temporary working folder. Idempotent."""
@@ -292,14 +293,14 @@ class DeepHearingService:
         with self._lock:
             if len(values) == 1 and values[0] in self._keys:
                 return self._uids[values[0]]
-        raise _Refused(api_error(401, "API_KEY_NOT_FOUND", "Unregistered API Key"))
+        raise Refused(api_error(401, "API_KEY_NOT_FOUND", "Unregistered API Key"))
 
     async def _enhance(self, request: Request) -> Response:
         uid = self._authorize(request)
         media_type, params = parse_options_header(request.headers.get("content-type"))
         boundary = params.get(b"boundary")
         if media_type != b"multipart/form-data" or not boundary:
-            raise _Refused(api_error(400, "BAD_REQUEST", "expected Content-Type: multipart/form-data with a boundary"))
+            raise Refused(api_error(400, "BAD_REQUEST", "expected Content-Type: multipart/form-data with a boundary"))
         assert self._workdir is not None
         form: FormReader | None = None
         try:
@@ -374,7 +375,7 @@ class DeepHearingService:
         self._authorize(request)
         job = self.job(request.path_params["job_id"])
         if job is None:
-            raise _Refused(api_error(404, "JOB_NOT_FOUND", "Job not found"))
+            raise Refused(api_error(404, "JOB_NOT_FOUND", "Job not found"))
         word, since = await self._job_status(job)
         payload: dict[str, Any] = {
             "model": MODEL,
@@ -425,16 +426,16 @@ class DeepHearingService:
 
     async def _result(self, request: Request) -> Response:
         if "authorization" in request.headers:
-            raise _Refused(
+            raise Refused(
                 storage_error(400, "Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter")
             )
         job_id, name = request.path_params["job_id"], request.path_params["file"]
         sig = request.query_params.get("sig") or ""
         if not hmac.compare_digest(sig.encode(), self._sign(job_id, name).encode()):
-            raise _Refused(storage_error(403, "Request signature does not match"))
+            raise Refused(storage_error(403, "Request signature does not match"))
         job = self.job(job_id)
         if job is None or job.output is None:
-            raise _Refused(storage_error(404, "The specified key does not exist."))
+            raise Refused(storage_error(404, "The specified key does not exist."))
         path = job.output.path
         head = await anyio.to_thread.run_sync(_read_head, path)
         content_type = _CONTENT_TYPES.get(sniff(head) or "", "application/octet-stream")
