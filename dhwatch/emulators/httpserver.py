@@ -346,7 +346,7 @@ class EmulatorServer:
         self.io_timeout = io_timeout
         #: set by stop(): slow faults end early, so stopping never waits for them
         self.stopping = threading.Event()
-        self._app: App = app if app is not None else _RoutesApp(self)
+        self._app = app
         self._route_of = route_of or self._route_name
         self._address = (host, port)
         self._url_host = url_host or host
@@ -357,7 +357,8 @@ class EmulatorServer:
         if self._http is not None:
             raise RuntimeError(f"{self.origin} server already started")
         self.stopping.clear()
-        layer = FaultLayer(self._app, origin=self.origin, route_of=self._route_of, faults=self.faults, log=self.log,
+        app = self._app if self._app is not None else _RoutesApp(self)  # a fresh one per event loop
+        layer = FaultLayer(app, origin=self.origin, route_of=self._route_of, faults=self.faults, log=self.log,
                            io_timeout=self.io_timeout, stopping=self.stopping)  # fmt: skip
         host, port = self._address
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

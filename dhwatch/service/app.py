@@ -66,6 +66,8 @@ __all__ = ["DeepHearingService", "api_error", "storage_error"]
 
 logger = logging.getLogger(__name__)
 
+#: body bytes gathered before the form reader parses and writes them (in a thread)
+FEED_BYTES = 256 * 1024
 _CONTENT_TYPES = {
     "wav": "audio/wav",
     "flac": "audio/flac",
@@ -306,9 +308,7 @@ class DeepHearingService:
         try:
             try:
                 form = FormReader(boundary, self._workdir / "spool")
-                async for data in iter_body(request.receive, self.io_timeout):
-                    form.feed(data)
-                form.finish()
+                await self._spool(form, request)
             finally:
                 with self._lock:
                     self._files_received += len(form.files) if form else 0
@@ -327,6 +327,24 @@ class DeepHearingService:
             raise
         jobs = [self._create_job(part, uid) for part in form.files]
         return _json(200, {job.field_name: job.job_id for job in jobs})
+
+    async def _spool(self, form: FormReader, request: Request) -> None:
+        """Feed the body to the form reader as it arrives, a few hundred kB at a time.
+
+        Parsing, hashing and writing run in a worker thread: a multi-GB upload must not stall
+        the event loop when the page cache pushes back.
+        """
+        pending: list[bytes] = []
+        size = 0
+        async for data in iter_body(request.receive, self.io_timeout):
+            pending.append(data)
+            size += len(data)
+            if size >= FEED_BYTES:
+                await anyio.to_thread.run_sync(form.feed, b"".join(pending))
+                pending, size = [], 0
+        if pending:
+            await anyio.to_thread.run_sync(form.feed, b"".join(pending))
+        form.finish()
 
     def _validate(self, part: FilePart) -> None:
         assert self.validator is not None
