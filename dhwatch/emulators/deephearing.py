@@ -25,6 +25,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Collection, Iterable, MutableMapping, Sequence
+from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
@@ -36,13 +37,13 @@ from dhwatch.emulators.httpserver import EmulatorServer, serve_until_signal
 from dhwatch.emulators.requestlog import RequestLog
 from dhwatch.emulators.wire import App, Receive, Scope, Send, fault_of, starlette_route_of
 from dhwatch.service.app import API_CODES, DeepHearingService, api_error, storage_error
+from dhwatch.service.jobs import JobRecord as ServiceJobRecord
 from dhwatch.service.jobs import (
     APP_ID,
     COMPLETE_WORDS,
     MODEL,
     PHASES,
     Job,
-    JobRecord,
     ProcessedFile,
     Processor,
     new_job_id,
@@ -308,6 +309,13 @@ class _ServiceFaults:
 # --------------------------------------------------------------------------- the emulator
 
 
+@dataclass(frozen=True)
+class JobRecord(ServiceJobRecord):
+    """What tests may inspect about one job: the service's record, and whether a fault made it stuck."""
+
+    stuck: bool = False
+
+
 class DeepHearingEmulator(DeepHearingService):
     """The DeepHearing API and its storage origin, as two local servers sharing one job table.
 
@@ -363,6 +371,8 @@ class DeepHearingEmulator(DeepHearingService):
         self.slow_seconds = slow_seconds
         #: ids of jobs created by requests whose answer was dropped (the accept-then-drop fault)
         self.unanswered: set[str] = set()
+        #: ids of jobs created by a request with the ``stuck`` fault: they never finish
+        self._stuck: set[str] = set()
         self.api = EmulatorServer("deephearing-api", app=_ServiceFaults(self, self.api_app),
                                   route_of=starlette_route_of(self.api_app), host=host, port=port,
                                   faults=self.faults)  # fmt: skip
@@ -463,9 +473,16 @@ class DeepHearingEmulator(DeepHearingService):
     def _fault(self, kind: str, route: str) -> Fault:
         return make_fault(kind, route, retry_after=self.retry_after, slow_seconds=self.slow_seconds)
 
+    @property
+    def jobs(self) -> list[JobRecord]:  # type: ignore[override]  # the service's records, plus ``stuck``
+        """Every job created so far, oldest first."""
+        with self._lock:
+            stuck = set(self._stuck)
+        return [JobRecord(**asdict(record), stuck=record.job_id in stuck) for record in super().jobs]
+
     def phase(self, job: Job) -> tuple[int, float]:
         """A ``stuck`` job stays in ``processing`` for ever; others move on by the clock."""
-        if job.stuck:
+        if job.job_id in self._stuck:
             return 2, 0.5 * self.processing_seconds
         return super().phase(job)
 
@@ -474,11 +491,10 @@ class DeepHearingEmulator(DeepHearingService):
         payload = json.loads(body)
         if path == "/enhance" and label in ("stuck", "drop"):
             for job_id in payload.values():
-                job = self.job(job_id)
-                if label == "stuck" and job is not None:
-                    job.stuck = True
-                if label == "drop":
-                    with self._lock:  # created, but the client will never hear of them
+                with self._lock:
+                    if label == "stuck":
+                        self._stuck.add(job_id)
+                    else:  # created, but the client will never hear of them
                         self.unanswered.add(job_id)
         if label == "odd_status" and "job_status" in payload:
             payload.pop("result", None)

@@ -81,7 +81,6 @@ class JobRecord:
     sha256: str  #: of the uploaded bytes, as received
     size: int
     created: float
-    stuck: bool
     processed: bool
     billed_seconds: float | None
     error: str | None  #: why the processor failed, if it did
@@ -102,7 +101,6 @@ class Job:
     file_key: str
     src: Path
     container: str
-    stuck: bool = False  #: only an emulator's fault sets this (the service never does)
     done: threading.Event = field(default_factory=threading.Event)
     output: ProcessedFile | None = None
     error: str | None = None
@@ -116,7 +114,6 @@ class Job:
             sha256=self.sha256,
             size=self.size,
             created=self.created,
-            stuck=self.stuck,
             processed=self.output is not None,
             billed_seconds=self.output.billed_seconds if self.output else None,
             error=self.error,
