@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 import shutil
@@ -37,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self
 from urllib.parse import quote
+from xml.sax.saxutils import escape
 
 import anyio.to_thread
 from python_multipart.multipart import parse_options_header
@@ -107,13 +109,12 @@ def api_error(status: int, code: str, msg: str, headers: dict[str, str] | None =
 def storage_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     """The storage origin's error shape: S3-style XML."""
     code = S3_CODES.get(status, "Error")
-    xml = f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message></Error>\n'
+    text = escape(message)  # it may quote the request's path
+    xml = f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{text}</Message></Error>\n'
     return Response(xml.encode(), status, headers, media_type="application/xml")
 
 
 def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> Response:
-    import json
-
     return Response(json.dumps(payload, separators=(",", ":")).encode(), status, headers,
                     media_type="application/json")  # fmt: skip
 
@@ -127,6 +128,8 @@ class Refused(Exception):
 
 
 def _refusing(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+    """The endpoint for ``handler``: a :class:`Refused` raised anywhere in it becomes its answer."""
+
     async def endpoint(request: Request) -> Response:
         try:
             response: Response = await handler(request)
