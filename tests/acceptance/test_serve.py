@@ -15,14 +15,14 @@ import httpx
 import pytest
 import soundfile as sf
 
-from tests.conftest import Folders, make_audio, write_config
+from tests.conftest import Folders, make_audio, wait_for, write_config
 
 SERVE_KEY = "studio-key-1"
 
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[str]:
-    """A running ``dhwatch serve``; yields its base URL."""
+    """A running ``dhwatch serve`` (its keys in tmp_path/serve.keys); yields its base URL."""
     keys = tmp_path / "serve.keys"
     keys.write_text(f"# studio keys\n{SERVE_KEY}\n")
     proc = subprocess.Popen(
@@ -103,3 +103,15 @@ def test_an_idle_serve_does_not_wake_up(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
     assert woke < 20, f"dhwatch serve woke {woke} times in 10 s while idle"
+
+
+def test_serve_rereads_its_keys_file(serve: str, tmp_path: Path) -> None:
+    """A key added to the keys file is accepted and a removed one refused, without a restart."""
+
+    def code(key: str) -> int:
+        return httpx.get(f"{serve}/stat/jobs/AAAAAAAAAAAAAAAAAAAAAA", headers={"Authorization": key}, timeout=30).status_code
+
+    assert (code(SERVE_KEY), code("studio-key-2")) == (404, 401)  # known key: no such job; unknown key: 401
+    (tmp_path / "serve.keys").write_text("studio-key-2\n")
+    wait_for(lambda: code("studio-key-2") == 404, timeout=30, what="the new key accepted")
+    assert code(SERVE_KEY) == 401
