@@ -23,12 +23,84 @@ import socket
 import threading
 from typing import Any
 
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from dhwatch.errors import ConfigError
 
+#: an ASGI ``receive`` callable
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+
 #: seconds a graceful stop waits for requests in progress before cancelling them
 GRACE_SECONDS = 2.0
+
+
+class BodyTimeout(TimeoutError):
+    """The client sent no body byte for the read timeout: nobody to wait for any longer."""
+
+
+class ClientGone(ConnectionError):
+    """The client closed the connection before its request body ended."""
+
+
+async def iter_body(receive: Receive, timeout: float) -> AsyncIterator[bytes]:
+    """A request body as it arrives, each wait bounded by ``timeout`` (a stalled upload ends).
+
+    Raises :class:`BodyTimeout` or :class:`ClientGone`; nothing is buffered here.
+    """
+    while True:
+        try:
+            message = await asyncio.wait_for(receive(), timeout)
+        except TimeoutError:
+            raise BodyTimeout(f"no request body byte for {timeout:g} s") from None
+        if message["type"] == "http.disconnect":
+            raise ClientGone("the client went away before the request body ended")
+        body = message.get("body", b"")
+        if body:
+            yield bytes(body)
+        if not message.get("more_body", False):
+            return
+
+
+class TimelyH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, with a deadline on the request head as well as on idle keep-alive.
+
+    uvicorn closes a keep-alive connection that stays idle, but not one that connects and
+    says nothing, nor one trickling header bytes; here the whole head (from the connection or
+    the end of the previous answer) must arrive within ``timeout_keep_alive``.
+    """
+
+    _head_deadline: asyncio.TimerHandle | None = None
+    _answered: object = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._head_deadline is not None and self.cycle is not None and self.cycle is not self._answered:
+            self._head_deadline.cancel()  # a new request's head is complete
+            self._head_deadline = None
+
+    def on_response_complete(self) -> None:
+        self._answered = self.cycle
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.cycle is self._answered:  # no pipelined request began
+            self._arm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+        super().connection_lost(exc)
+
+    def _arm_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+        self._head_deadline = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -61,12 +133,16 @@ class AsgiServer:
 
     def __init__(self, app: Any, address: str, *, limit_concurrency: int | None = None,
                  timeout_keep_alive: float = 5.0, **options: Any) -> None:
+        """``timeout_keep_alive``: seconds an idle connection, or one still sending its request
+        head, stays open. ``options`` go to :class:`uvicorn.Config` (e.g. ``http=`` a protocol)."""
         self.address = address
         self._sock = bind(address)
+        options.setdefault("http", TimelyH11Protocol)
         config = uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="off", date_header=False,
             server_header=False, limit_concurrency=limit_concurrency,
-            timeout_keep_alive=int(timeout_keep_alive), timeout_graceful_shutdown=int(GRACE_SECONDS),
+            timeout_keep_alive=timeout_keep_alive,  # type: ignore[arg-type]  # a float is fine: call_later
+            timeout_graceful_shutdown=int(GRACE_SECONDS),
             **options,
         )  # fmt: skip
         self._server = uvicorn.Server(config)
@@ -95,6 +171,13 @@ class AsgiServer:
         await self._server.startup(sockets=[self._sock])
         self._started = True
         return self
+
+    def abort_connections(self) -> None:
+        """End every open connection now (requests in progress see the client gone). Loop thread only."""
+        for connection in list(self._server.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.close()
 
     async def aclose(self) -> None:
         """Stop listening, let requests in progress finish (up to the grace), then close."""
@@ -150,8 +233,11 @@ class ThreadedAsgiServer:
             raise failure[0]
         return self
 
-    def stop(self, timeout: float = GRACE_SECONDS + 2.0) -> None:
+    def stop(self, timeout: float = GRACE_SECONDS + 2.0, *, abort: bool = False) -> None:
+        """Stop serving; ``abort`` ends open connections at once instead of letting them finish."""
         if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            if abort:
+                self._loop.call_soon_threadsafe(self._server.abort_connections)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout)
 

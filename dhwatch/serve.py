@@ -2,19 +2,27 @@
 
 One strong machine cleans audio for every file server in the studio: each runs the daemon
 with ``backend = "deephearing"`` and ``base_url`` pointed here. The HTTP side is the
-emulator's protocol server (:mod:`dhwatch.emulators.deephearing`) with no faults; the
-processing is the engine in a worker process per job, so a native crash fails one job.
-Keys come from a file (one per line, ``#`` comments) that is re-read when it changes.
+production service (:mod:`dhwatch.service`, no fault hooks) served by uvicorn
+(:class:`~dhwatch.asgi.AsgiServer`) on one event loop; the processing is the engine in a
+worker process per job, so a native crash fails one job. Keys come from a file (one per
+line, ``#`` comments) that is re-read when it changes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from dhwatch.emulators.deephearing import DeepHearingEmulator, ProcessedFile, Processor
+from dhwatch.asgi import AsgiServer
 from dhwatch.errors import ConfigError
+from dhwatch.service.app import DeepHearingService
+from dhwatch.service.jobs import ProcessedFile, Processor
+
+#: seconds between two looks at the keys file's modification time
+KEYS_INTERVAL = 5.0
 
 
 def read_keys(path: Path) -> set[str]:
@@ -55,30 +63,59 @@ def validate_audio(path: Path) -> None:
     probe(path)
 
 
-class KeysWatcher:
-    """Re-reads the keys file every few seconds when it changed, so keys rotate without a restart."""
+async def watch_keys(service: DeepHearingService, path: Path, interval: float = KEYS_INTERVAL) -> None:
+    """Re-read the keys file when it changed (every ``interval`` s), so keys rotate without a restart."""
+    mtime = path.stat().st_mtime_ns
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            now = path.stat().st_mtime_ns
+            if now != mtime:
+                service.set_keys(read_keys(path))
+                mtime = now
+        except (OSError, ConfigError):
+            continue  # keep the old keys rather than lock everyone out
 
-    def __init__(self, server: DeepHearingEmulator, path: Path, interval: float = 5.0) -> None:
-        self._server = server
-        self._path = path
-        self._interval = interval
-        self._stop = threading.Event()
-        self._mtime = path.stat().st_mtime_ns
-        self._thread = threading.Thread(target=self._run, name="keys-watcher", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
+@dataclass(frozen=True)
+class Listening:
+    """Where a started ``dhwatch serve`` answers (printed once, for people and scripts)."""
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
+    api_url: str
+    storage_url: str
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                mtime = self._path.stat().st_mtime_ns
-                if mtime != self._mtime:
-                    self._server.set_keys(read_keys(self._path))
-                    self._mtime = mtime
-            except (OSError, ConfigError):
-                continue  # keep the old keys rather than lock everyone out
+
+async def serve(service: DeepHearingService, api_address: str, storage_address: str, keys_file: Path,
+                public_host: str | None, ready: Callable[[Listening], None]) -> None:  # fmt: skip
+    """Serve the API and the storage origins until SIGINT/SIGTERM; ConfigError if an address is taken.
+
+    ``public_host`` is the host name put in result URLs (the storage's bound host when None).
+    """
+    api = AsgiServer(service.api_app, api_address)
+    try:
+        storage = AsgiServer(service.storage_app, storage_address)
+    except ConfigError:
+        await api.aclose()
+        raise
+    host = public_host or storage.host
+    service.storage_url = f"http://{'[' + host + ']' if ':' in host else host}:{storage.port}"
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    service.start()
+    watcher: asyncio.Task[None] | None = None
+    try:
+        await storage.start()
+        await api.start()
+        watcher = asyncio.create_task(watch_keys(service, keys_file))
+        ready(Listening(api.url, service.storage_url))
+        await stop.wait()
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        await api.aclose()
+        await storage.aclose()
+        await asyncio.to_thread(service.stop)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

@@ -1,11 +1,13 @@
-"""A small HTTP/1.1 server for a vendor's callbacks, on the daemon's own event loop.
+"""The listener for a vendor's callbacks: a Starlette app served by uvicorn on the daemon's loop.
 
 Only what a webhook needs: one handler sees each request's method, path and headers
 *before* any body byte is read, so a forged or unwanted request is answered (and the
-connection closed) without the body ever costing memory or disk; an accepted request's body
-is an async stream the handler consumes at its own pace. Parsing is h11's (the parser httpx
-uses), so framing, chunked bodies and keep-alive follow the RFC. Every read has a timeout,
-so a stalled client cannot hold a connection for ever.
+connection closed) without the body costing memory or disk beyond uvicorn's flow-control
+buffer; an accepted request's body is an async stream the handler consumes at its own pace.
+HTTP framing, chunked bodies, keep-alive and ``Expect: 100-continue`` (sent only once the body
+is read) are uvicorn's (h11). Every read has a timeout (the request head and idle keep-alive
+too: :class:`~dhwatch.asgi.TimelyH11Protocol`), so a stalled client cannot hold a connection
+for ever; past ``max_connections`` a request is answered 503.
 
 What the answer means is the handler's business; for DeepAffects anything but a 200 makes
 the vendor send the callback again (up to 5 times), so the handler answers 200 once the
@@ -14,19 +16,22 @@ callback is safely stored, and a crashing handler's 500 simply asks for it again
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import h11
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
+from dhwatch.asgi import AsgiServer, BodyTimeout, ClientGone, iter_body
+from dhwatch.errors import ConfigError
 from dhwatch.logs import get_logger
 
-#: bytes read from the socket at once
-READ_SIZE = 256 * 1024
+#: every method reaches the handler, which decides (a GET on a callback URL is its 405 to give)
+_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 @dataclass
@@ -53,8 +58,19 @@ class CallbackAnswer:
 Handler = Callable[[CallbackRequest], Awaitable[CallbackAnswer]]
 
 
-class _Unread(Exception):
-    """The request body was not (fully) read: the connection cannot carry another request."""
+class _Body:
+    """The request body as the handler reads it; remembers whether it was read to the end."""
+
+    def __init__(self, request: Request, io_timeout: float) -> None:
+        self._stream = iter_body(request.receive, io_timeout)
+        headers = request.headers
+        self.expected = "transfer-encoding" in headers or headers.get("content-length", "0") not in ("", "0")
+        self.finished = False
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        async for data in self._stream:
+            yield data
+        self.finished = True
 
 
 class WebhookServer:
@@ -63,135 +79,62 @@ class WebhookServer:
     def __init__(
         self, host: str, port: int, handler: Handler, *, io_timeout: float = 60.0, max_connections: int = 64
     ) -> None:
-        self._host = host
-        self._port = port
+        self._address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._handler = handler
         self._io_timeout = io_timeout
         self._max_connections = max_connections
-        self._server: asyncio.Server | None = None
-        #: open connections: closing their transports ends them (cancelling the tasks
-        #: asyncio.start_server made would make asyncio log a spurious error)
-        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._server: AsgiServer | None = None
+        self._app = Starlette(routes=[Route("/{path:path}", self._endpoint, methods=_METHODS)])
         self._log = get_logger()
 
     async def start(self) -> None:
         """Bind and listen. Raises :class:`OSError` (port taken, address not ours)."""
-        self._server = await asyncio.start_server(self._serve, self._host, self._port, reuse_address=True)
+        try:
+            server = AsgiServer(self._app, self._address, limit_concurrency=self._max_connections,
+                                timeout_keep_alive=self._io_timeout)  # fmt: skip
+        except ConfigError as exc:
+            cause = exc.__cause__
+            raise cause if isinstance(cause, OSError) else OSError(str(exc)) from None
+        self._server = await server.start()
 
     @property
     def port(self) -> int:
         """The bound port (the real one when 0 was asked for)."""
-        if self._server is None or not self._server.sockets:
+        if self._server is None:
             raise RuntimeError("the webhook server is not listening")
-        return int(self._server.sockets[0].getsockname()[1])
+        return self._server.port
 
     async def aclose(self) -> None:
         """Stop listening and end every open connection."""
         server, self._server = self._server, None
         if server is not None:
-            server.close()
-        tasks = list(self._connections)
-        for writer in self._connections.values():
-            writer.transport.abort()
-        if tasks:
-            await asyncio.wait(tasks, timeout=2.0)
-        if server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), timeout=2.0)
+            server.abort_connections()
+            await server.aclose()
 
-    # ----------------------------------------------------------------- connections
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections[task] = writer
+    async def _endpoint(self, request: Request) -> Response:
+        client = request.scope.get("client")
+        peer = f"{client[0]}:{client[1]}" if client else "?"
+        raw_path = request.scope.get("raw_path") or request.scope["path"].encode()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.scope["headers"]}
+        body = _Body(request, self._io_timeout)
+        chunks = body.chunks()
+        callback = CallbackRequest(request.method, raw_path.decode("latin-1"), headers, peer, chunks)
         try:
-            if len(self._connections) > self._max_connections:
-                conn = h11.Connection(h11.SERVER)
-                with contextlib.suppress(h11.ProtocolError, asyncio.TimeoutError, ConnectionError):
-                    if isinstance(await self._next_event(conn, reader), h11.Request):
-                        await self._answer(conn, writer, CallbackAnswer(503, {"error": "too many connections"}), True)
-                return
-            await self._connection(reader, writer)
-        except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError):
-            pass
-        except h11.ProtocolError as exc:
-            self._log.info("callback_bad_http", peer=_peer(writer), error=str(exc))
+            answer = await self._handler(callback)
+        except BodyTimeout:
+            return _answer(CallbackAnswer(408, {"error": "request body timed out"}), close=True)
+        except ClientGone:
+            return _answer(CallbackAnswer(400, {"error": "connection closed inside the body"}), close=True)
+        except Exception as exc:  # a handler bug answers 500, it does not kill the listener
+            self._log.exception("callback_handler_crashed", error=str(exc))
+            answer = CallbackAnswer(500, {"error": "internal error"})
         finally:
-            self._connections.pop(task, None)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER)
-        while True:
-            # The request head (or an idle keep-alive) gets io_timeout in all, not per read:
-            # a client trickling header bytes cannot hold a connection for ever.
-            event = await asyncio.wait_for(self._next_event(conn, reader), self._io_timeout)
-            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                return
-            if not isinstance(event, h11.Request):
-                return
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
-            target = event.target.decode("latin-1")
-            body = self._body(conn, reader, writer)
-            request = CallbackRequest(event.method.decode("ascii"), target.split("?", 1)[0], headers, _peer(writer), body)
-            try:
-                answer = await self._handler(request)
-            except (ConnectionError, asyncio.TimeoutError, h11.ProtocolError):
-                raise
-            except Exception as exc:  # a handler bug answers 500, it does not kill the listener
-                self._log.exception("callback_handler_crashed", error=str(exc))
-                answer = CallbackAnswer(500, {"error": "internal error"})
-            finally:
-                await body.aclose()
-            unread = conn.their_state is not h11.DONE
-            await self._answer(conn, writer, answer, unread)
-            if unread or conn.our_state is h11.MUST_CLOSE:
-                return
-            try:
-                conn.start_next_cycle()
-            except h11.LocalProtocolError:
-                return
-
-    async def _next_event(self, conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
-        while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            data = await asyncio.wait_for(reader.read(READ_SIZE), self._io_timeout)
-            conn.receive_data(data)
-
-    async def _body(
-        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> AsyncGenerator[bytes, None]:
-        if conn.they_are_waiting_for_100_continue:
-            writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-            await writer.drain()
-        while True:
-            event = await self._next_event(conn, reader)
-            if isinstance(event, h11.Data):
-                yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                return
-            else:
-                raise ConnectionError("the connection ended inside the request body")
-
-    async def _answer(self, conn: h11.Connection, writer: asyncio.StreamWriter, answer: CallbackAnswer,
-                      close: bool) -> None:  # fmt: skip
-        body = json.dumps(answer.payload, separators=(",", ":")).encode()
-        headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
-        if close:
-            headers.append(("connection", "close"))
-        writer.write(conn.send(h11.Response(status_code=answer.status, headers=headers)))
-        writer.write(conn.send(h11.Data(data=body)))
-        writer.write(conn.send(h11.EndOfMessage()))
-        await asyncio.wait_for(writer.drain(), self._io_timeout)
+            await chunks.aclose()
+        # A body left unread is not read now: the connection closes after the answer instead.
+        return _answer(answer, close=body.expected and not body.finished)
 
 
-def _peer(writer: asyncio.StreamWriter) -> str:
-    info = writer.get_extra_info("peername")
-    if isinstance(info, tuple) and len(info) >= 2:
-        return f"{info[0]}:{info[1]}"
-    return "?"
+def _answer(answer: CallbackAnswer, *, close: bool) -> Response:
+    body = json.dumps(answer.payload, separators=(",", ":")).encode()
+    headers = {"Connection": "close"} if close else None
+    return Response(body, answer.status, headers, media_type="application/json")

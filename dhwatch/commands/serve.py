@@ -4,51 +4,47 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from dhwatch.cli import EXIT_CONFIG, EXIT_OK, SubParsers, add_command
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from dhwatch.emulators.deephearing import DeepHearingEmulator
-    from dhwatch.serve import KeysWatcher, engine_processor, read_keys, validate_audio
+    import asyncio
+
+    from dhwatch.errors import ConfigError
+    from dhwatch.serve import Listening, engine_processor, read_keys, serve, validate_audio
+    from dhwatch.service.app import DeepHearingService
 
     keys = read_keys(args.keys_file)
     workers = args.workers or (os.cpu_count() or 1)
-    server = DeepHearingEmulator(
-        keys=keys,
-        processor=engine_processor(args.engine, None if args.atten_lim_db >= 100 else args.atten_lim_db,
-                                   args.job_timeout),
+    service = DeepHearingService(
+        keys,
+        engine_processor(args.engine, None if args.atten_lim_db >= 100 else args.atten_lim_db, args.job_timeout),
         validator=validate_audio,
         failed_word="failed",
-        host=args.host,
-        port=args.port,
-        storage_host=args.public_host or args.host,
-        storage_port=args.results_port,
         workdir=args.workdir,
         status_wait=0.0,
         status_methods=("GET", "POST"),
         workers=workers,
     )
+
+    def ready(where: Listening) -> None:
+        print(f"dhwatch serve: DeepHearing API on {where.api_url}, results on {where.storage_url}, "
+              f"{workers} worker(s), {len(keys)} key(s)", flush=True)  # fmt: skip
+
     try:
-        server.start()
-    except OSError as exc:
-        print(f"dhwatch serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        asyncio.run(serve(service, _address(args.host, args.port), _address(args.host, args.results_port),
+                          args.keys_file, args.public_host, ready))  # fmt: skip
+    except ConfigError as exc:
+        print(f"dhwatch serve: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    watcher = KeysWatcher(server, args.keys_file)
-    watcher.start()
-    print(f"dhwatch serve: DeepHearing API on {server.base_url}, results on {server.storage_base_url}, "
-          f"{workers} worker(s), {len(keys)} key(s)", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    watcher.stop()
-    server.stop()
     return EXIT_OK
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def register(sub: SubParsers) -> None:

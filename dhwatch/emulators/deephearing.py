@@ -1,27 +1,17 @@
-"""The DeepHearing emulator: the API origin and its result-storage origin, strict and faultable.
+"""The DeepHearing emulator: the production service (:mod:`dhwatch.service`) plus faults, on 127.0.0.1.
 
-Two servers, because the real service hands out result URLs on another host (a signed
-storage bucket) and a client must never send its API key there:
+Two origins, as the real service has (see :mod:`dhwatch.service.app` for the protocol): the
+API, ``http://127.0.0.1:<p1>`` (``POST /enhance``, ``GET|POST /stat/jobs/<id>``), and the
+storage, ``http://localhost:<p2>/results/<job_id>/<file>?sig=<hmac>``, whose every request's
+headers are logged for tests to check. What the emulator adds to the production service is
+test-only: fault injection and request logs (:mod:`dhwatch.emulators.wire`), and processors
+that make checkable audio without the engine.
 
-- the API, ``http://127.0.0.1:<p1>``: ``POST /enhance`` and ``GET|POST /stat/jobs/<id>``;
-- the storage, ``http://localhost:<p2>/results/<job_id>/<file>?sig=<hmac>``: a wrong or
-  missing ``sig`` answers 403, an ``Authorization`` header answers 400 (as a signed
-  S3 URL does), and every request's headers are logged for tests to check.
-
-Strictness is the point: the key must be exactly a registered one (raw, no ``Bearer``);
-``/enhance`` takes only ``multipart/form-data`` with a boundary, parsed as a stream into
-temp files (a 1 GB upload never sits in memory); one bad part fails the whole request and
-creates no job. Errors the vendor does not document are answered in its error shape with
-our own codes: ``BAD_REQUEST`` (broken multipart, duplicate field names, bad framing),
-``NOT_FOUND``, ``METHOD_NOT_ALLOWED``, ``JOB_NOT_FOUND``.
-
-Jobs move ``pending → pre-processing → processing → post-processing → completed`` over
-``processing_seconds`` (0: finished at the first status request). The result is produced by
-a pluggable :data:`Processor` in a worker thread; the default, :func:`attenuate`, writes real
-audio 6 dB quieter, so a client's output can be checked. The vendor does not document the
-result's format; :func:`to_16k_mono_wav` (``--result-format 16k-mono-wav``) is our guess at
-the other thing a ``model_16k`` may return, so clients can be tested against it. ``dhwatch serve`` reuses this whole
-server with a real denoiser as the processor.
+The result is produced by a pluggable :data:`Processor` in a worker thread; the default,
+:func:`attenuate`, writes real audio 6 dB quieter, so a client's output can be checked. The
+vendor does not document the result's format; :func:`to_16k_mono_wav` (``--result-format
+16k-mono-wav``) is our guess at the other thing a ``model_16k`` may return, so clients can be
+tested against it.
 
 Faults (see :data:`FAULT_KINDS`) are queued per route for tests (:meth:`DeepHearingEmulator.inject`)
 or rolled with seeded rates for soak runs (:meth:`DeepHearingEmulator.set_fault_rate`).
@@ -30,43 +20,43 @@ or rolled with seeded rates for soak runs (:meth:`DeepHearingEmulator.set_fault_
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
-import hmac
+import json
 import logging
-import os
-import secrets
 import shutil
-import tempfile
-import threading
 import time
-import uuid
-from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterable, MutableMapping, Sequence
+from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import IO, Any
-from urllib.parse import quote
-
-from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+from types import TracebackType
+from typing import Any, Self
 
 from dhwatch.audioformat import SNIFF_BYTES, sniff
-from dhwatch.emulators.httpserver import (
-    EmulatorServer,
-    EmulatorService,
-    serve_until_signal,
-    Fault,
-    FaultPlan,
-    Request,
-    RequestRejected,
-    Response,
-    Route,
+from dhwatch.emulators.faults import Fault, FaultPlan
+from dhwatch.emulators.httpserver import EmulatorServer, serve_until_signal
+from dhwatch.emulators.requestlog import RequestLog
+from dhwatch.emulators.wire import App, Receive, Scope, Send, fault_of, starlette_route_of
+from dhwatch.service.app import API_CODES, DeepHearingService, api_error, storage_error
+from dhwatch.service.jobs import JobRecord as ServiceJobRecord
+from dhwatch.service.jobs import (
+    APP_ID,
+    COMPLETE_WORDS,
+    MODEL,
+    PHASES,
+    Job,
+    ProcessedFile,
+    Processor,
+    new_job_id,
+    phase_at,
 )
 
 __all__ = [
+    "APP_ID",
+    "COMPLETE_WORDS",
     "DEFAULT_KEY",
     "FAULT_KINDS",
+    "MODEL",
+    "PHASES",
     "ROUTES",
     "DeepHearingEmulator",
     "JobRecord",
@@ -87,26 +77,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_KEY = "dev-key"
 #: route names, for faults and request logs
 ROUTES = ("enhance", "status", "result")
-#: the documented job_status words before the final one
-PHASES = ("pending", "pre-processing", "processing", "post-processing")
-#: the documented final words ("completed" in the table, "complete" in the prose)
-COMPLETE_WORDS = ("completed", "complete")
 #: what the ``odd_status`` fault reports: a word no documentation mentions
 ODD_STATUS_WORD = "queued"
 #: the gain of the default processor, in dB
 GAIN_DB = -6.0
-MODEL = "model_16k"
-APP_ID = 1
 
 _BLOCK_FRAMES = 1 << 16
-_CONTENT_TYPES = {
-    "wav": "audio/wav",
-    "flac": "audio/flac",
-    "ogg": "audio/ogg",
-    "mp3": "audio/mpeg",
-    "mp4": "audio/mp4",
-    "aac": "audio/aac",
-}
 
 #: fault kind -> the routes it hits when none is named (the first is the natural one)
 FAULT_KINDS: dict[str, tuple[str, ...]] = {
@@ -134,18 +110,6 @@ _ROUTE_BOUND = {"stuck": "enhance", "odd_status": "status", "result_404": "resul
 
 
 # --------------------------------------------------------------------------- processing
-
-
-@dataclass(frozen=True)
-class ProcessedFile:
-    """A processor's output: the file to serve, and what the job bills."""
-
-    path: Path
-    billed_seconds: float  #: duration × channels ("sum of all channel lengths")
-
-
-#: ``(src, dst_dir, filename) -> ProcessedFile``: turns one upload into its result, in dst_dir
-Processor = Callable[[Path, Path, str], ProcessedFile]
 
 
 def attenuate(src: Path, dst_dir: Path, filename: str) -> ProcessedFile:
@@ -243,118 +207,8 @@ def decodable(path: Path) -> None:
             raise ValueError("no audio frames")
 
 
-def new_job_id() -> str:
-    """A job id as DeepHearing makes them: URL-safe base64 of a uuid4, unpadded (22 chars)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
 
-
-def phase_at(elapsed: float, processing_seconds: float) -> tuple[int, float]:
-    """Which phase a job is in after ``elapsed`` seconds, and when that phase began.
-
-    Phase ``len(PHASES)`` is the final one. Each of the four working phases takes a quarter
-    of ``processing_seconds``. Pure, so progression is testable without a clock.
-    """
-    if processing_seconds <= 0 or elapsed >= processing_seconds:
-        return len(PHASES), max(processing_seconds, 0.0)
-    index = min(int(max(elapsed, 0.0) / processing_seconds * len(PHASES)), len(PHASES) - 1)
-    return index, index * processing_seconds / len(PHASES)
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """What tests may inspect about one job."""
-
-    job_id: str
-    field_name: str  #: the multipart field name: the client's correlation key
-    file_name: str  #: the file name the client sent
-    sha256: str  #: of the uploaded bytes, as received
-    size: int
-    created: float
-    stuck: bool
-    processed: bool
-    billed_seconds: float | None
-    error: str | None  #: why the processor failed, if it did
-
-
-@dataclass
-class _Job:
-    job_id: str
-    field_name: str
-    file_name: str
-    result_name: str
-    sha256: str
-    size: int
-    created: float
-    uid: int
-    file_key: str
-    stuck: bool
-    src: Path
-    container: str
-    done: threading.Event = field(default_factory=threading.Event)
-    output: ProcessedFile | None = None
-    error: str | None = None
-
-    def record(self) -> JobRecord:
-        return JobRecord(
-            job_id=self.job_id,
-            field_name=self.field_name,
-            file_name=self.file_name,
-            sha256=self.sha256,
-            size=self.size,
-            created=self.created,
-            stuck=self.stuck,
-            processed=self.output is not None,
-            billed_seconds=self.output.billed_seconds if self.output else None,
-            error=self.error,
-        )
-
-
-def _result_name(file_name: str) -> str:
-    """A file name safe to put in a storage path: the base name, no separators or controls."""
-    base = file_name.replace("\\", "/").rsplit("/", 1)[-1]
-    base = "".join(ch for ch in base if ch.isprintable())
-    return base if base.strip(". ") else "audio"
-
-
-# --------------------------------------------------------------------------- error bodies
-
-
-def _api_error(status: int, code: str, msg: str) -> Response:
-    return Response.json(status, {"error": {"code": code, "msg": msg}})
-
-
-_API_CODES = {
-    400: "BAD_REQUEST",
-    404: "NOT_FOUND",
-    405: "METHOD_NOT_ALLOWED",
-    413: "PAYLOAD_TOO_LARGE",
-    429: "TOO_MANY_REQUESTS",
-    500: "INTERNAL_ERROR",
-}
-_S3_CODES = {
-    400: "InvalidArgument",
-    403: "AccessDenied",
-    404: "NoSuchKey",
-    405: "MethodNotAllowed",
-    429: "TooManyRequests",
-    500: "InternalError",
-    502: "BadGateway",
-    503: "SlowDown",
-    504: "GatewayTimeout",
-}
-
-
-def _api_server_error(status: int, message: str) -> Response:
-    return _api_error(status, _API_CODES.get(status, "ERROR"), message)
-
-
-def _storage_error(status: int, message: str) -> Response:
-    code = _S3_CODES.get(status, "Error")
-    xml = (
-        '<?xml version="1.0" encoding="UTF-8"?>\n'
-        f"<Error><Code>{code}</Code><Message>{message}</Message></Error>\n"
-    )
-    return Response(status, xml.encode(), content_type="application/xml")
+# --------------------------------------------------------------------------- faults
 
 
 def _gateway_page(status: int) -> bytes:
@@ -384,189 +238,98 @@ def make_fault(kind: str, route: str, *, retry_after: float | None = 1.0, slow_s
     if kind == "slow":
         return Fault.slow(slow_seconds)
     if kind == "invalid":  # the service's verdict on a file that looks like audio
-        return _answering(_api_error(400, "INVALID_FILE", "Invalid file type from input"), label="invalid")
+        return _answering(400, _api_body("INVALID_FILE", "Invalid file type from input"), "application/json",
+                          label="invalid")  # fmt: skip
     if kind == "html":  # a proxy, CDN or captive portal answering 200 with its own page: not the result
-        return _answering(Response(200, _gateway_page(503), content_type="text/html"), label="html")
+        return _answering(200, _gateway_page(503), "text/html", label="html")
     if kind == "bad_key":  # one request answered as if the key were unknown
-        return _answering(_api_error(401, "API_KEY_NOT_FOUND", "Unregistered API Key"), label="bad_key")
+        return _answering(401, _api_body("API_KEY_NOT_FOUND", "Unregistered API Key"), "application/json",
+                          label="bad_key")  # fmt: skip
     status = 404 if kind == "result_404" else int(kind)
     headers = {"Retry-After": f"{retry_after:g}"} if status == 429 and retry_after is not None else {}
     label = kind if kind == "result_404" else None
     if route == "result":
-        error = _storage_error(status, "injected fault")
-    elif status in (502, 503, 504):
-        error = Response(status, _gateway_page(status), content_type="text/html")
-    else:
-        error = _api_server_error(status, "injected fault")
-    return _answering(error, headers=headers, label=label)
+        error = storage_error(status, "injected fault")
+        return _answering(status, bytes(error.body), "application/xml", headers=headers, label=label)
+    if status in (502, 503, 504):
+        return _answering(status, _gateway_page(status), "text/html", headers=headers, label=label)
+    body = _api_body(API_CODES.get(status, "ERROR"), "injected fault")
+    return _answering(status, body, "application/json", headers=headers, label=label)
 
 
-def _answering(response: Response, *, headers: dict[str, str] | None = None, label: str | None = None) -> Fault:
-    """A fault that sends ``response`` instead of running the handler (built in memory: bytes)."""
-    assert isinstance(response.body, bytes)
-    return Fault.http(response.status, response.body, headers, content_type=response.content_type, label=label)
+def _api_body(code: str, msg: str) -> bytes:
+    return bytes(api_error(400, code, msg).body)
 
 
-# --------------------------------------------------------------------------- multipart
+def _answering(status: int, body: bytes, content_type: str, *, headers: dict[str, str] | None = None,
+               label: str | None = None) -> Fault:  # fmt: skip
+    """A fault that sends this answer instead of running the service."""
+    return Fault.http(status, body, headers, content_type=content_type, label=label)
 
 
-class _FormRejected(Exception):
-    """A multipart body the service refuses; carries the answer."""
+class _ServiceFaults:
+    """The faults that need the service's meaning: ``stuck`` and ``drop`` on enhance, ``odd_status``.
 
-    def __init__(self, response: Response) -> None:
-        super().__init__(response.status)
-        self.response = response
-
-
-def _bad_request(msg: str) -> _FormRejected:
-    return _FormRejected(_api_error(400, "BAD_REQUEST", msg))
-
-
-def _invalid_file() -> _FormRejected:
-    return _FormRejected(_api_error(400, "INVALID_FILE", "Invalid file type from input"))
-
-
-@dataclass
-class _FilePart:
-    field_name: str
-    file_name: str
-    path: Path
-    handle: IO[bytes] | None
-    size: int = 0
-    head: bytes = b""
-    digest: Any = field(default_factory=hashlib.sha256)
-
-
-class _FormReader:
-    """Streams one multipart/form-data body into one temp file per file part.
-
-    A part is a file part when its Content-Disposition has a ``filename`` (as web frameworks
-    decide); other fields are read and ignored. Raises :class:`_FormRejected` as soon as the
-    body is known to be refused, so a bad upload stops costing disk at once.
+    Sits between the :class:`~dhwatch.emulators.wire.FaultLayer` (which chose the fault and
+    acts out its wire part) and the production API app, reading the app's small JSON answer.
     """
 
-    def __init__(self, boundary: bytes, spool: Path) -> None:
-        self.files: list[_FilePart] = []
-        self._spool = spool
-        self._names: set[str] = set()
-        self._headers: dict[str, str] = {}
-        self._header_field = bytearray()
-        self._header_value = bytearray()
-        self._part: _FilePart | None = None
-        try:
-            self._parser = MultipartParser(
-                boundary,
-                {
-                    "on_part_begin": self._on_part_begin,
-                    "on_header_field": self._on_header_field,
-                    "on_header_value": self._on_header_value,
-                    "on_header_end": self._on_header_end,
-                    "on_headers_finished": self._on_headers_finished,
-                    "on_part_data": self._on_part_data,
-                    "on_part_end": self._on_part_end,
-                },
-            )
-        except FormParserError as exc:
-            raise _bad_request(f"unusable boundary: {exc}") from exc
+    def __init__(self, emulator: DeepHearingEmulator, app: App) -> None:
+        self._emulator = emulator
+        self._app = app
 
-    def feed(self, data: bytes) -> None:
-        try:
-            self._parser.write(data)
-        except FormParserError as exc:
-            raise _bad_request(f"malformed multipart body: {exc}") from exc
-
-    def finish(self) -> None:
-        if self._parser.state != MultipartState.END:
-            raise _bad_request("multipart body ends before its closing boundary")
-        if not self.files:
-            raise _invalid_file()
-
-    def discard(self) -> None:
-        for part in self.files:
-            if part.handle is not None:
-                part.handle.close()
-            part.path.unlink(missing_ok=True)
-
-    def _on_part_begin(self) -> None:
-        self._headers = {}
-        self._part = None
-
-    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header_field += data[start:end]
-
-    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header_value += data[start:end]
-
-    def _on_header_end(self) -> None:
-        try:
-            name = self._header_field.decode("ascii").strip().lower()
-            value = self._header_value.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise _bad_request("part header is not UTF-8")
-        self._headers[name] = value
-        self._header_field.clear()
-        self._header_value.clear()
-
-    def _on_headers_finished(self) -> None:
-        # Bytes, not str: the library encodes a str as Latin-1, and clients (browsers, curl,
-        # httpx) send file names as raw UTF-8.
-        disposition, params = parse_options_header((self._headers.get("content-disposition") or "").encode("utf-8"))
-        raw_name = params.get(b"name")
-        if disposition != b"form-data" or raw_name is None:
-            raise _bad_request("every part needs Content-Disposition: form-data; name=...")
-        field_name = raw_name.decode("utf-8", "replace")
-        if field_name in self._names:
-            raise _bad_request(f"duplicate field name {field_name!r}")
-        self._names.add(field_name)
-        raw_file_name = params.get(b"filename")
-        if raw_file_name is None:
-            return  # a plain form field: read and ignored
-        fd, tmp = tempfile.mkstemp(dir=self._spool, suffix=".part")
-        part = _FilePart(field_name, raw_file_name.decode("utf-8", "replace"), Path(tmp), os.fdopen(fd, "wb"))
-        self.files.append(part)
-        self._part = part
-
-    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
-        part = self._part
-        if part is None or part.handle is None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fault = fault_of(scope) if scope["type"] == "http" else None
+        label = fault.label if fault is not None else None
+        if label not in ("stuck", "drop", "odd_status"):
+            await self._app(scope, receive, send)
             return
-        chunk = data[start:end]
-        if len(part.head) < SNIFF_BYTES:
-            part.head += chunk[: SNIFF_BYTES - len(part.head)]
-            if len(part.head) >= SNIFF_BYTES and sniff(part.head) is None:
-                raise _invalid_file()
-        part.handle.write(chunk)
-        part.digest.update(chunk)
-        part.size += len(chunk)
+        start: MutableMapping[str, Any] | None = None
+        body = bytearray()
 
-    def _on_part_end(self) -> None:
-        part = self._part
-        if part is None or part.handle is None:
-            return
-        part.handle.close()
-        part.handle = None
-        if part.size == 0 or sniff(part.head) is None:
-            raise _invalid_file()
+        async def keep(message: MutableMapping[str, Any]) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+            elif message["type"] == "http.response.body":
+                body.extend(message.get("body", b""))
+
+        await self._app(scope, receive, keep)
+        if start is None:
+            return  # the client went away: nothing to act on or answer
+        payload = bytes(body)
+        if start["status"] == 200:
+            payload = self._emulator._act(label or "", scope["path"], payload)
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(payload)).encode()))
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
 
 # --------------------------------------------------------------------------- the emulator
 
 
-class DeepHearingEmulator(EmulatorService):
+@dataclass(frozen=True)
+class JobRecord(ServiceJobRecord):
+    """What tests may inspect about one job: the service's record, and whether a fault made it stuck."""
 
+    stuck: bool = False
+
+
+class DeepHearingEmulator(DeepHearingService):
     """The DeepHearing API and its storage origin, as two local servers sharing one job table.
 
-    Knobs: ``keys`` (registered API keys; rotate with :meth:`set_keys`), ``processing_seconds``,
-    ``status_methods`` (``("GET",)``, ``("POST",)`` or both), ``complete_word``
-    (``completed``/``complete``), ``processor`` (default :func:`attenuate`), ``faults`` (a
-    shared :class:`FaultPlan`; pass one with a seed for soak runs), ``retry_after`` and
-    ``slow_seconds`` (used by :meth:`inject`/:meth:`set_fault_rate`), ``status_wait`` (how long
-    a status request waits for a job that is due but still processing before it reports
-    ``post-processing``), ``clock`` (epoch seconds; pass a fake one to test progression).
+    The production service with test knobs: ``keys`` (registered API keys; rotate with
+    :meth:`set_keys`), ``processing_seconds``, ``status_methods`` (``("GET",)``, ``("POST",)``
+    or both), ``complete_word`` (``completed``/``complete``), ``processor`` (default
+    :func:`attenuate`), ``faults`` (a shared :class:`FaultPlan`; pass one with a seed for soak
+    runs), ``retry_after`` and ``slow_seconds`` (used by :meth:`inject`/:meth:`set_fault_rate`),
+    ``status_wait`` (how long a status request waits for a job that is due but still processing
+    before it reports ``post-processing``), ``clock`` (epoch seconds; pass a fake one to test
+    progression).
     """
 
     workdir_prefix = "dhwatch-emu-"
-    worker_name = "deephearing-processor"
 
     def __init__(
         self,
@@ -590,61 +353,67 @@ class DeepHearingEmulator(EmulatorService):
         validator: Callable[[Path], None] | None = None,
         failed_word: str | None = None,
     ) -> None:
-        methods = tuple(m.upper() for m in status_methods)
-        if not methods or not set(methods) <= {"GET", "POST"}:
-            raise ValueError(f"status_methods must be GET and/or POST, not {status_methods!r}")
-        if complete_word not in COMPLETE_WORDS:
-            raise ValueError(f"complete_word must be one of {COMPLETE_WORDS}, not {complete_word!r}")
-        if processing_seconds < 0:
-            raise ValueError("processing_seconds must be >= 0")
-        self.processing_seconds = processing_seconds
-        self.complete_word = complete_word
-        self.processor: Processor = processor or attenuate
+        super().__init__(
+            keys,
+            processor or attenuate,
+            processing_seconds=processing_seconds,
+            status_methods=status_methods,
+            complete_word=complete_word,
+            validator=validator if validator is not None else decodable,
+            failed_word=failed_word,
+            status_wait=status_wait,
+            clock=clock,
+            workers=workers,
+            workdir=workdir,
+        )
         self.faults = faults if faults is not None else FaultPlan()
         self.retry_after = retry_after
         self.slow_seconds = slow_seconds
-        self.status_wait = status_wait
-        #: processor threads (``dhwatch serve``: one per engine worker)
-        self.workers = workers
-        #: called on each uploaded file before a job is created; raising makes it INVALID_FILE
-        self.validator = validator if validator is not None else decodable
-        #: the job_status reported when processing failed (None: the job stays unfinished, as documented)
-        self.failed_word = failed_word
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._keys: frozenset[str] = frozenset()
-        self._uids: dict[str, int] = {}
-        self.set_keys(keys)
-        self._jobs: dict[str, _Job] = {}
-        self._files_received = 0
         #: ids of jobs created by requests whose answer was dropped (the accept-then-drop fault)
         self.unanswered: set[str] = set()
-        self._secret = secrets.token_bytes(32)
-        self.api = EmulatorServer(
-            "deephearing-api",
-            [
-                Route("enhance", ("POST",), r"/enhance", self._enhance),
-                Route("status", methods, r"/stat/jobs/(?P<job_id>[^/]+)", self._status),
-            ],
-            host=host,
-            port=port,
-            faults=self.faults,
-            error_response=_api_server_error,
-        )
-        self.storage = EmulatorServer(
-            "deephearing-storage",
-            [Route("result", ("GET", "HEAD"), r"/results/(?P<job_id>[^/]+)/(?P<file>[^/]+)", self._result)],
-            host=host,
-            port=storage_port,
-            url_host=storage_host,
-            faults=self.faults,
-            error_response=_storage_error,
-        )
-        super().__init__([self.storage, self.api], workdir=workdir, workers=workers)
+        #: ids of jobs created by a request with the ``stuck`` fault: they never finish
+        self._stuck: set[str] = set()
+        self.api = EmulatorServer("deephearing-api", app=_ServiceFaults(self, self.api_app),
+                                  route_of=starlette_route_of(self.api_app), host=host, port=port,
+                                  faults=self.faults)  # fmt: skip
+        self.storage = EmulatorServer("deephearing-storage", app=self.storage_app,
+                                      route_of=starlette_route_of(self.storage_app), host=host,
+                                      port=storage_port, url_host=storage_host, faults=self.faults)  # fmt: skip
 
     # ----------------------------------------------------------------- lifecycle
 
+    def start(self) -> Self:
+        """Start the processor threads and both origins; returns self."""
+        super().start()
+        try:
+            self.storage.start()
+            self.storage_url = self.storage.url
+            self.api.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop both origins and the processors; remove a temporary working folder. Idempotent."""
+        self.api.stop()
+        self.storage.stop()
+        super().stop()
+
+    def __enter__(self) -> DeepHearingEmulator:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
     # ----------------------------------------------------------------- introspection
+
+    @property
+    def base_url(self) -> str:
+        """The API origin, e.g. ``http://127.0.0.1:8080``."""
+        return self.api.url
 
     @property
     def storage_base_url(self) -> str:
@@ -652,35 +421,19 @@ class DeepHearingEmulator(EmulatorService):
         return self.storage.url
 
     @property
-    def jobs(self) -> list[JobRecord]:
-        """Every job created so far, oldest first."""
-        with self._lock:
-            return [job.record() for job in self._jobs.values()]
+    def api_log(self) -> RequestLog:
+        """Every request the API origin received (query strings and headers included)."""
+        return self.api.log
+
+    @property
+    def storage_log(self) -> RequestLog:
+        """Every request the storage origin received, headers included (credentials must never appear)."""
+        return self.storage.log
 
     @property
     def enhance_requests(self) -> int:
         """How many ``/enhance`` requests arrived, whatever became of them."""
         return self.api.log.count("enhance")
-
-    @property
-    def files_received(self) -> int:
-        """How many file parts ``/enhance`` has read, accepted or not."""
-        with self._lock:
-            return self._files_received
-
-    @property
-    def keys(self) -> frozenset[str]:
-        """The API keys currently registered."""
-        with self._lock:
-            return self._keys
-
-    def set_keys(self, keys: Iterable[str]) -> None:
-        """Replace the registered keys at runtime (key rotation, or a revoked key)."""
-        new = frozenset(keys)
-        with self._lock:
-            self._keys = new
-            for key in sorted(new):
-                self._uids.setdefault(key, len(self._uids) + 1)
 
     # ----------------------------------------------------------------- faults
 
@@ -720,164 +473,34 @@ class DeepHearingEmulator(EmulatorService):
     def _fault(self, kind: str, route: str) -> Fault:
         return make_fault(kind, route, retry_after=self.retry_after, slow_seconds=self.slow_seconds)
 
-    # ----------------------------------------------------------------- handlers
-
-    def _authorize(self, request: Request) -> int:
-        """The caller's uid; 401 unless the one Authorization header is exactly a registered key."""
-        values = request.headers.get_all("Authorization") or []
+    @property
+    def jobs(self) -> list[JobRecord]:  # type: ignore[override]  # the service's records, plus ``stuck``
+        """Every job created so far, oldest first."""
         with self._lock:
-            if len(values) == 1 and values[0] in self._keys:
-                return self._uids[values[0]]
-        raise RequestRejected(_api_error(401, "API_KEY_NOT_FOUND", "Unregistered API Key"))
+            stuck = set(self._stuck)
+        return [JobRecord(**asdict(record), stuck=record.job_id in stuck) for record in super().jobs]
 
-    def _enhance(self, request: Request) -> Response:
-        uid = self._authorize(request)
-        media_type, params = parse_options_header(request.headers.get("Content-Type"))
-        boundary = params.get(b"boundary")
-        if media_type != b"multipart/form-data" or not boundary:
-            raise RequestRejected(
-                _api_error(400, "BAD_REQUEST", "expected Content-Type: multipart/form-data with a boundary")
-            )
-        assert self._workdir is not None
-        form: _FormReader | None = None
-        try:
-            try:
-                form = _FormReader(boundary, self._workdir / "spool")
-                for data in request.iter_body():
-                    form.feed(data)
-                form.finish()
-            finally:
+    def phase(self, job: Job) -> tuple[int, float]:
+        """A ``stuck`` job stays in ``processing`` for ever; others move on by the clock."""
+        if job.job_id in self._stuck:
+            return 2, 0.5 * self.processing_seconds
+        return super().phase(job)
+
+    def _act(self, label: str, path: str, body: bytes) -> bytes:
+        """Give a service-level fault its meaning, from the service's 200 answer; returns the answer to send."""
+        payload = json.loads(body)
+        if path == "/enhance" and label in ("stuck", "drop"):
+            for job_id in payload.values():
                 with self._lock:
-                    self._files_received += len(form.files) if form else 0
-        except BaseException as exc:
-            if form is not None:
-                form.discard()
-            if isinstance(exc, _FormRejected):
-                raise RequestRejected(exc.response) from exc
-            raise
-        if self.validator is not None:
-            for part in form.files:
-                try:
-                    self.validator(part.path)
-                except Exception as exc:  # noqa: BLE001 - any refusal means "not audio we can process"
-                    logger.info("upload %r refused: %s", part.file_name, exc)
-                    form.discard()
-                    raise RequestRejected(_invalid_file().response) from exc
-        stuck = request.fault is not None and request.fault.label == "stuck"
-        jobs = [self._create_job(part, uid, stuck) for part in form.files]
-        if request.fault is not None and request.fault.label == "drop":
-            with self._lock:  # created, but the client will never hear of them
-                self.unanswered |= {job.job_id for job in jobs}
-        return Response.json(200, {job.field_name: job.job_id for job in jobs})
-
-    def _create_job(self, part: _FilePart, uid: int, stuck: bool) -> _Job:
-        assert self._workdir is not None and self._executor is not None
-        job_id = new_job_id()
-        job_dir = self._workdir / "jobs" / job_id
-        job_dir.mkdir(parents=True)
-        result_name = _result_name(part.file_name)
-        src = job_dir / "upload"
-        part.path.replace(src)
-        job = _Job(
-            job_id=job_id,
-            field_name=part.field_name,
-            file_name=part.file_name,
-            result_name=result_name,
-            sha256=part.digest.hexdigest(),
-            size=part.size,
-            created=self._clock(),
-            uid=uid,
-            file_key=f"{APP_ID}-{uid}-{str(uuid.uuid4()).upper()}",
-            stuck=stuck,
-            src=src,
-            container=sniff(part.head) or "",
-        )
-        with self._lock:
-            self._jobs[job_id] = job
-        self._executor.submit(self._process, job, job_dir / "result")
-        return job
-
-    def _process(self, job: _Job, out_dir: Path) -> None:
-        try:
-            out_dir.mkdir()
-            job.output = self.processor(job.src, out_dir, job.result_name)
-        except Exception as exc:  # the job then never finishes: a client's deadline must catch it
-            logger.exception("processing job %s (%s) failed", job.job_id, job.file_name)
-            job.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            job.done.set()
-
-    def _status(self, request: Request) -> Response:
-        self._authorize(request)
-        with self._lock:
-            job = self._jobs.get(request.params["job_id"])
-        if job is None:
-            raise RequestRejected(_api_error(404, "JOB_NOT_FOUND", "Job not found"))
-        word, since = self._job_status(job)
-        if request.fault is not None and request.fault.label == "odd_status":
-            word = ODD_STATUS_WORD
-        payload: dict[str, Any] = {
-            "model": MODEL,
-            "app_id": APP_ID,
-            "billed_time": round(job.output.billed_seconds, 3) if job.output else 0,
-            "mod_time": int(job.created + since),
-            "timestamp": int(job.created),
-        }
-        if word == self.complete_word:
-            payload["result"] = self._result_url(job)
-        payload |= {
-            "file_name": job.file_name,
-            "job_id": job.job_id,
-            "uid": job.uid,
-            "file_key": job.file_key,
-            "job_status": word,
-        }
-        return Response.json(200, payload)
-
-    def _job_status(self, job: _Job) -> tuple[str, float]:
-        """The job_status word now, and when (seconds after creation) that phase began."""
-        final = len(PHASES)
-        if job.error is not None and self.failed_word is not None:
-            return self.failed_word, self._clock() - job.created
-        if job.stuck:
-            index, since = 2, 0.5 * self.processing_seconds
-        else:
-            index, since = phase_at(self._clock() - job.created, self.processing_seconds)
-        if index == final and not (job.done.wait(self.status_wait) and job.output is not None):
-            index = final - 1  # due, but the processor is late (or failed): still post-processing
-        return (self.complete_word if index == final else PHASES[index]), since
-
-    def _sign(self, job_id: str, name: str) -> str:
-        return hmac.new(self._secret, f"{job_id}/{name}".encode(), hashlib.sha256).hexdigest()
-
-    def _result_url(self, job: _Job) -> str:
-        name = job.result_name
-        if job.output is not None:  # a processor may change the container: the URL says so, as storage would
-            stem, dot, ext = name.rpartition(".")
-            suffix = job.output.path.suffix
-            if suffix and f".{ext}".lower() != suffix.lower():
-                name = f"{stem if dot else name}{suffix}"
-        sig = self._sign(job.job_id, name)
-        return f"{self.storage.url}/results/{job.job_id}/{quote(name, safe='')}?sig={sig}"
-
-    def _result(self, request: Request) -> Response:
-        if request.headers.get("Authorization") is not None:
-            raise RequestRejected(
-                _storage_error(400, "Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter")
-            )
-        job_id, name = request.params["job_id"], request.params["file"]
-        sig = request.query_value("sig") or ""
-        if not hmac.compare_digest(sig.encode(), self._sign(job_id, name).encode()):
-            raise RequestRejected(_storage_error(403, "Request signature does not match"))
-        with self._lock:
-            job = self._jobs.get(job_id)
-        if job is None or job.output is None:
-            raise RequestRejected(_storage_error(404, "The specified key does not exist."))
-        with open(job.output.path, "rb") as f:
-            container = sniff(f.read(SNIFF_BYTES))
-        content_type = _CONTENT_TYPES.get(container or "", "application/octet-stream")
-        return Response(200, job.output.path, content_type=content_type)
-
+                    if label == "stuck":
+                        self._stuck.add(job_id)
+                    else:  # created, but the client will never hear of them
+                        self.unanswered.add(job_id)
+        if label == "odd_status" and "job_status" in payload:
+            payload.pop("result", None)
+            payload["job_status"] = ODD_STATUS_WORD
+            return json.dumps(payload, separators=(",", ":")).encode()
+        return body
 
 # --------------------------------------------------------------------------- CLI
 

@@ -1,13 +1,16 @@
-"""Shared plumbing for the vendor emulators: a real HTTP/1.1 server that can misbehave on cue.
+"""The emulators' HTTP origins: uvicorn + an ASGI app, with faults and a request log.
 
-Why a real server: dhwatch's clients must be tested against real sockets (keep-alive, resets,
-truncated bodies, timeouts), which an in-process mock transport cannot produce.
+Why real servers: dhwatch's clients must be tested against real sockets (keep-alive, resets,
+truncated bodies, timeouts), which an in-process mock transport cannot produce. The stack is
+the production one (uvicorn, via :class:`dhwatch.asgi.ThreadedAsgiServer`); what the
+emulators add lives in :mod:`dhwatch.emulators.wire` (faults, request log) and here.
 
-An emulator is a list of :class:`Route` (name, methods, path regex, handler) served by an
-:class:`EmulatorServer` on 127.0.0.1 in a background thread. Every request is recorded in the
-server's :class:`RequestLog`. Before a routed request is handled, the server asks its
-:class:`FaultPlan` (shareable between servers: faults are keyed by route name) whether to
-misbehave. Usage::
+An origin serves either an ASGI app (the DeepHearing emulator serves the production service,
+:mod:`dhwatch.service`) or a list of :class:`Route` (name, methods, path regex, synchronous
+handler) run in worker threads, whose request bodies stream through :meth:`Request.iter_body`.
+Every request is recorded in the origin's :class:`RequestLog`; before a routed request is
+handled, the origin asks its :class:`FaultPlan` (shareable between origins: faults are keyed by
+route name) whether to misbehave (the kinds are in :mod:`dhwatch.emulators.faults`). Usage::
 
     def hello(req: Request) -> Response:
         return Response.json(200, {"hello": req.params["name"]})
@@ -19,48 +22,38 @@ misbehave. Usage::
         httpx.get(f"{srv.url}/hello/x")
         srv.log.entries("hello")
 
-Fault kinds (:class:`FaultKind`)::
-
-    http      answer status N with fixed headers/body; the handler does not run
-    reset     TCP RST (SO_LINGER 0, then close); the handler does not run
-    slow      wait ``delay`` seconds, then handle normally
-    drop      run the handler (its side effects happen), then close without any response
-    truncate  run the handler, promise the full Content-Length, send half the body, close
-    custom    run the handler with ``request.fault`` set: the emulator decides what it means
-
-Keep-alive stays correct: every response carries Content-Length, a request body the handler
-did not read is drained before answering, and a body whose framing is broken gets a 400 and a
-closed connection (the start of the next request is unknowable). Request bodies may be sent
-with Content-Length or chunked; handlers stream them with :meth:`Request.iter_body`.
+HTTP framing (Content-Length, chunked bodies, keep-alive, broken framing answered 400 and
+closed) is uvicorn's (h11). A connection silent for ``io_timeout`` (idle, or a stalled body) is
+closed without an answer.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import io
+import asyncio
 import json
 import logging
-import random
+import re
 import shutil
 import tempfile
-import re
-import socket
-import socketserver
-import struct
 import threading
-import time
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.message import Message
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
+
+import anyio.from_thread
+import anyio.to_thread
+
+from dhwatch.asgi import ThreadedAsgiServer
+from dhwatch.emulators.faults import ANY_ROUTE, Fault, FaultKind, FaultPlan
+from dhwatch.emulators.requestlog import LoggedRequest, RequestLog
+from dhwatch.emulators.wire import TRANSPORT, App, FaultLayer, Receive, Scope, Send, TransportProtocol, fault_of
+from dhwatch.errors import ConfigError
 
 __all__ = [
     "ANY_ROUTE",
@@ -85,13 +78,6 @@ logger = logging.getLogger(__name__)
 
 #: read/write granularity for bodies: big enough to be fast, small enough to stay streaming
 CHUNK_SIZE = 64 * 1024
-#: longest chunk-size or trailer line accepted in a chunked request body
-_MAX_CHUNK_LINE = 4096
-#: route name that matches every route in :class:`FaultPlan`
-ANY_ROUTE = "*"
-
-_DIGITS = re.compile(r"[0-9]{1,19}")
-_HEX = re.compile(r"[0-9A-Fa-f]{1,15}")
 
 
 class EmulatorError(Exception):
@@ -143,278 +129,39 @@ def plain_error(status: int, message: str) -> Response:
     return Response(status, text.encode(), content_type="text/plain; charset=utf-8")
 
 
-# --------------------------------------------------------------------------- faults
-
-
-class FaultKind(enum.Enum):
-    """How a request is made to fail; see the module docstring for the exact wire behaviour."""
-
-    #: fixed status/headers/body instead of the handler's answer
-    HTTP = "http"
-    #: connection reset (RST) after the body is read; no answer
-    RESET = "reset"
-    #: sleep ``delay`` seconds, then answer normally
-    SLOW = "slow"
-    #: side effects happen, then the connection closes with no answer
-    DROP = "drop"
-    #: the answer's body stops halfway, then the connection closes
-    TRUNCATE = "truncate"
-    #: handed to the handler as ``request.fault``; the emulator gives it meaning
-    CUSTOM = "custom"
-
-
-@dataclass(frozen=True)
-class Fault:
-    """One way to misbehave. ``label`` names it in logs and in :class:`FaultPlan` rates."""
-
-    kind: FaultKind
-    label: str
-    status: int = 0
-    headers: tuple[tuple[str, str], ...] = ()
-    body: bytes = b""
-    content_type: str | None = None
-    delay: float = 0.0
-
-    @classmethod
-    def http(
-        cls,
-        status: int,
-        body: bytes | str = b"",
-        headers: Mapping[str, str] | None = None,
-        *,
-        content_type: str | None = None,
-        label: str | None = None,
-    ) -> Fault:
-        """Answer ``status`` (e.g. 503, or 429 with ``{"Retry-After": "2"}``) without running the handler."""
-        raw = body.encode() if isinstance(body, str) else body
-        pairs = tuple((headers or {}).items())
-        return cls(FaultKind.HTTP, label or f"http_{status}", status, pairs, raw, content_type)
-
-    @classmethod
-    def reset(cls) -> Fault:
-        """Reset the connection once the request has arrived."""
-        return cls(FaultKind.RESET, "reset")
-
-    @classmethod
-    def slow(cls, seconds: float) -> Fault:
-        """Answer normally, but only after ``seconds``."""
-        return cls(FaultKind.SLOW, "slow", delay=seconds)
-
-    @classmethod
-    def drop(cls) -> Fault:
-        """Accept and process the request, then close without answering."""
-        return cls(FaultKind.DROP, "drop")
-
-    @classmethod
-    def truncate(cls) -> Fault:
-        """Promise the full body length, send half of it, close."""
-        return cls(FaultKind.TRUNCATE, "truncate")
-
-    @classmethod
-    def custom(cls, label: str) -> Fault:
-        """An emulator-specific fault the handler interprets (e.g. ``stuck``)."""
-        return cls(FaultKind.CUSTOM, label)
-
-
-class FaultPlan:
-    """Which requests fail, and how: deterministic queues for tests, seeded rates for soak runs.
-
-    Queued faults are consumed first, in order, by the next requests to their route (or to
-    any route for :data:`ANY_ROUTE`). Otherwise each rate for the route is rolled, in the
-    order the rates were set, with one seeded RNG: the same seed and the same request order
-    give the same faults. Thread-safe.
-    """
-
-    def __init__(self, seed: int | None = None) -> None:
-        self._lock = threading.Lock()
-        self._queues: dict[str, deque[list[Any]]] = {}
-        self._rates: dict[tuple[str, str], tuple[Fault, float]] = {}
-        self._rng = random.Random(seed)
-
-    def queue(self, route: str, fault: Fault, count: int = 1) -> None:
-        """Fail the next ``count`` requests to ``route`` with ``fault``."""
-        if count < 1:
-            raise ValueError(f"count must be >= 1, not {count}")
-        with self._lock:
-            self._queues.setdefault(route, deque()).append([fault, count])
-
-    def set_rate(self, route: str, fault: Fault, probability: float) -> None:
-        """Fail each request to ``route`` with probability ``probability`` (0 removes the rate)."""
-        if not 0.0 <= probability <= 1.0:
-            raise ValueError(f"probability must be within [0, 1], not {probability}")
-        with self._lock:
-            if probability == 0.0:
-                self._rates.pop((route, fault.label), None)
-            else:
-                self._rates[(route, fault.label)] = (fault, probability)
-
-    def reseed(self, seed: int | None) -> None:
-        """Restart the random sequence, to replay a soak run."""
-        with self._lock:
-            self._rng = random.Random(seed)
-
-    def clear(self) -> None:
-        """Forget every queued fault and rate."""
-        with self._lock:
-            self._queues.clear()
-            self._rates.clear()
-
-    def pending(self, route: str | None = None) -> int:
-        """How many queued faults are still to fire (for one route, or in total)."""
-        with self._lock:
-            queues = self._queues.values() if route is None else [self._queues.get(route, deque())]
-            return sum(entry[1] for q in queues for entry in q)
-
-    def take(self, route: str) -> Fault | None:
-        """Decide the fault (if any) for one request to ``route``. Called by the server."""
-        with self._lock:
-            for key in (route, ANY_ROUTE):
-                q = self._queues.get(key)
-                if q:
-                    entry = q[0]
-                    entry[1] -= 1
-                    if entry[1] == 0:
-                        q.popleft()
-                    fault: Fault = entry[0]
-                    return fault
-            for (rate_route, _label), (fault, probability) in self._rates.items():
-                if rate_route in (route, ANY_ROUTE) and self._rng.random() < probability:
-                    return fault
-        return None
-
-
-# --------------------------------------------------------------------------- request log
-
-
-@dataclass(frozen=True)
-class LoggedRequest:
-    """One request as the server saw it. ``status`` is None when no answer was sent."""
-
-    origin: str
-    route: str | None
-    method: str
-    target: str  #: path and query, as sent
-    headers: tuple[tuple[str, str], ...]
-    body_size: int  #: body bytes actually received
-    status: int | None
-    fault: str | None  #: the injected fault's label
-    client_port: int  #: the same port on two entries means the connection was reused
-    started: float
-    duration: float
-
-    def header(self, name: str) -> str | None:
-        """The first value of header ``name`` (case-insensitive), or None."""
-        wanted = name.lower()
-        return next((v for k, v in self.headers if k.lower() == wanted), None)
-
-
-class RequestLog:
-    """Every request a server received, for tests to inspect. Thread-safe."""
-
-    def __init__(self) -> None:
-        self._entries: list[LoggedRequest] = []
-        self._changed = threading.Condition()
-
-    def record(self, entry: LoggedRequest) -> None:
-        """Append one finished request (called by the server)."""
-        with self._changed:
-            self._entries.append(entry)
-            self._changed.notify_all()
-
-    def entries(self, route: str | None = None) -> list[LoggedRequest]:
-        """A snapshot of the log, optionally only one route's requests."""
-        with self._changed:
-            return [e for e in self._entries if route is None or e.route == route]
-
-    def count(self, route: str | None = None) -> int:
-        """How many requests were received (optionally for one route)."""
-        return len(self.entries(route))
-
-    def clear(self) -> None:
-        """Start afresh, e.g. between phases of one test."""
-        with self._changed:
-            self._entries.clear()
-
-    def wait_for(self, predicate: Callable[[list[LoggedRequest]], bool], timeout: float) -> bool:
-        """Block until ``predicate(entries)`` holds or ``timeout`` passes; return whether it held."""
-        with self._changed:
-            return self._changed.wait_for(lambda: predicate(list(self._entries)), timeout)
 
 
 # --------------------------------------------------------------------------- requests
 
 
 class _BodyReader:
-    """Reads exactly one request body off a keep-alive connection (Content-Length or chunked)."""
+    """A request body read from a handler's thread: ASGI messages fetched on the server's loop."""
 
-    def __init__(self, rfile: io.BufferedIOBase, headers: Message) -> None:
-        self._rfile = rfile
-        self._chunked = False
-        self._remaining = 0  # bytes left in the whole body (Content-Length) or in this chunk
-        self._crlf_due = False
+    def __init__(self, receive: Receive, io_timeout: float) -> None:
+        self._receive = receive
+        self._io_timeout = io_timeout
+        self._buffer = b""
+        self.complete = False
         self.size = 0
-        transfer = headers.get_all("Transfer-Encoding") or []
-        lengths = headers.get_all("Content-Length") or []
-        if transfer:
-            if lengths:
-                raise BadRequestBody("both Content-Length and Transfer-Encoding")
-            codings = [c.strip().lower() for v in transfer for c in v.split(",") if c.strip()]
-            if codings != ["chunked"]:
-                raise BadRequestBody(f"unsupported Transfer-Encoding {', '.join(codings)!r}")
-            self._chunked = True
-        elif lengths:
-            values = {v.strip() for v in lengths}
-            value = values.pop()
-            if values or not _DIGITS.fullmatch(value):
-                raise BadRequestBody(f"bad Content-Length {', '.join(lengths)!r}")
-            self._remaining = int(value)
-        self.complete = not self._chunked and self._remaining == 0
 
     def read(self, n: int = CHUNK_SIZE) -> bytes:
-        """Up to ``n`` bytes of the body; b"" once it has all been read."""
-        if self.complete:
-            return b""
-        if self._chunked and self._remaining == 0:
-            self._start_chunk()
-            if self.complete:
-                return b""
+        """Up to ``n`` bytes of the body; b"" once it has all been read. ClientGone if it stalls."""
+        while not self._buffer and not self.complete:
+            self._buffer = anyio.from_thread.run(self._next)
+        data, self._buffer = self._buffer[:n], self._buffer[n:]
+        return data
+
+    async def _next(self) -> bytes:
         try:
-            data = self._rfile.read1(min(n, self._remaining))
-        except (TimeoutError, ConnectionError) as exc:
-            raise ClientGone(str(exc)) from exc
-        if not data:
+            message = await asyncio.wait_for(self._receive(), self._io_timeout)
+        except TimeoutError:
+            raise ClientGone(f"no body byte for {self._io_timeout:g} s") from None
+        if message["type"] == "http.disconnect":
             raise ClientGone("connection closed before the body ended")
-        self._remaining -= len(data)
+        data = bytes(message.get("body", b""))
         self.size += len(data)
-        if self._remaining == 0 and not self._chunked:
-            self.complete = True
-        return bytes(data)
-
-    def _line(self) -> bytes:
-        try:
-            line = self._rfile.readline(_MAX_CHUNK_LINE + 1)
-        except (TimeoutError, ConnectionError) as exc:
-            raise ClientGone(str(exc)) from exc
-        if not line:
-            raise ClientGone("connection closed inside a chunked body")
-        if not line.endswith(b"\n"):
-            raise BadRequestBody("chunk line too long")
-        return line
-
-    def _start_chunk(self) -> None:
-        if self._crlf_due and self._line() not in (b"\r\n", b"\n"):
-            raise BadRequestBody("chunk data longer than its size")
-        size_text = self._line().split(b";", 1)[0].strip().decode("latin-1")
-        if not _HEX.fullmatch(size_text):
-            raise BadRequestBody(f"bad chunk size {size_text!r}")
-        size = int(size_text, 16)
-        if size:
-            self._remaining = size
-            self._crlf_due = True
-            return
-        while self._line() not in (b"\r\n", b"\n"):  # trailers: read and ignore
-            pass
-        self.complete = True
+        self.complete = not message.get("more_body", False)
+        return data
 
 
 class Request:
@@ -491,289 +238,144 @@ class Route:
         object.__setattr__(self, "regex", re.compile(self.pattern))
 
 
+
+
 # --------------------------------------------------------------------------- the server
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer that tracks its connections, so stop() can end idle keep-alives."""
+class _RoutesApp:
+    """ASGI app running synchronous :class:`Route` handlers in threads (at most ``threads`` at once)."""
 
-    daemon_threads = False  # server_close() joins handler threads: stop() leaks none
-    block_on_close = True
+    def __init__(self, server: EmulatorServer, threads: int = 64) -> None:
+        self._server = server
+        self._limiter = anyio.CapacityLimiter(threads)
 
-    def __init__(self, address: tuple[str, int], owner: EmulatorServer) -> None:
-        self.owner = owner
-        self._conns: set[socket.socket] = set()
-        self._conns_lock = threading.Lock()
-        self._closing = False
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind calls getfqdn(), a DNS lookup that can stall for seconds.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
-
-    def track(self, conn: socket.socket) -> None:
-        with self._conns_lock:
-            self._conns.add(conn)
-            if self._closing:
-                _shutdown_quietly(conn)
-
-    def untrack(self, conn: socket.socket) -> None:
-        with self._conns_lock:
-            self._conns.discard(conn)
-
-    def close_connections(self) -> None:
-        with self._conns_lock:
-            self._closing = True
-            for conn in self._conns:
-                _shutdown_quietly(conn)
-
-
-def _shutdown_quietly(conn: socket.socket) -> None:
-    try:
-        conn.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
-@dataclass
-class _Outcome:
-    status: int | None = None
-    fault: str | None = None
-    route: str | None = None
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """Turns one connection's requests into routed, logged, possibly faulted exchanges."""
-
-    protocol_version = "HTTP/1.1"
-    server: _HTTPServer
-
-    def setup(self) -> None:
-        super().setup()
-        # Per server, not per class: what StreamRequestHandler.setup does with a class-level
-        # ``timeout``. Every read of the request (rfile) and write of the answer obeys it.
-        self.connection.settimeout(self.server.owner.io_timeout)
-        # Headers and body go out in separate writes; with Nagle on, the second waits for the
-        # client's delayed ACK (40 ms per request).
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server.track(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.server.untrack(self.connection)
-
-    def version_string(self) -> str:
-        return "dhwatch-emulator"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        logger.debug("%s %s", self.server.owner.origin, format % args)
-
-    def _dispatch(self) -> None:
-        owner = self.server.owner
-        self._started = time.time()
-        self._outcome = _Outcome()
-        self._body: _BodyReader | None = None
-        self._logged = False
-        try:
-            self._body = _BodyReader(self.rfile, self.headers)
-            request = Request(
-                origin=owner.origin,
-                method=self.command,
-                target=self.path,
-                headers=self.headers,
-                client_port=self.client_address[1],
-                body=self._body,
-            )
-            self._exchange(owner, request, self._outcome)
-        except BadRequestBody as exc:
-            self.close_connection = True
-            self._send_quietly(owner.error_response(400, str(exc)))
-        except (ClientGone, ConnectionError, TimeoutError):
-            self.close_connection = True
-        finally:
-            self._record()
-
-    def _record(self) -> None:
-        """Log this request once, before its outcome reaches the wire.
-
-        So a client that has seen the answer (or the reset, or the silent close) can trust
-        that the log already holds the request: tests need no waiting.
-        """
-        if self._logged:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
             return
-        self._logged = True
-        outcome = self._outcome
-        self.server.owner.log.record(
-            LoggedRequest(
-                origin=self.server.owner.origin,
-                route=outcome.route,
-                method=self.command,
-                target=self.path,
-                headers=tuple(self.headers.items()),
-                body_size=self._body.size if self._body else 0,
-                status=outcome.status,
-                fault=outcome.fault,
-                client_port=self.client_address[1],
-                started=self._started,
-                duration=time.time() - self._started,
-            )
-        )
-
-    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _dispatch
-
-    def _exchange(self, owner: EmulatorServer, request: Request, outcome: _Outcome) -> None:
-        route, allowed = owner.match(request)
+        server = self._server
+        headers = Message()
+        for name, value in scope["headers"]:
+            headers[name.decode("latin-1")] = value.decode("latin-1")
+        query = scope.get("query_string", b"").decode("latin-1")
+        target = scope.get("raw_path", scope["path"].encode()).decode("latin-1") + (f"?{query}" if query else "")
+        body = _BodyReader(receive, server.io_timeout)
+        request = Request(origin=server.origin, method=scope["method"], target=target, headers=headers,
+                          client_port=int(scope["client"][1]) if scope.get("client") else 0, body=body)  # fmt: skip
+        request.fault = fault_of(scope)
+        route, allowed = server.match(request)
         if route is None:
-            request.drain()
             if allowed:
-                answer = owner.error_response(405, f"{request.method} not allowed here")
-                answer = dataclasses.replace(answer, headers={**answer.headers, "Allow": ", ".join(allowed)})
+                answer = server.error_response(405, f"{request.method} not allowed here")
+                answer = Response(answer.status, answer.body, {**answer.headers, "Allow": ", ".join(allowed)},
+                                  answer.content_type)  # fmt: skip
             else:
-                answer = owner.error_response(404, f"no route for {request.path}")
-            self._send(answer)
-            return
-        outcome.route = request.route = route.name
-        fault = request.fault = owner.faults.take(route.name)
-        kind = fault.kind if fault else None
-        outcome.fault = fault.label if fault else None
-        if fault is not None and kind is FaultKind.SLOW and owner.stopping.wait(fault.delay):
-            self.close_connection = True
-            return
-        if fault is not None and kind is FaultKind.HTTP:
-            request.drain()
-            self._send(Response(fault.status, fault.body, dict(fault.headers), fault.content_type))
-            return
-        if kind is FaultKind.RESET:
-            request.drain()
-            self._reset()
-            return
-        answer = self._call(owner, route, request)
-        request.drain()
-        if kind is FaultKind.DROP:
-            self.close_connection = True  # socketserver then sends FIN: "server disconnected"
-            return
-        self._send(answer, truncate=kind is FaultKind.TRUNCATE)
+                answer = server.error_response(404, f"no route for {request.path}")
+        else:
+            request.route = route.name
+            try:
+                answer = await anyio.to_thread.run_sync(self._call, route, request, limiter=self._limiter)
+            except ClientGone:
+                scope["extensions"][TRANSPORT].close()  # silence or a vanished client: no answer
+                return
+        await _send(send, answer, head=request.method == "HEAD")
 
-    def _call(self, owner: EmulatorServer, route: Route, request: Request) -> Response:
+    def _call(self, route: Route, request: Request) -> Response:
         try:
-            return route.handler(request)
+            answer = route.handler(request)
         except RequestRejected as exc:
-            return exc.response
-        except (BadRequestBody, ClientGone, ConnectionError, TimeoutError):
+            answer = exc.response
+        except ClientGone:
             raise
         except Exception:
-            logger.exception("%s: handler %s crashed", owner.origin, route.name)
-            return owner.error_response(500, "emulator handler crashed")
+            logger.exception("%s: handler %s crashed", self._server.origin, route.name)
+            answer = self._server.error_response(500, "emulator handler crashed")
+        request.drain()
+        return answer
 
-    def _send(self, answer: Response, *, truncate: bool = False) -> None:
-        size = answer.size()
-        self.send_response(answer.status)
-        for name, value in answer.headers.items():
-            self.send_header(name, value)
-        if answer.content_type:
-            self.send_header("Content-Type", answer.content_type)
-        self.send_header("Content-Length", str(size))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self._outcome.status = answer.status
-        self._record()
-        self.end_headers()
-        if truncate:
-            self.close_connection = True
-        if self.command != "HEAD":
-            self._write_body(answer.body, size // 2 if truncate else size)
 
-    def _send_quietly(self, answer: Response) -> None:
-        try:
-            self._send(answer)
-        except OSError:
-            pass
-
-    def _write_body(self, body: bytes | Path, length: int) -> None:
-        if isinstance(body, bytes):
-            self.wfile.write(body[:length])
-            return
-        with body.open("rb") as source:
-            while length > 0 and (data := source.read(min(CHUNK_SIZE, length))):
-                self.wfile.write(data)
-                length -= len(data)
-
-    def _reset(self) -> None:
-        """Close with SO_LINGER 0, so the kernel sends RST instead of FIN."""
-        self.close_connection = True
-        self._record()
-        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.rfile.close()  # socket.close() waits for every makefile() object to be closed
-        self.connection.close()
+async def _send(send: Send, answer: Response, *, head: bool) -> None:
+    """The answer with its Content-Length; a file body is streamed in chunks."""
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
+    if answer.content_type:
+        raw.append((b"content-type", answer.content_type.encode("latin-1")))
+    raw.append((b"content-length", str(answer.size()).encode()))
+    await send({"type": "http.response.start", "status": answer.status, "headers": raw})
+    if head or isinstance(answer.body, bytes):
+        await send({"type": "http.response.body", "body": b"" if head else answer.body})
+        return
+    with answer.body.open("rb") as source:
+        while data := source.read(CHUNK_SIZE):
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
 
 
 class EmulatorServer:
-    """One origin (scheme, host, port) of an emulator, served from a background thread.
+    """One origin (scheme, host, port) of an emulator, served by uvicorn from a background thread.
 
-    ``host`` is the address bound; ``url_host`` is the name put in :attr:`url` (e.g.
-    ``localhost`` for a storage origin whose host name must differ from the API's).
-    ``error_response(status, message)`` shapes the server's own errors (404, 405, 400 for
-    broken framing, 500 for a crashed handler) in the vendor's style.
+    Serves ``routes`` (synchronous handlers), or ``app`` (any ASGI app; ``route_of(scope)``
+    names the route a request is for, for faults and the log). ``host`` is the address bound;
+    ``url_host`` is the name put in :attr:`url` (e.g. ``localhost`` for a storage origin whose
+    host name must differ from the API's). ``error_response(status, message)`` shapes the
+    routes' own errors (404, 405, 500 for a crashed handler) in the vendor's style.
     """
 
     def __init__(
         self,
         origin: str,
-        routes: Sequence[Route],
+        routes: Sequence[Route] = (),
         *,
+        app: App | None = None,
+        route_of: Callable[[Scope], str | None] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         url_host: str | None = None,
         faults: FaultPlan | None = None,
         log: RequestLog | None = None,
-        error_response: Callable[[int, str], Response] = plain_error,
+        error_response: Callable[[int, str], Response] | None = None,
         io_timeout: float = 60.0,
     ) -> None:
+        if (app is None) == (not routes):
+            raise ValueError("an origin serves either routes or an app")
         self.origin = origin
         self.routes = tuple(routes)
         self.faults = faults if faults is not None else FaultPlan()
         self.log = log if log is not None else RequestLog()
-        self.error_response = error_response
+        self.error_response = error_response or plain_error
         #: seconds a connection may stay silent (idle keep-alive or a stalled upload)
         self.io_timeout = io_timeout
         #: set by stop(): slow faults end early, so stopping never waits for them
         self.stopping = threading.Event()
+        self._app = app
+        self._route_of = route_of or self._route_name
         self._address = (host, port)
         self._url_host = url_host or host
-        self._httpd: _HTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._http: ThreadedAsgiServer | None = None
 
     def start(self) -> EmulatorServer:
-        """Bind and start serving in a background thread; return self."""
-        if self._httpd is not None:
+        """Bind and start serving in a background thread; return self. OSError if the port is taken."""
+        if self._http is not None:
             raise RuntimeError(f"{self.origin} server already started")
         self.stopping.clear()
-        self._httpd = _HTTPServer(self._address, self)
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"emulator-{self.origin}",
-            daemon=True,
-        )
-        self._thread.start()
+        app = self._app if self._app is not None else _RoutesApp(self)  # a fresh one per event loop
+        layer = FaultLayer(app, origin=self.origin, route_of=self._route_of, faults=self.faults, log=self.log,
+                           io_timeout=self.io_timeout, stopping=self.stopping)  # fmt: skip
+        host, port = self._address
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            self._http = ThreadedAsgiServer(layer, address, http=TransportProtocol,
+                                            timeout_keep_alive=self.io_timeout).start()  # fmt: skip
+        except ConfigError as exc:
+            raise OSError(str(exc)) from exc
         return self
 
     def stop(self) -> None:
-        """Stop accepting, end open connections, and join every thread. Idempotent."""
-        httpd, thread = self._httpd, self._thread
-        if httpd is None or thread is None:
+        """Stop accepting, end open connections, and join the server's thread. Idempotent."""
+        http, self._http = self._http, None
+        if http is None:
             return
         self.stopping.set()
-        httpd.shutdown()
-        httpd.close_connections()
-        httpd.server_close()
-        thread.join()
-        self._httpd = self._thread = None
+        http.stop(abort=True)
 
     def __enter__(self) -> EmulatorServer:
         return self.start()
@@ -786,14 +388,14 @@ class EmulatorServer:
     @property
     def running(self) -> bool:
         """Whether the server is accepting connections."""
-        return self._httpd is not None
+        return self._http is not None
 
     @property
     def port(self) -> int:
         """The bound port (the real one when 0 was asked for)."""
-        if self._httpd is None:
+        if self._http is None:
             raise RuntimeError(f"{self.origin} server is not running")
-        return int(self._httpd.server_address[1])
+        return self._http.port
 
     @property
     def url(self) -> str:
@@ -813,8 +415,22 @@ class EmulatorServer:
             allowed.extend(m for m in route.methods if m not in allowed)
         return None, allowed
 
+    def _route_name(self, scope: Scope) -> str | None:
+        path = urlsplit(scope.get("raw_path", scope["path"].encode()).decode("latin-1")).path
+        for route in self.routes:
+            if scope["method"] in route.methods and route.regex.fullmatch(path):
+                return route.name
+        return None
 
 # --------------------------------------------------------------------------- emulated services
+
+
+class Startable(Protocol):
+    """What :func:`serve_until_signal` runs: an emulator with its origins."""
+
+    def start(self) -> Any: ...
+
+    def stop(self) -> None: ...
 
 
 class EmulatorService:
@@ -902,7 +518,7 @@ class EmulatorService:
         self.stop()
 
 
-def serve_until_signal(service: EmulatorService, name: str, banner: Callable[[], Sequence[str]]) -> int:
+def serve_until_signal(service: Startable, name: str, banner: Callable[[], Sequence[str]]) -> int:
     """Run ``service`` in the foreground until SIGINT/SIGTERM (the emulators' command lines).
 
     Prints ``banner()`` once listening; returns the exit code (1 if the port is taken).

@@ -348,8 +348,9 @@ class MetaStudioEmulator(EmulatorService):
     @property
     def leaked_credentials(self) -> list[str]:
         """Names of API credential headers that ever reached the storage origin (should be none)."""
-        wanted = {h.lower() for h in CREDENTIAL_HEADERS}
-        return [name for entry in self.storage.log.entries() for name, _ in entry.headers if name.lower() in wanted]
+        canonical = {h.lower(): h for h in CREDENTIAL_HEADERS}  # names arrive lowercased (h11)
+        return [canonical[name.lower()] for entry in self.storage.log.entries() for name, _ in entry.headers
+                if name.lower() in canonical]  # fmt: skip
 
     @property
     def jobs(self) -> list[JobRecord]:

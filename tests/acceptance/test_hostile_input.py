@@ -13,7 +13,6 @@ broke the whole daemon (undecodable names, 255-byte names) run apart.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -30,10 +29,12 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import soundfile as sf
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
-import dhwatch.emulators.deephearing as dh_emulator
+import dhwatch.service.app as service_app
 from dhwatch.emulators.deephearing import DeepHearingEmulator, ProcessedFile, attenuate, decodable
-from dhwatch.emulators.httpserver import Request, Response
+from dhwatch.service.forms import FormReader
 from dhwatch.naming import error_file_name
 from tests.conftest import API_KEY, Daemon, Folders, make_audio, wait_for, write_config
 
@@ -205,7 +206,7 @@ class UploadRecorder:
         decodable(path)
 
 
-class PartNames(dh_emulator._FormReader):
+class PartNames(FormReader):
     """The emulator's multipart reader, noting the file name of every file part that starts to arrive.
 
     Installed with a monkeypatch: it sees parts the service goes on to refuse, so an empty
@@ -390,7 +391,7 @@ def batch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Batch]:
 
     uploads = UploadRecorder()
     patch = pytest.MonkeyPatch()
-    patch.setattr(dh_emulator, "_FormReader", PartNames)
+    patch.setattr(service_app, "FormReader", PartNames)
     PartNames.seen.clear()
     emu = DeepHearingEmulator(keys={key}, validator=uploads)
     emu.start()
@@ -807,22 +808,22 @@ HOSTILE_NAME = "../../../evil.wav"
 class SteeringEmulator(DeepHearingEmulator):
     """A service whose every name is a path attack: file_name, the result URL's file name, Content-Disposition."""
 
-    def _status(self, request: Request) -> Response:
-        response = super()._status(request)
-        assert isinstance(response.body, bytes)
-        payload = json.loads(response.body)
+    async def _status(self, request: Request) -> Response:
+        response = await super()._status(request)
+        payload = json.loads(bytes(response.body))
         payload["file_name"] = HOSTILE_NAME
-        return Response.json(response.status, payload)
+        return JSONResponse(payload, response.status_code)
 
-    def _result(self, request: Request) -> Response:
-        response = super()._result(request)
+    async def _result(self, request: Request) -> Response:
+        response = await super()._result(request)
         disposition = f'attachment; filename="{HOSTILE_NAME}"; filename*=UTF-8\'\'..%2F..%2F..%2Fevil.wav'
-        return dataclasses.replace(response, headers={**response.headers, "Content-Disposition": disposition})
+        response.headers["Content-Disposition"] = disposition
+        return response
 
 
 def test_api_names_never_steer_where_files_are_written(folders: Folders, monkeypatch: pytest.MonkeyPatch) -> None:
     """Hostile names in the status, the result URL and its headers change nothing: the output lands at outbox/<input path>."""
-    monkeypatch.setattr(dh_emulator, "_result_name", lambda _name: HOSTILE_NAME)
+    monkeypatch.setattr(service_app, "result_name", lambda _name: HOSTILE_NAME)
 
     def processor(src: Path, dst_dir: Path, _name: str) -> ProcessedFile:
         return attenuate(src, dst_dir, "result.wav")

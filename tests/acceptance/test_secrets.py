@@ -22,9 +22,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from dhwatch.emulators.deephearing import DeepHearingEmulator
-from dhwatch.emulators.httpserver import Request, RequestRejected, Response
+from dhwatch.service.app import Refused
 from tests.acceptance.test_hostile_input import UploadRecorder, log_problems, start_daemon
 from tests.conftest import Folders, make_audio, wait_for, write_config
 
@@ -138,19 +140,21 @@ class EchoingEmulator(DeepHearingEmulator):
     def _authorize(self, request: Request) -> int:
         try:
             return super()._authorize(request)
-        except RequestRejected:
+        except Refused:
             offered = request.headers.get("Authorization") or ""
             body = {"error": {"code": "API_KEY_NOT_FOUND", "msg": f"Unregistered API Key: {offered}"}}
-            raise RequestRejected(Response.json(401, body)) from None
+            raise Refused(JSONResponse(body, 401)) from None
 
-    def _enhance(self, request: Request) -> Response:
+    async def _enhance(self, request: Request) -> Response:
         try:
-            return super()._enhance(request)
-        except RequestRejected as exc:
-            assert isinstance(exc.response.body, bytes)
-            body = json.loads(exc.response.body)
-            body["error"]["msg"] += f" (request authorized by {request.headers.get('Authorization')})"
-            raise RequestRejected(Response.json(exc.response.status, body)) from None
+            response = await super()._enhance(request)
+        except Refused as exc:
+            response = exc.response
+        if response.status_code == 200 or not response.body:
+            return response
+        body = json.loads(bytes(response.body))
+        body["error"]["msg"] += f" (request authorized by {request.headers.get('Authorization')})"
+        return JSONResponse(body, response.status_code)
 
 
 def test_key_echoed_by_the_api_is_not_stored(folders: Folders) -> None:

@@ -1,4 +1,4 @@
-"""The emulators' shared HTTP server, over real sockets: a client that goes quiet is cut off."""
+"""The emulators' shared HTTP server, over real sockets: a client that goes quiet, or trickles, is cut off."""
 
 from __future__ import annotations
 
@@ -43,3 +43,20 @@ def test_a_request_that_keeps_talking_is_answered() -> None:
                 answer += chunk
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert answer.endswith(b"\r\n\r\n3")
+
+
+def test_a_client_trickling_its_request_head_is_cut_off() -> None:
+    """A request head sent a byte every quarter io_timeout is not waited for: the connection ends after io_timeout."""
+    with EmulatorServer("t", [Route("echo", ("POST",), r"/echo", _echo)], io_timeout=IO_TIMEOUT) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+            started = time.monotonic()
+            try:
+                for byte in b"POST /echo HTTP/1.1\r\nHost: t\r\nX-Slow: " + b"a" * 100:
+                    conn.sendall(bytes([byte]))
+                    time.sleep(IO_TIMEOUT / 4)  # pacing the client, not waiting for the server
+            except OSError:
+                pass  # the server closed the connection: what this test waits for
+            data = conn.recv(1024)
+            waited = time.monotonic() - started
+    assert data == b""
+    assert IO_TIMEOUT * 0.8 <= waited < 5  # the whole head would take 12.5 s
