@@ -78,6 +78,7 @@ class ReportWorker:
     def __init__(self) -> None:
         self._process: asyncio.subprocess.Process | None = None
         self._killed: list[asyncio.subprocess.Process] = []  # to reap in :meth:`aclose`
+        self._turn = asyncio.Lock()
 
     @property
     def pid(self) -> int | None:
@@ -92,32 +93,52 @@ class ReportWorker:
         Raises :class:`ReportFailed` (the report cannot be made) or
         :class:`ReportWorkerCrashed` (the worker died; the next call starts a fresh one).
         """
-        process = await self._ensure_started()
-        assert process.stdin is not None and process.stdout is not None
         request = {"original": None if original is None else os.fspath(original), "output": os.fspath(output),
                    "dnsmos": dnsmos, "extras": extras or {}}
-        try:
-            process.stdin.write(json.dumps(request).encode("ascii") + b"\n")
-            await process.stdin.drain()
-            line = await process.stdout.readline()
-        except (OSError, ValueError) as exc:  # the pipe broke, or a reply longer than the limit
-            self.kill()
-            raise ReportWorkerCrashed(f"the report worker failed: {exc}") from None
-        except BaseException:  # cancelled (the daemon is stopping): the half-made report is abandoned
-            self.kill()
-            raise
-        if not line:
-            code = await process.wait()
-            self._process = None
-            raise ReportWorkerCrashed(f"the report worker died (exit code {code})")
-        try:
-            reply = json.loads(line)
-            if "error" in reply:
-                raise ReportFailed(str(reply["error"]))
-            return MadeReport(**reply["ok"])
-        except (ValueError, KeyError, TypeError):
-            self.kill()
-            raise ReportWorkerCrashed(f"the report worker answered something unexpected: {line[:200]!r}") from None
+        return MadeReport(**await self._ask(request))
+
+    async def spectrogram(self, audio: Path, png: Path, *, width: int = 900, height: int = 256) -> Path:
+        """Have the worker draw ``audio``'s spectrogram into ``png`` (atomically) and return ``png``.
+
+        For the web page, which must not decode audio itself. Requests are answered one at a
+        time, so an image asked for while a long report is being made waits for it: a page that
+        wants images promptly keeps a :class:`ReportWorker` of its own. Cancelling kills the
+        worker (the next call starts a fresh one); errors as for :meth:`build`.
+        """
+        request = {"op": "spectrogram", "audio": os.fspath(audio), "png": os.fspath(png),
+                   "width": width, "height": height}  # fmt: skip
+        return Path((await self._ask(request))["png"])
+
+    async def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send one request line, await its reply line; the ``ok`` part, or the named errors."""
+        async with self._turn:  # one request in flight: replies are matched to requests by order
+            process = await self._ensure_started()
+            assert process.stdin is not None and process.stdout is not None
+            try:
+                process.stdin.write(json.dumps(request).encode("ascii") + b"\n")
+                await process.stdin.drain()
+                line = await process.stdout.readline()
+            except (OSError, ValueError) as exc:  # the pipe broke, or a reply longer than the limit
+                self.kill()
+                raise ReportWorkerCrashed(f"the report worker failed: {exc}") from None
+            except BaseException:  # cancelled (the daemon is stopping): the half-made work is abandoned
+                self.kill()
+                raise
+            if not line:
+                code = await process.wait()
+                self._process = None
+                raise ReportWorkerCrashed(f"the report worker died (exit code {code})")
+            try:
+                reply = json.loads(line)
+                if "error" in reply:
+                    raise ReportFailed(str(reply["error"]))
+                ok = reply["ok"]
+                if not isinstance(ok, dict):
+                    raise TypeError
+                return ok
+            except (ValueError, KeyError, TypeError):
+                self.kill()
+                raise ReportWorkerCrashed(f"the report worker answered something unexpected: {line[:200]!r}") from None
 
     def kill(self) -> None:
         """SIGKILL the worker (if any); a report it was making is simply not made.
@@ -170,9 +191,12 @@ def main() -> None:
     for line in sys.stdin:
         try:
             request = json.loads(line)
-            made = _local_report(request["original"], request["output"], bool(request["dnsmos"]),
-                                 request.get("extras") or {})  # fmt: skip
-            reply: dict[str, Any] = {"ok": asdict(made)}
+            if request.get("op") == "spectrogram":
+                reply: dict[str, Any] = {"ok": _spectrogram(request)}
+            else:
+                made = _local_report(request["original"], request["output"], bool(request["dnsmos"]),
+                                     request.get("extras") or {})  # fmt: skip
+                reply = {"ok": asdict(made)}
         except Exception as exc:  # noqa: BLE001 - reported to the daemon, which logs it and goes on
             reply = {"error": str(exc) if isinstance(exc, DhwatchError) else f"{type(exc).__name__}: {exc}"}
         replies.write(json.dumps(reply) + "\n")
@@ -186,6 +210,15 @@ def _local_report(original: str | None, output: str, dnsmos: bool, extras: dict[
     out = Path(output)
     report = build_report(None if original is None else Path(original), out, options=AnalysisOptions(dnsmos=dnsmos))
     return write_made_report(report, out, extras)
+
+
+def _spectrogram(request: dict[str, Any]) -> dict[str, Any]:
+    """Draw one spectrogram image (see :mod:`dhwatch.quality.spectrogram`)."""
+    from dhwatch.quality.spectrogram import render_spectrogram
+
+    png = Path(request["png"])
+    render_spectrogram(Path(request["audio"]), png, width=int(request["width"]), height=int(request["height"]))
+    return {"png": os.fspath(png)}
 
 
 if __name__ == "__main__":
