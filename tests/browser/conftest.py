@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.conftest import wait_for
+
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
@@ -36,6 +38,16 @@ CHROMIUM_ARGS = [
 
 #: how long a browser-side wait may take before the test fails (a bounded poll, not a speed target)
 WAIT_MS = 30_000
+
+
+def wait_in_page(page: Page, expression: str, timeout_ms: float = WAIT_MS, what: str = "") -> object:
+    """Poll a JavaScript expression in the page until it is truthy (bounded); its value.
+
+    Not Playwright's ``wait_for_function``: that evaluates a string inside the page, which a
+    Content-Security-Policy without ``'unsafe-eval'`` (the studio page's) rightly refuses.
+    Each poll here is one DevTools evaluation, which the page's policy does not govern.
+    """
+    return wait_for(lambda: page.evaluate(expression), timeout_ms / 1000, interval=0.1, what=what or expression)
 
 
 def _why_no_browser() -> str | None:

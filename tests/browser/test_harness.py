@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from dhwatch.asgi import ThreadedAsgiServer
 from dhwatch.quality.spectrogram import render_spectrogram
-from tests.browser.conftest import WAIT_MS
+from tests.browser.conftest import WAIT_MS, wait_in_page
 from tests.conftest import make_audio
 
 if TYPE_CHECKING:
@@ -91,15 +91,15 @@ def test_harness_sees_live_rows_plays_audio_and_loads_images(page: Page, site: H
     from playwright.sync_api import expect
 
     page.goto(site.server.url + "/")
-    page.wait_for_function("() => document.readyState === 'complete'")
+    wait_in_page(page, "document.readyState === 'complete'")
     site.push({"id": 7, "state": "queued", "name": "take.wav"})
     expect(page.locator("#files tr").first).to_have_attribute("data-file-id", "7", timeout=WAIT_MS)
     assert page.evaluate("window.loadedOnce === true"), "the page was reloaded"
 
     page.evaluate("document.querySelector('#after-audio').play()")
-    page.wait_for_function("document.querySelector('#after-audio').currentTime > 0.5", timeout=WAIT_MS)
+    wait_in_page(page, "document.querySelector('#after-audio').currentTime > 0.5")
 
-    page.wait_for_function("document.querySelector('#after-spectrogram').complete", timeout=WAIT_MS)
+    wait_in_page(page, "document.querySelector('#after-spectrogram').complete")
     size = page.evaluate("[document.querySelector('#after-spectrogram').naturalWidth,"
                          " document.querySelector('#after-spectrogram').naturalHeight]")  # fmt: skip
     assert size == [900, 256]
