@@ -609,6 +609,15 @@ class Ledger:
             params += (limit,)
         return [FileRow.from_sql(r) for r in self._conn.execute(sql, params)]
 
+    def finished_since(self, since: float) -> list[FileRow]:
+        """Rows done or failed whose last change is at or after ``since``, oldest change first
+        (``dhwatch process`` shows each file's result as it finishes, without rereading them all)."""
+        rows = self._conn.execute(
+            "SELECT * FROM files WHERE state IN (?, ?) AND updated_at >= ? ORDER BY updated_at, id",
+            (State.DONE.value, State.FAILED.value, since),
+        )
+        return [FileRow.from_sql(r) for r in rows]
+
     def due(self, state: State, now: float, limit: int) -> list[FileRow]:
         """Rows in ``state`` whose ``next_attempt_at`` has come, oldest first."""
         rows = self._conn.execute(

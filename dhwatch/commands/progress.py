@@ -32,6 +32,8 @@ from dhwatch.errors import LedgerError
 from dhwatch.ledger import Ledger
 from dhwatch.states import State
 
+#: seconds a row's change may be committed after a later-stamped one's (rows rechecked that far back)
+_COMMIT_SKEW = 5.0
 #: states counted as "in progress" by the plain line
 _WORKING = ("uploading", "submitted", "fetching", "delivered")
 
@@ -81,7 +83,7 @@ class ProgressFeed:
     """The ``progress=`` callback of burst mode: counts in, per-file results out to a view.
 
     Reads the ledger (read-only, its own connection) only when the number of finished files
-    changed, and only the rows not reported yet.
+    changed, and then only the rows finished since the last look.
     """
 
     def __init__(self, state_dir: Path, seconds: dict[str, float], view: View) -> None:
@@ -91,6 +93,7 @@ class ProgressFeed:
         self._ledger: Ledger | None = None
         self._reported: set[int] = set()
         self._last_finished = 0
+        self._since = 0.0  # rows changed before this were all seen (less a margin for commit order)
 
     def __call__(self, counts: dict[str, int]) -> None:
         finished_count = counts.get(State.DONE.value, 0) + counts.get(State.FAILED.value, 0)
@@ -106,9 +109,9 @@ class ProgressFeed:
                 self._ledger = Ledger.open(self._state_dir, readonly=True)
             except LedgerError:
                 return []
-        rows = sorted(self._ledger.in_state(State.DONE) + self._ledger.in_state(State.FAILED), key=lambda r: r.updated_at)
         results = []
-        for row in rows:
+        for row in self._ledger.finished_since(self._since):
+            self._since = max(self._since, row.updated_at - _COMMIT_SKEW)
             if row.id in self._reported:
                 continue
             self._reported.add(row.id)

@@ -25,3 +25,4 @@ def test_a_file_with_no_stated_duration_counts_as_the_average(tmp_path: Path) ->
     assert audio_seconds(tmp_path / "missing.wav") is None
     assert estimate_seconds({"a": 2.0, "b": 4.0, "bad": None}) == {"a": 2.0, "b": 4.0, "bad": 3.0}
     assert estimate_seconds({"bad": None, "empty": 0.0}) == {"bad": 1.0, "empty": 1.0}
+
