@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import scipy.fft
 
 from dhwatch.delivery import write_bytes_atomically
 from dhwatch.engine.audio_io import open_audio
@@ -162,6 +163,9 @@ class StreamingSpectrum:
         self.n_fft = fft_size(sample_rate)
         self.hop = self.n_fft // 2
         self.window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(self.n_fft) / self.n_fft)  # periodic Hann
+        # float32 FFT (scipy's; numpy's computes in float64): 4x faster, and its rounding, some
+        # 140 dB under the loudest bin, stays far below the image's 120 dB range
+        self._window32 = self.window.astype(np.float32)
         self._scale = 1.0 / (self.window.sum() / 2) ** 2
         self.buckets = SpectrumBuckets(columns, self.n_fft // 2 + 1)
         self._carry: npt.NDArray[np.floating] | None = None  # the samples of the next, incomplete frame
@@ -175,12 +179,13 @@ class StreamingSpectrum:
         self._carry = buffer[count * self.hop :].copy()
 
     def _analyse(self, samples: npt.NDArray[np.floating]) -> None:
-        frames = np.lib.stride_tricks.sliding_window_view(samples, self.n_fft, axis=0)[:: self.hop]
-        # (frames, channels, n_fft) -> mean power over channels, in chunks to bound the temporaries
-        for start in range(0, len(frames), 64):
-            chunk = frames[start : start + 64].astype(np.float64) * self.window
-            power = np.abs(np.fft.rfft(chunk, axis=-1)) ** 2
-            self.buckets.add(power.mean(axis=1) * self._scale)
+        # channels first, so each frame's samples are contiguous: (channels, frames, n_fft) views
+        by_channel = np.ascontiguousarray(samples.T, dtype=np.float32)
+        frames = np.lib.stride_tricks.sliding_window_view(by_channel, self.n_fft, axis=-1)[:, :: self.hop]
+        for start in range(0, frames.shape[1], 64):  # in chunks, to bound the temporaries
+            spectrum = scipy.fft.rfft(frames[:, start : start + 64] * self._window32, axis=-1)
+            power = spectrum.real**2 + spectrum.imag**2
+            self.buckets.add(power.mean(axis=0, dtype=np.float64) * self._scale)  # mean power over channels
 
     def finish(self) -> None:
         """A stream shorter than one frame still gives one (zero-padded) frame."""
