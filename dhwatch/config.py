@@ -15,7 +15,7 @@ import stat
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from dhwatch.errors import ConfigError
@@ -43,23 +43,32 @@ class KeyedSection(_Section):
 
         Order: ``api_key``, then ``api_key_file``, then the systemd credential.
         """
-        env = os.environ if environ is None else environ
-        if self.api_key is not None and self.api_key.get_secret_value().strip():
-            return self.api_key.get_secret_value().strip()
-        candidates: list[Path] = []
-        if self.api_key_file is not None:
-            candidates.append(self.api_key_file)
-        creds = env.get("CREDENTIALS_DIRECTORY")
-        if creds and self.credential_name:
-            candidates.append(Path(creds) / self.credential_name)
-        for path in candidates:
-            try:
-                text = path.read_text(encoding="utf-8").strip()
-            except OSError:
-                continue
-            if text:
-                return text
-        return None
+        return resolve_secret(self.api_key, self.api_key_file, self.credential_name, environ)
+
+
+def resolve_secret(value: SecretStr | None, file: Path | None, credential_name: str,
+                   environ: dict[str, str] | None = None) -> str | None:
+    """A secret from the config value, else its file, else the systemd credential of that name.
+
+    The one way every secret (API keys, the web page's token) is read.
+    """
+    env = os.environ if environ is None else environ
+    if value is not None and value.get_secret_value().strip():
+        return value.get_secret_value().strip()
+    candidates: list[Path] = []
+    if file is not None:
+        candidates.append(file)
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    if creds and credential_name:
+        candidates.append(Path(creds) / credential_name)
+    for path in candidates:
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except OSError:
+            continue
+        if text:
+            return text
+    return None
 
 
 class DeepHearingSettings(KeyedSection):
@@ -164,6 +173,37 @@ class DeepAffectsSettings(KeyedSection):
         return self.denoise_path or f"/audio/generic/api/{self.api_version}/async/denoise"
 
 
+class WebSettings(_Section):
+    """``[web]``: the studio's web page, served by ``dhwatch run`` (off while ``address`` is empty)."""
+
+    #: systemd credential name (``LoadCredential=dhwatch-web-token:...``) looked up under $CREDENTIALS_DIRECTORY
+    credential_name: str = "dhwatch-web-token"
+
+    #: "HOST:PORT" the page listens on; "" = no page
+    address: str = ""
+    #: what a browser or script gives to retry files (and, with public_read = false, to see anything)
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    #: true: the read-only views are open to anyone who reaches the address; false: everything needs the token
+    public_read: bool = True
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, address: str) -> str:
+        if address:
+            from dhwatch.asgi import split_address
+
+            try:
+                split_address(address)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return address
+
+    def resolve_token(self, environ: dict[str, str] | None = None) -> str | None:
+        """The token, read fresh (a changed token file counts at the next request's check)."""
+        return resolve_secret(self.token, self.token_file, self.credential_name, environ)
+
+
 class Settings(BaseSettings):
     """The whole configuration. Every key is documented in ``config.example.toml``.
 
@@ -230,6 +270,7 @@ class Settings(BaseSettings):
     local: LocalSettings = Field(default_factory=LocalSettings)
     deepaffects: DeepAffectsSettings = Field(default_factory=DeepAffectsSettings)
     huawei: HuaweiSettings = Field(default_factory=HuaweiSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
 
     #: ``[recipes.NAME]``: per-folder loudness, format and denoiser settings (see dhwatch/recipes.py)
     recipes: dict[str, Recipe] = Field(default_factory=dict)
@@ -263,6 +304,8 @@ class Settings(BaseSettings):
         for section in self.keyed_sections():
             if section.api_key_file is not None:
                 section.api_key_file = Path(os.path.abspath(base / section.api_key_file))
+        if self.web.token_file is not None:
+            self.web.token_file = Path(os.path.abspath(base / self.web.token_file))
         self._check_recipes()
         keys = list(resolved)
         for i, a in enumerate(keys):
@@ -303,7 +346,7 @@ class Settings(BaseSettings):
 
     def secrets(self) -> list[str]:
         """Every secret this configuration can resolve, for log redaction."""
-        found = [section.resolve_api_key() for section in self.keyed_sections()]
+        found = [section.resolve_api_key() for section in self.keyed_sections()] + [self.web.resolve_token()]
         return [s for s in found if s]
 
 
@@ -380,6 +423,16 @@ def require_quality_settings(settings: Settings) -> None:
         )
 
 
+def require_web_settings(settings: Settings) -> None:
+    """``[web] public_read = false`` needs a token, or nobody could ever see the page."""
+    web = settings.web
+    if web.address and not web.public_read and not web.resolve_token():
+        raise ConfigError(
+            "web.token: public_read = false needs a token (web.token, web.token_file, "
+            f"DHWATCH_WEB__TOKEN, or the systemd credential '{web.credential_name}')"
+        )
+
+
 def _file_contains(path: Path, text: str) -> bool:
     try:
         return text in path.read_text(encoding="utf-8", errors="replace")
@@ -397,6 +450,11 @@ def world_readable_secret_files(settings: Settings, config_path: Path | None) ->
             candidates.append(config_path)
         if section.api_key_file is not None:
             candidates.append(section.api_key_file)
+    token = settings.web.token.get_secret_value().strip() if settings.web.token is not None else ""
+    if config_path is not None and token and config_path not in candidates and _file_contains(config_path, token):
+        candidates.append(config_path)
+    if settings.web.token_file is not None:
+        candidates.append(settings.web.token_file)
     for p in candidates:
         try:
             if p.stat().st_mode & (stat.S_IROTH | stat.S_IWOTH):

@@ -14,10 +14,14 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from dhwatch.asgi import AsgiServer
 from dhwatch.backends import create_backend
 from dhwatch.backends.http import add_retry_listener
-from dhwatch.config import Settings, require_api_key, require_quality_settings, world_readable_secret_files
+from dhwatch.config import (
+    Settings, require_api_key, require_quality_settings, require_web_settings, world_readable_secret_files,
+)  # fmt: skip
 from dhwatch.context import Context
 from dhwatch.delivery import remove_temp_files
 from dhwatch.notify import NotifyStage
@@ -25,11 +29,14 @@ from dhwatch.errors import DhwatchError
 from dhwatch.intake import Intake
 from dhwatch.ledger import Ledger, StateDirLock
 from dhwatch.logs import get_logger, register_secret
-from dhwatch.metrics import serve as metrics_serve
+from dhwatch.metrics import metrics_app
 from dhwatch.stages import Fetcher, Finisher, Poller, Uploader
 from dhwatch.reporting import Reporter
 from dhwatch.sdnotify import Notifier
 from dhwatch.states import State
+
+if TYPE_CHECKING:
+    from dhwatch.web.app import WebPage
 
 #: how long a graceful stop waits for stages to wind down
 STOP_GRACE_SECONDS = 5.0
@@ -83,6 +90,42 @@ def health(ctx: Context) -> tuple[int, dict[str, object]]:
     if ctx.paused:
         return 200, {"status": "paused", "reason": ctx.paused}
     return 200, {"status": "ok"}
+
+
+class HttpListeners:
+    """The daemon's HTTP surfaces on its own loop: /metrics + /healthz, and the studio page."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.servers: list[AsgiServer] = []
+        self.page: WebPage | None = None
+
+    async def start(self) -> None:
+        """Listen where the config says (nothing when both addresses are empty); a taken port is a ConfigError."""
+        settings, log = self.ctx.settings, self.ctx.log
+        try:
+            if settings.metrics_address:
+                app = metrics_app(self.ctx.metrics, lambda: health(self.ctx))
+                self.servers.append(await AsgiServer(app, settings.metrics_address).start())
+                log.info("metrics_listening", address=settings.metrics_address)
+            if settings.web.address:
+                from dhwatch.web.app import WebPage
+
+                self.page = WebPage(settings, on_retried=self.ctx.look_again, clock=self.ctx.clock, log=log)
+                server = await AsgiServer(self.page, settings.web.address).start()
+                self.servers.append(server)
+                log.info("web_listening", address=settings.web.address, url=server.url,
+                         public_read=settings.web.public_read, actions=bool(settings.web.resolve_token()))
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        """End the page's live streams, then stop every listener (each within the server's grace)."""
+        if self.page is not None:
+            await self.page.aclose()
+        servers, self.servers = self.servers, []
+        await asyncio.gather(*(s.aclose() for s in servers), return_exceptions=True)
 
 
 async def _notify_loop(ctx: Context, notifier: Notifier) -> None:
@@ -141,6 +184,7 @@ async def run_daemon(
     _fail_absent_imports_fast()
     require_api_key(settings)
     require_quality_settings(settings)
+    require_web_settings(settings)
     for secret in settings.secrets():
         register_secret(secret)
     for path in world_readable_secret_files(settings, config_path):
@@ -163,6 +207,7 @@ async def run_daemon(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    listeners = HttpListeners(ctx)
     try:
         recovered = ledger.recover(ctx.clock())
         removed = remove_temp_files(settings.outbox) + remove_temp_files(settings.failed_dir)
@@ -174,10 +219,7 @@ async def run_daemon(
             ctx.paused_kind = ledger.get_flag("paused_kind") or "auth"
             ctx.metrics.paused.set(1)
         ctx.sync_notice()
-        server = None
-        if settings.metrics_address:
-            server = await metrics_serve(settings.metrics_address, ctx.metrics, lambda: health(ctx))
-            log.info("metrics_listening", address=settings.metrics_address)
+        await listeners.start()
         log.info("started", backend=settings.backend, inbox=str(settings.inbox), outbox=str(settings.outbox),
                  recovered=recovered, temp_files_removed=removed, paused=paused, pid=os.getpid())
         if paused and ctx.paused_kind != "budget":
@@ -217,16 +259,18 @@ async def run_daemon(
             t.cancel()
         stopper.cancel()
         await asyncio.wait_for(
-            asyncio.gather(uploader.aclose(), fetcher.aclose(), reporter.aclose(), notes.aclose(), *tasks,
-                           return_exceptions=True),
+            asyncio.gather(uploader.aclose(), fetcher.aclose(), reporter.aclose(), notes.aclose(), listeners.aclose(),
+                           *tasks, return_exceptions=True),
             timeout=STOP_GRACE_SECONDS,
         )
-        if server is not None:
-            server.close()
         recovered_now = ledger.recover(ctx.clock())
         log.info("stopped", requeued_uploads=recovered_now.get("uploading", 0))
         return 1 if crashed else 0
     finally:
+        try:
+            await asyncio.wait_for(listeners.aclose(), timeout=STOP_GRACE_SECONDS)  # no-op after a clean stop
+        except (TimeoutError, Exception):  # noqa: BLE001 - closing must not mask the exit
+            pass
         try:
             await asyncio.wait_for(backend.aclose(), timeout=2.0)
         except (TimeoutError, Exception):  # noqa: BLE001 - closing must not mask the exit

@@ -9,12 +9,16 @@ listener is optional.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
 
 from dhwatch.states import State
 
@@ -49,33 +53,24 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-async def serve(address: str, metrics: Metrics, health: Callable[[], tuple[int, dict[str, object]]]) -> asyncio.Server:
-    """Listen on ``host:port`` for ``/metrics`` and ``/healthz`` (a tiny HTTP/1.0 responder)."""
-    host, _, port = address.rpartition(":")
+def metrics_app(metrics: Metrics, health: Callable[[], tuple[int, dict[str, object]]]) -> Starlette:
+    """``/metrics`` and ``/healthz`` as a Starlette app (served by :class:`dhwatch.asgi.AsgiServer`).
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request_line = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = request_line.decode("latin-1").split()
-            path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
-            if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
-                status, ctype, body = 405, "text/plain", b"method not allowed\n"
-            elif path == "/metrics":
-                status, ctype, body = 200, CONTENT_TYPE_LATEST, metrics.render()
-            elif path == "/healthz":
-                code, payload = health()
-                status, ctype, body = code, "application/json", json.dumps(payload).encode() + b"\n"
-            else:
-                status, ctype, body = 404, "text/plain", b"try /metrics or /healthz\n"
-            head = f"HTTP/1.0 {status} {'OK' if status == 200 else 'ERROR'}\r\nContent-Type: {ctype}\r\n"
-            head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            writer.write(head.encode() + (body if parts and parts[0] != "HEAD" else b""))
-            await writer.drain()
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    Anything else answers 404 with a hint; a method other than GET/HEAD, 405.
+    """
 
-    return await asyncio.start_server(handle, host or "127.0.0.1", int(port))
+    async def scrape(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def healthz(request: Request) -> Response:
+        code, payload = health()
+        return Response(json.dumps(payload).encode() + b"\n", status_code=code, media_type="application/json")
+
+    async def elsewhere(request: Request) -> Response:
+        return PlainTextResponse("try /metrics or /healthz\n", status_code=404)
+
+    return Starlette(routes=[
+        Route("/metrics", scrape, methods=["GET", "HEAD"]),
+        Route("/healthz", healthz, methods=["GET", "HEAD"]),
+        Route("/{rest:path}", elsewhere, methods=["GET", "HEAD"]),
+    ])  # fmt: skip

@@ -24,10 +24,15 @@ _NEXT = {
 }
 
 
+def next_step(kind: str, *, recheck_seconds: float) -> str:
+    """What happens next during a pause of this kind, and who has to do what (the note's and the web page's words)."""
+    return _NEXT.get(kind, _NEXT["auth"]).format(recheck=recheck_seconds)
+
+
 def notice_text(reason: str, kind: str, since: float, *, recheck_seconds: float) -> str:
     """What the note says: that work is paused, why, what happens next, and that nothing is lost."""
     when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(since))
-    next_step = _NEXT.get(kind, _NEXT["auth"]).format(recheck=recheck_seconds)
+    next_step_text = next_step(kind, recheck_seconds=recheck_seconds)
     return (
         "dhwatch is PAUSED: files in this folder are not being denoised right now.\n"
         "\n"
@@ -37,7 +42,7 @@ def notice_text(reason: str, kind: str, since: float, *, recheck_seconds: float)
         "Nothing is lost. Files you put here stay here, untouched, and are processed\n"
         "automatically when work resumes: there is no need to copy them again.\n"
         "\n"
-        f"What happens next: {next_step}\n"
+        f"What happens next: {next_step_text}\n"
         "\n"
         "This note disappears by itself when work resumes.\n"
     )

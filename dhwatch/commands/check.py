@@ -356,6 +356,39 @@ def check_webhook(settings: Settings) -> Iterator[Finding]:
         yield _ok("webhook", f"DeepAffects calls back to {url} (make sure the internet reaches it)")
 
 
+def check_web(settings: Settings) -> Iterator[Finding]:
+    """``[web]``: who can see the page and who can act on it (a weak or missing token is said plainly)."""
+    from dhwatch.config import require_web_settings
+
+    web = settings.web
+    if not web.address:
+        return
+    try:
+        require_web_settings(settings)
+    except ConfigError as exc:
+        yield _fail("web", str(exc))
+        return
+    from dhwatch.asgi import bind
+    from dhwatch.queries import probe_daemon
+
+    if probe_daemon(settings.state_dir).running is False:  # a running daemon holds the port itself
+        try:
+            bind(web.address).close()
+        except ConfigError as exc:
+            yield _fail("web", f"{exc}: another program holds that port; choose another [web] address")
+            return
+    token = web.resolve_token()
+    seen_by = "anyone who reaches it" if web.public_read else "token holders only"
+    if not token:
+        yield _warn("web", f"page on {web.address} ({seen_by}); no token is set, so retrying from the page is off "
+                           "(set [web] token or token_file)")  # fmt: skip
+    elif len(token) < 16:
+        yield _warn("web", f"page on {web.address} ({seen_by}); the token is short ({len(token)} characters): "
+                           "use 16 or more random characters (e.g. openssl rand -hex 16)")  # fmt: skip
+    else:
+        yield _ok("web", f"page on {web.address} ({seen_by}); actions need the token")
+
+
 def check_backend(settings: Settings, timeout: float) -> Finding:
     """The API answers and accepts the key, or the local engine loads."""
     if settings.backend == "local":
@@ -393,6 +426,7 @@ def run_checks(settings: Settings, config_path: Path, *, timeout: float) -> Iter
     yield from check_inotify(settings)
     yield from check_disk(settings)
     yield from check_webhook(settings)
+    yield from check_web(settings)
     yield check_backend(settings, timeout)
 
 
