@@ -1,7 +1,8 @@
 """Spectrogram images for the studio page: one PNG per file, the same scale for before and after.
 
-Runs in the report worker (it decodes the file with libsndfile/FFmpeg, which never happens in
-the daemon process): ``{"op": "spectrogram", ...}`` in :mod:`dhwatch.quality.worker`.
+Runs in a worker process, never in the daemon (it decodes the file with libsndfile/FFmpeg):
+the page's spectrogram child (:mod:`dhwatch.web.spectrograms`), or the report worker's
+``{"op": "spectrogram", ...}`` request (:meth:`dhwatch.quality.worker.ReportWorker.spectrogram`).
 
 How, in bounded memory whatever the file's length (a nine-hour take included):
 
