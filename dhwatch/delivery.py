@@ -291,10 +291,23 @@ def _copy_across(dir_fd: int, name: str, dest: Path) -> None:
 
 def write_json_atomically(path: Path, text: str) -> None:
     """Write a small text file so readers never see half of it."""
+    write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """Write a small file (a report, an image) so readers never see half of it.
+
+    Temp file named by :func:`~dhwatch.naming.temp_name` in the same folder (so a crash
+    leaves only what :func:`remove_temp_files` cleans), fsync, rename, fsync the folder.
+    """
     tmp = path.with_name(temp_name(path.name, os.getpid()))
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)

@@ -15,42 +15,14 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING
 
 from dhwatch.cli import EXIT_FAILURE, EXIT_OK, SubParsers, add_command
 from dhwatch.errors import DhwatchError
 from dhwatch.naming import is_audio_name
 
-
-class ProgressBar:
-    """One redrawn line on a terminal; a line per change elsewhere (CI logs, pipes)."""
-
-    def __init__(self, total: int, stream: TextIO = sys.stderr) -> None:
-        self.total = total
-        self.stream = stream
-        self.tty = stream.isatty()
-        self._last = ""
-
-    def update(self, counts: dict[str, int]) -> None:
-        done, failed = counts.get("done", 0), counts.get("failed", 0)
-        finished = done + failed
-        width = 30
-        filled = int(width * finished / self.total) if self.total else width
-        working = sum(counts.get(s, 0) for s in ("uploading", "submitted", "fetching", "delivered"))
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {finished}/{self.total} "
-                f"({done} cleaned, {failed} failed, {working} in progress)")
-        if line == self._last:
-            return
-        self._last = line
-        if self.tty:
-            self.stream.write("\r" + line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty and self._last:
-            self.stream.write("\n")
+if TYPE_CHECKING:
+    from dhwatch.commands.progress import ProgressFeed
 
 
 def collect(paths: list[Path], extensions: list[str]) -> list[tuple[Path, str]]:
@@ -97,11 +69,11 @@ def cmd_process(args: argparse.Namespace) -> int:
             target = inbox / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, target)  # a copy: the originals are never touched
-        bar = ProgressBar(len(files))
+        feed = _progress_feed(settings.state_dir, inbox, [rel for _, rel in files], out)
         try:
-            code = asyncio.run(run_daemon(settings, args.config, burst=True, progress=bar.update))
+            code = asyncio.run(run_daemon(settings, args.config, burst=True, progress=feed))
         finally:
-            bar.close()
+            feed.close()
         failures = sorted(settings.failed_dir.rglob("*.error.json")) if settings.failed_dir.exists() else []
         for report_path in failures:
             report = json.loads(report_path.read_text())
@@ -112,6 +84,15 @@ def cmd_process(args: argparse.Namespace) -> int:
     if code != 0:
         return code
     return EXIT_FAILURE if failures else EXIT_OK
+
+
+def _progress_feed(state_dir: Path, inbox: Path, rels: list[str], out: Path) -> ProgressFeed:
+    """rich's live display when stderr is a terminal, today's plain lines otherwise (pipes, CI, scripts)."""
+    from dhwatch.commands.progress import PlainView, ProgressFeed, RichView, View, audio_seconds, estimate_seconds
+
+    seconds = estimate_seconds({rel: audio_seconds(inbox / rel) for rel in rels})
+    view: View = RichView(seconds, sys.stderr, out) if sys.stderr.isatty() else PlainView(len(rels), sys.stderr)
+    return ProgressFeed(state_dir, seconds, view)
 
 
 def register(sub: SubParsers) -> None:

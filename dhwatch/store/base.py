@@ -345,6 +345,14 @@ class Store(abc.ABC):
             params += (limit,)
         return self._rows(sql, params)
 
+    def finished_since(self, since: float) -> list[FileRow]:
+        """Rows done or failed whose last change is at or after ``since``, oldest change first
+        (``dhwatch process`` shows each file's result as it finishes, without rereading them all)."""
+        return self._rows(
+            "SELECT * FROM files WHERE state IN (?, ?) AND updated_at >= ? ORDER BY updated_at, id",
+            (State.DONE.value, State.FAILED.value, since),
+        )
+
     def due(self, state: State, now: float, limit: int, *, backends: Sequence[str] | None = None) -> list[FileRow]:
         """Rows in ``state`` whose ``next_attempt_at`` has come, oldest first (only ``backends``' rows, if given)."""
         if backends is not None and not backends:

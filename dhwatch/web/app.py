@@ -254,6 +254,7 @@ class WebPage:
         if row is None:
             return await self.render(request, "message.html", status=404, title="No such file",
                                messages=[f"dhwatch has no file number {file_id}."], ok=False)  # fmt: skip
+        newer = await self.reader.run(lambda c: data.newer_version(c, row))
         lines, suggestion = quality_table(row)
         before, _ = media.audio_source(self.settings, row, "before")
         after, _ = media.audio_source(self.settings, row, "after")
@@ -261,7 +262,7 @@ class WebPage:
         exists = await self.reader.call(lambda: [p is not None and os.path.isfile(p) for p in (before, after)])
         return await self.render(
             request, "file.html", row=row, history=history, error=error_text(row), quality=lines,
-            quality_suggestion=suggestion, has_before=exists[0], has_after=exists[1],
+            quality_suggestion=suggestion, has_before=exists[0], has_after=exists[1], newer=newer,
         )  # fmt: skip
 
     async def audio(self, request: Request) -> Response:

@@ -134,6 +134,13 @@ def file_row(conn: sqlite3.Connection, file_id: int) -> FileRow | None:
     return None if row is None else FileRow.from_sql(row)
 
 
+def newer_version(conn: sqlite3.Connection, row: FileRow) -> FileRow | None:
+    """The newest later row of the same inbox path (a retried or re-dropped file), if any."""
+    found = conn.execute("SELECT * FROM files WHERE rel_path = ? AND id > ? ORDER BY id DESC LIMIT 1",
+                         (encode_path(row.rel_path), row.id)).fetchone()  # fmt: skip
+    return None if found is None else FileRow.from_sql(found)
+
+
 def file_history(conn: sqlite3.Connection, file_id: int) -> list[Event]:
     """A file's history, oldest first."""
     return histories(conn, [file_id])[file_id]

@@ -79,6 +79,8 @@ def test_retry_through_the_page_brings_a_failed_file_back(folders: Folders, emul
     done = wait_for(lambda: files_json(url, state="done"), timeout=30, what="the retried file done")
     assert done[0]["path"] == "take.wav" and done[0]["id"] > failed["id"]
     assert (folders.outbox / "take.wav").exists() and folders.files(folders.failed) == []
+    old_page = httpx.get(f"{url}/files/{failed['id']}", timeout=10).text
+    assert f'<p id="newer"' in old_page and f'href="/files/{done[0]["id"]}"' in old_page, "the failed page leads on"
     assert d.stop() == 0
     assert TOKEN not in d.output() and d.events("web_retry")[0]["file"] == "take.wav"
 

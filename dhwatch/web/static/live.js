@@ -6,6 +6,16 @@
   if (!table || !window.EventSource) { return; }
   var body = table.tBodies[0];
   var firstPage = table.getAttribute("data-first-page") === "true";
+  // A row added live: the list is no longer empty, and its total grows by one.
+  function counted() {
+    var empty = document.getElementById("empty");
+    if (empty) { empty.parentNode.removeChild(empty); }
+    var total = document.getElementById("total");
+    if (!total) { return; }
+    var n = (parseInt(total.getAttribute("data-total"), 10) || 0) + 1;
+    total.setAttribute("data-total", String(n));
+    total.textContent = n.toLocaleString("en-US") + (n === 1 ? " file" : " files");
+  }
   var source = new EventSource(table.getAttribute("data-events"));
   source.addEventListener("file", function (message) {
     var change = JSON.parse(message.data);
@@ -20,6 +30,7 @@
     } else if (change.matches && firstPage) {
       fresh.classList.add("flash");
       body.insertBefore(fresh, body.firstElementChild);
+      counted();
     }
   });
 })();
