@@ -53,7 +53,7 @@ def resolve_secret(value: SecretStr | None, file: Path | None, credential_name: 
                    environ: dict[str, str] | None = None) -> str | None:
     """A secret from the config value, else its file, else the systemd credential of that name.
 
-    The one way every secret (API keys, the web page's token) is read.
+    The one way every secret (API keys, the web page's token, the ledger's password) is read.
     """
     env = os.environ if environ is None else environ
     if value is not None and value.get_secret_value().strip():
@@ -369,17 +369,9 @@ class Settings(BaseSettings):
         ``dhwatch-ledger-password``, else one written in ``ledger_url`` (None: let libpq find it)."""
         if not self.ledger_url:
             return None
-        env = os.environ if environ is None else environ
-        candidates = [] if self.ledger_password_file is None else [self.ledger_password_file]
-        if env.get("CREDENTIALS_DIRECTORY"):
-            candidates.append(Path(env["CREDENTIALS_DIRECTORY"]) / LEDGER_PASSWORD_CREDENTIAL)
-        for path in candidates:
-            try:
-                text = path.read_text(encoding="utf-8").strip()
-            except OSError:
-                continue
-            if text:
-                return text
+        found = resolve_secret(None, self.ledger_password_file, LEDGER_PASSWORD_CREDENTIAL, environ)
+        if found:
+            return found
         password = urllib.parse.urlsplit(self.ledger_url).password
         return urllib.parse.unquote(password) if password else None
 
