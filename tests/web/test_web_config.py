@@ -97,3 +97,16 @@ def test_check_finds_the_web_port_taken(tmp_path: Path) -> None:
         address = f"127.0.0.1:{taken.getsockname()[1]}"
         found = list(check_web(load_settings(config(tmp_path, f'address = "{address}"\ntoken = "0123456789abcdef0"'))))
     assert [f.level for f in found] == [Level.FAIL] and f"cannot listen on {address}" in found[0].message
+
+
+def test_page_with_a_postgresql_ledger_is_refused_plainly(tmp_path: Path) -> None:
+    """[web] with ledger_url set is refused at start and by `dhwatch check` (the page reads only the SQLite ledger
+    for now), instead of a page that cannot show any file."""
+    path = tmp_path / "dhwatch.toml"
+    path.write_text('ledger_url = "postgresql://dhwatch@127.0.0.1:5432/dhwatch"\n' + FOLDERS
+                    + '\n[web]\naddress = "127.0.0.1:8080"\n')  # fmt: skip
+    path.chmod(0o600)
+    s = load_settings(path)
+    with pytest.raises(ConfigError, match=r"web\.address.*ledger_url"):
+        require_web_settings(s)
+    assert [f.level for f in check_web(s)] == [Level.FAIL]
