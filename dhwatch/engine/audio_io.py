@@ -474,6 +474,9 @@ class _AvWriter(_Closing):
                 ctx.format = fmt.sample_format
             if fmt.codec == "aac":
                 self._stream.bit_rate = fmt.bit_rate or DEFAULT_AAC_BIT_RATE_PER_CHANNEL * channels
+                # the "fast" coder: at our bit rates FFmpeg's maintainers found it better than
+                # "twoloop", and "twoloop" adds ~3 dB of peak on some speech (docs/recipes.md)
+                ctx.options = {"aac_coder": "fast"}
             self._format = ctx.format.name
             self._layout = self._stream.layout.name
         except BaseException:
