@@ -57,30 +57,6 @@ def test_insert_and_read_back(ledger: Ledger) -> None:
     assert ledger.history(row_id)[0].from_state is None
 
 
-def test_transition_applies_changes_and_records_an_event(ledger: Ledger) -> None:
-    """A legal transition updates the state and fields and appends a history line with its detail."""
-    row_id = add(ledger)
-    ledger.transition(row_id, State.QUEUED, State.UPLOADING, now=110.0)
-    ledger.transition(row_id, State.UPLOADING, State.SUBMITTED, now=120.0, durable=True, job_id="JOB1",
-                      submitted_at=120.0, attempts=1, detail="accepted")  # fmt: skip
-    row = ledger.get(row_id)
-    assert (row.state, row.job_id, row.attempts, row.submitted_at, row.updated_at) == (
-        State.SUBMITTED, "JOB1", 1, 120.0, 120.0,
-    )  # fmt: skip
-    history = ledger.history(row_id)
-    assert [(e.from_state, e.to_state) for e in history] == [
-        (None, "queued"), ("queued", "uploading"), ("uploading", "submitted"),
-    ]  # fmt: skip
-    assert history[-1].detail == "accepted" and history[-1].at == 120.0
-
-
-def test_terminal_transition_stamps_finished_at(ledger: Ledger) -> None:
-    """Reaching a terminal state records when the row finished."""
-    row_id = add(ledger)
-    ledger.transition(row_id, State.QUEUED, State.VANISHED, now=130.0)
-    assert ledger.get(row_id).finished_at == 130.0
-
-
 def test_compare_and_set_conflict_raises(ledger: Ledger) -> None:
     """A transition from a state the row is no longer in raises TransitionConflict and changes nothing."""
     row_id = add(ledger)
@@ -141,32 +117,7 @@ def test_unknown_columns_are_refused(ledger: Ledger) -> None:
     assert ledger.get(row_id).state is State.QUEUED
 
 
-def test_update_is_compare_and_set_without_history(ledger: Ledger) -> None:
-    """update() changes fields only while the row is in the expected state, with no history line."""
-    row_id = add(ledger)
-    ledger.update(row_id, State.QUEUED, now=150.0, next_attempt_at=300.0)
-    assert ledger.get(row_id).next_attempt_at == 300.0
-    assert len(ledger.history(row_id)) == 1
-    with pytest.raises(TransitionConflict):
-        ledger.update(row_id, State.SUBMITTED, now=151.0, polls=3)
-
-
 # --------------------------------------------------------------------------- recovery
-
-
-def test_recover_moves_only_uploading_back_to_queued(ledger: Ledger) -> None:
-    """After a crash, uploads without a job id are queued again; every other row resumes as it is."""
-    rows = {s: add(ledger, f"{s.value}.wav", state=s) for s in State}
-    ledger.update(rows[State.SUBMITTED], State.SUBMITTED, now=100.0, job_id="J1")
-    moved = ledger.recover(now=500.0)
-    assert moved == {"uploading": 1}
-    for state, row_id in rows.items():
-        expected = State.QUEUED if state is State.UPLOADING else state
-        assert ledger.get(row_id).state is expected, state
-    assert ledger.get(rows[State.SUBMITTED]).job_id == "J1"
-    last = ledger.history(rows[State.UPLOADING])[-1]
-    assert (last.from_state, last.to_state, last.detail) == ("uploading", "queued", "recovered after restart")
-    assert ledger.recover(now=600.0) == {}
 
 
 def test_ledger_survives_reopen(state_dir: Path) -> None:
@@ -394,18 +345,6 @@ def _finish(lg: Ledger, row_id: int, state: State = State.QUEUED) -> None:
     lg.transition(row_id, State.FAILING, State.FAILED, now=2.0)
 
 
-def test_path_lookups_answer_for_the_asked_paths_only_in_any_number(ledger: Ledger) -> None:
-    """active_among/finished_among answer for exactly the paths asked, also for more than one IN list holds."""
-    paths = [f"s/take{i:04d}.wav" for i in range(1203)]
-    ids = {p: add(ledger, p) for p in paths}
-    for p in paths[::2]:
-        _finish(ledger, ids[p])
-    asked = [*paths[100:1203], "not/there.wav"]
-    assert ledger.active_among(asked) == {p for p in paths[101:1203:2]}
-    assert set(ledger.finished_among(asked)) == {p for p in paths[100:1203:2]}
-    assert ledger.active_among([]) == set() and ledger.finished_among([]) == {}
-
-
 def test_finished_versions_keeps_the_latest_done_or_failed_per_path(ledger: Ledger) -> None:
     """Each path maps to its newest finished version; active and discarded rows are not listed."""
     old = add(ledger, "a.wav", sha=SHA_A)
@@ -459,21 +398,3 @@ def test_failed_jobs_are_not_reused(ledger: Ledger) -> None:
     assert ledger.content_leader(SHA_A, "deephearing", me) is None
 
 
-def test_flags_round_trip(ledger: Ledger) -> None:
-    """Daemon flags are stored, replaced and deleted."""
-    ledger.set_flag("paused", "bad key")
-    ledger.set_flag("paused", "still bad")
-    assert ledger.get_flag("paused") == "still bad"
-    ledger.set_flag("paused", None)
-    assert ledger.get_flag("paused") is None
-
-
-def test_counts_and_billed_seconds(ledger: Ledger) -> None:
-    """Counts per state, and billed seconds that exclude adopted rows (paid once)."""
-    add(ledger, "a.wav", state=State.DONE, billed_seconds=3.0, submitted_at=10.0)
-    add(ledger, "b.wav", state=State.DONE, billed_seconds=3.0, submitted_at=10.0, adopted=1)
-    add(ledger, "c.wav", state=State.DONE, billed_seconds=5.0, submitted_at=1.0)
-    add(ledger, "d.wav")
-    assert ledger.counts() == {"done": 3, "queued": 1}
-    assert ledger.billed_seconds() == 8.0
-    assert ledger.billed_seconds(since=5.0) == 3.0
