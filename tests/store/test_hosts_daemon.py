@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from dhwatch.emulators.deephearing import DeepHearingEmulator
+from dhwatch.naming import temp_name
 from tests.conftest import Daemon, Folders, assert_idle, make_audio, wait_for, write_config
 from tests.store.conftest import PG_PASSWORD, PostgresServer
 from tests.store.test_daemon_postgres import slow_emulator  # noqa: F401 - the fixture
@@ -68,3 +71,23 @@ def test_a_killed_hosts_files_are_finished_by_the_other_once_each(
     assert_idle(b, seconds=5.0)
     assert b.stop() == 0
     assert PG_PASSWORD not in a.output() + b.output()
+
+
+def test_a_host_starting_leaves_another_hosts_download_in_progress_alone(
+    folders: Folders, slow_emulator: DeepHearingEmulator, daemons: Callable[..., Daemon],  # noqa: F811
+    pg_database: str,
+) -> None:  # fmt: skip
+    """At start a host removes only stale temp files from the shared outbox: one another host is writing now stays."""
+    password = folders.root / "ledger.password"
+    password.write_text(PG_PASSWORD)
+    folders.outbox.mkdir()
+    writing = folders.outbox / temp_name("take.wav", 7)
+    writing.write_bytes(b"half a download")
+    left = folders.outbox / temp_name("old.wav", 3)
+    left.write_bytes(b"left by a crash")
+    hour_ago = time.time() - 3600
+    os.utime(left, (hour_ago, hour_ago))
+    d = daemons(host_config(folders, "a", slow_emulator, pg_database, password))
+    assert d.events("started")[0]["temp_files_removed"] == 1
+    assert writing.exists() and not left.exists()
+    assert d.stop() == 0
