@@ -633,8 +633,14 @@ class Store(abc.ABC):
             return None
         only, params = _backend_filter(backends)
         found = []
+        host: tuple[Any, ...]
         for s in states:
-            mine, host = (" AND host = ?", (self.host,)) if self.hosting and s is not State.QUEUED else ("", ())
+            mine, host = "", ()
+            if self.hosting and s is State.QUEUED:  # not rows another host holds (its claim may outlive it by a lease)
+                now_sql, now_p = self._lease_now()
+                mine, host = f" AND (lease_until IS NULL OR lease_until <= {now_sql} OR host = ?)", (*now_p, self.host)
+            elif self.hosting:  # the rest: only what this host holds
+                mine, host = " AND host = ?", (self.host,)
             found += [float(r[0]) for r in self._conn.execute(
                 f"SELECT next_attempt_at FROM files WHERE state = ?{only}{mine} ORDER BY next_attempt_at LIMIT 1",
                 (s.value, *params, *host))]  # fmt: skip

@@ -291,3 +291,14 @@ def test_a_clean_stop_hands_the_rows_on_at_once(hosts: Hosts, folders: Folders) 
     asyncio.run(drain_uploads(Uploader(a)))
     assert a.ledger.leave() == 1
     assert b.ledger.take_over(now=hosts.clock()) == {"submitted": 1} and b.ledger.get(row).host == "b"
+
+
+def test_a_queued_row_another_host_holds_does_not_wake_this_hosts_upload_stage(hosts: Hosts, folders: Folders) -> None:
+    """A queued file host a has claimed (and died holding) is not due for host b until a's lease runs out: b sleeps instead of looping on it."""
+    a, b = hosts("a", FakeBackend()), hosts("b", FakeBackend())
+    row = queue_file(a, folders, "take.wav", b"take")
+    assert [r.id for r in a.ledger.due(State.QUEUED, NOW, 8)] == [row]  # claimed, then a is killed
+    assert b.ledger.next_due_at((State.QUEUED,)) is None and b.ledger.due(State.QUEUED, NOW, 8) == []
+    hosts.clock.now = NOW + LEASE + 1
+    assert b.ledger.next_due_at((State.QUEUED,)) is not None
+    assert [r.id for r in b.ledger.due(State.QUEUED, hosts.clock(), 8)] == [row]
