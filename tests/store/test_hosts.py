@@ -144,6 +144,8 @@ def test_a_dead_hosts_job_is_followed_by_another_host_after_its_lease_never_sent
     poll_due(Poller(b))
     assert backend_b.status_requests == []  # a's live claim: not b's to follow
     assert HostKeeper(b).round() == LEASE / 3 and b.ledger.get(row).host == "a"
+    fence = a.ledger.get(row).fence
+    assert a.ledger.take_over(now=hosts.clock()) == {} and a.ledger.get(row).fence == fence  # its own: left as is
 
     hosts.clock.now = NOW + LEASE + 1  # a stopped renewing (killed): its lease runs out
     HostKeeper(b).round()
