@@ -11,6 +11,7 @@ with :mod:`dhwatch.logs` so a stray copy is redacted from every log line.
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import urllib.parse
 from pathlib import Path
@@ -285,6 +286,15 @@ class Settings(BaseSettings):
     #: systemd credential 'dhwatch-ledger-password', or libpq's own (PGPASSFILE); never in the URL.
     ledger_url: str = ""
     ledger_password_file: Path | None = None
+    #: this daemon's name among the hosts sharing a PostgreSQL ledger (default: the machine's host
+    #: name); two running daemons with one name and different state_dirs are refused
+    host_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=200)
+    #: a host's claim on a file lasts this long without renewal (renewed every third of it): a host
+    #: killed or cut off from the database has its files taken over by another once it runs out
+    lease_seconds: float = Field(60.0, ge=3.0)
+    #: jobs this host keeps in flight at once (submitted, not yet fetched) before it takes no more
+    #: files; 0 = the backend's own (local: 2 x engine workers; the cloud backends: no limit)
+    max_jobs_in_flight: int = Field(0, ge=0)
 
     #: relative paths are resolved against this folder (the config file's), else the CWD
     _base_dir: ClassVar[Path | None] = None

@@ -26,6 +26,7 @@ from dhwatch.context import Context
 from dhwatch.delivery import remove_temp_files
 from dhwatch.notify import NotifyStage
 from dhwatch.errors import DhwatchError
+from dhwatch.hosts import HostKeeper, join
 from dhwatch.intake import Intake
 from dhwatch.store import StateDirLock, open_store
 from dhwatch.logs import get_logger, register_secret
@@ -205,6 +206,7 @@ async def run_daemon(
         loop.add_signal_handler(sig, stop.set)
     listeners = HttpListeners(ctx)
     try:
+        rejoined = join(ctx) if ledger.shares_hosts else None
         recovered = ledger.recover(ctx.clock())
         removed = remove_temp_files(settings.outbox) + remove_temp_files(settings.failed_dir)
         if settings.archive_dir is not None:
@@ -213,7 +215,8 @@ async def run_daemon(
         paused = ctx.paused
         await listeners.start()
         log.info("started", backend=settings.backend, inbox=str(settings.inbox), outbox=str(settings.outbox),
-                 recovered=recovered, temp_files_removed=removed, paused=paused, pid=os.getpid())
+                 recovered=recovered, temp_files_removed=removed, paused=paused, pid=os.getpid(),
+                 **({} if rejoined is None else {"host": settings.host_name, "rows_held_again": rejoined}))
         if paused:
             await ctx.recheck_pauses()
         intake = Intake(ctx)
@@ -231,6 +234,8 @@ async def run_daemon(
             asyncio.create_task(_notify_loop(ctx, notifier), name="notify"),
             asyncio.create_task(_auth_loop(ctx), name="auth"),
         }
+        if ledger.hosting:
+            tasks.add(asyncio.create_task(HostKeeper(ctx).run(), name="hosts"))
         notifier.ready(status_line(ctx))
         stopper = asyncio.create_task(stop.wait())
         if burst:
@@ -252,7 +257,13 @@ async def run_daemon(
             timeout=STOP_GRACE_SECONDS,
         )
         recovered_now = ledger.recover(ctx.clock())
-        log.info("stopped", requeued_uploads=recovered_now.get("uploading", 0))
+        try:
+            handed_on = ledger.leave()  # other hosts take this one's work at once, not after the lease
+        except DhwatchError as exc:  # the database away: the leases run out by themselves
+            handed_on = 0
+            log.warning("claims_not_given_back", error=str(exc), note="other hosts take them once the leases run out")
+        log.info("stopped", requeued_uploads=recovered_now.get("uploading", 0),
+                 **({"claims_given_back": handed_on} if ledger.shares_hosts else {}))
         return 1 if crashed else 0
     finally:
         try:

@@ -7,8 +7,9 @@
     ├── LedgerError
     │   ├── LedgerLocked       another daemon owns the state_dir
     │   ├── LedgerCorrupt      the ledger file cannot be trusted; refuse to start
-    │   └── TransitionConflict a compare-and-set found the row in another state
-    │       └── LeaseLost      a fenced write: another host holds the row's claim now
+    │   ├── TransitionConflict a compare-and-set found the row in another state
+    │   │   └── LeaseLost      a fenced write: another host holds the row's claim now
+    │   └── PathTaken          another host's scan recorded this inbox file first
     ├── SourceError            the input file cannot be used (never the API's fault)
     │   ├── NotRegularFile     symlink, FIFO, device, hard link, other filesystem
     │   └── SourceChanged      the file changed or vanished while being read
@@ -68,6 +69,12 @@ class LeaseLost(TransitionConflict):
     """A fenced write found the row claimed again by another host: this host's lease ran out."""
 
     code = "LEASE_LOST"
+
+
+class PathTaken(LedgerError):
+    """An insert found an unfinished row for the same inbox path (another host's scan won): nothing was written."""
+
+    code = "PATH_TAKEN"
 
 
 class SourceError(DhwatchError):

@@ -23,7 +23,7 @@ from dhwatch.backends.base import keeps_results_after_release
 from dhwatch.context import Context
 from dhwatch.recipes import backend_of, denoise_key
 from dhwatch.policy import MAX_SECONDS_PER_BYTE, duration_limit, duration_refusal
-from dhwatch.errors import NotRegularFile, SourceChanged
+from dhwatch.errors import NotRegularFile, PathTaken, SourceChanged
 from dhwatch.settle import SettleTracker
 from dhwatch.sourcefile import Fingerprint, Identity, fingerprint
 from dhwatch.states import State
@@ -205,6 +205,8 @@ class Intake:
                 self.tracker.observe(rel, fp.identity, ctx.clock())
                 return
             self._record(rel, fp)
+        except PathTaken:  # another host's scan recorded it a moment earlier: that row is the file's
+            ctx.log.debug("file_recorded_by_another_host", file=rel)
         except Exception as exc:  # noqa: BLE001 - a ledger that cannot be written (disk full), a bug
             # Say so in the log as an event, and leave the file for the next scan to take again.
             ctx.log.error("intake_failed", file=rel, error=f"{type(exc).__name__}: {exc}",
@@ -261,12 +263,15 @@ class Intake:
         ctx = self.ctx
         if ctx.ledger.active_for_path(rel) is not None:
             return
-        row_id = ctx.ledger.insert(
-            rel_path=rel, size=st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino, device=st.st_dev, sha256="",
-            now=now, state=State.FAILING, error_code="NOT_REGULAR_FILE",
-            **recipe_fields(rel, ctx.settings),
-            error_message=f"refused: {reason}; dhwatch never opens or follows such entries",
-        )  # fmt: skip
+        try:
+            row_id = ctx.ledger.insert(
+                rel_path=rel, size=st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino, device=st.st_dev, sha256="",
+                now=now, state=State.FAILING, error_code="NOT_REGULAR_FILE",
+                **recipe_fields(rel, ctx.settings),
+                error_message=f"refused: {reason}; dhwatch never opens or follows such entries",
+            )  # fmt: skip
+        except PathTaken:  # another host's scan recorded it first
+            return
         ctx.log.warning("file_refused", file=rel, row=row_id, code="NOT_REGULAR_FILE", reason=reason)
         ctx.kick("finish")
 

@@ -25,7 +25,7 @@ from dhwatch.audioheader import StatedFormat, file_format, format_change, shortf
 from dhwatch.backends.base import RemotePhase, RemoteStatus
 from dhwatch.context import Context
 from dhwatch.delivery import Staged, Written, ensure_dir, fsync_dir, publish, stage_result, write_atomically
-from dhwatch.errors import DhwatchError, JobLost, ResultError, TransientError, TransitionConflict
+from dhwatch.errors import DhwatchError, JobLost, LeaseLost, ResultError, TransientError, TransitionConflict
 from dhwatch.finishing import FinishingError, FinishingPool, FinishReport
 from dhwatch.ledger import FileRow
 from dhwatch.naming import safe_relpath, temp_name
@@ -83,6 +83,8 @@ class Fetcher:
 
         try:
             await self._download(row, release_slot)
+        except LeaseLost as exc:  # cut off from the ledger too long: another host delivers this file now
+            ctx.log.warning("fetch_lease_lost", file=row.rel_path, row=row.id, error=str(exc))
         except Exception as exc:  # a bug must not kill the stage
             ctx.log.exception("fetch_crashed", file=row.rel_path, error=str(exc))
             self._retry(row, f"internal error: {exc}", counts=True)
@@ -153,6 +155,7 @@ class Fetcher:
                 written, report = await self._finish(row, written.path, rel, finish)
                 output, size = written.path, written.size
             else:
+                ctx.ledger.confirm(row.id)  # only the holder renames into the outbox
                 await self._publish(staged)
                 output, size = staged.final, staged.size
         except FinishingError as exc:
@@ -185,6 +188,7 @@ class Fetcher:
             finishing=None if report is None else json.dumps(report.as_dict()),
         )  # fmt: skip
         ctx.metrics.bytes_down.inc(size)
+        ctx.kick("upload")  # a job less in flight: room for another (max_jobs_in_flight)
         ctx.log.info("file_delivered", file=row.rel_path, row=row.id, job=row.job_id, bytes=size,
                      seconds=round(time.monotonic() - t0, 3), recipe=row.recipe,
                      **({} if report is None else {"loudness_lufs": report.after.integrated_lufs,
@@ -216,6 +220,7 @@ class Fetcher:
             try:
                 report = await self._finishing.finish(staged, tmp, finish)
                 crashpoints.reached("after_finished_written")
+                self.ctx.ledger.confirm(row.id)  # only the holder renames into the outbox
                 await asyncio.to_thread(os.replace, tmp, final)
                 await asyncio.to_thread(fsync_dir, folder)
             except BaseException:

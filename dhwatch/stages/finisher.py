@@ -56,14 +56,14 @@ class Finisher:
             now = time.monotonic()
             ready = lambda r: self._blocked.get(r.id, (0, 0.0))[1] <= now  # noqa: E731
             steps = [self._guard(self.finish_delivered(r), r)
-                     for r in ctx.ledger.in_state(State.DELIVERED, limit=64) if ready(r)]
+                     for r in ctx.ledger.workable(State.DELIVERED, limit=64) if ready(r)]
             if steps and not await self._sync_ledger():
                 for step in steps:
                     step.close()
                 await ctx.idle("finish", stage_retry_delay(self._sync_failures))
                 continue
             steps += [self._guard(self.finish_failing(r), r)
-                      for r in ctx.ledger.in_state(State.FAILING, limit=64) if ready(r)]
+                      for r in ctx.ledger.workable(State.FAILING, limit=64) if ready(r)]
             if steps:
                 await asyncio.gather(*steps)
                 continue
@@ -120,6 +120,8 @@ class Finisher:
         archived: Path | None = None
         inbox = ctx.settings.inbox
         report_later = self.reporter is not None and self.reporter.enabled_for(row)
+        if src is not None:
+            ctx.ledger.confirm(row.id)  # only the holder moves the original; a host cut off touches nothing
         if src is not None and mode == "archive" and ctx.settings.archive_dir is not None:
             archived = await asyncio.to_thread(move_from_inbox, inbox, row.rel_path, ctx.settings.archive_dir)
         elif src is not None and mode == "delete":
@@ -163,6 +165,7 @@ class Finisher:
             ours = _entry_unchanged(ctx.settings.inbox, row)
         else:
             ours = self._source_if_same(row) is not None
+        ctx.ledger.confirm(row.id)  # only the holder moves the file and writes its report
         moved = await asyncio.to_thread(_move_failed, ctx.settings.inbox, row.rel_path, dest, ours)
         crashpoints.reached("after_failed_moved")
         if not moved and ours:

@@ -80,6 +80,7 @@ def fail(
         error_code=code, error_message=message, **extra,
     )  # fmt: skip
     ctx.kick("finish")
+    ctx.kick("upload")  # a job less in flight: room for another (max_jobs_in_flight)
 
 
 def requeue_lost(ctx: Context, job_id: str, rows: list[FileRow], expected: State, reason: str) -> None:

@@ -7,6 +7,7 @@ A paused backend's files wait (they are not even read from the ledger as due), t
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import PurePosixPath
 
@@ -14,7 +15,7 @@ from dhwatch import crashpoints
 from dhwatch.backends.base import Upload, keeps_results_after_release
 from dhwatch.context import Context
 from dhwatch.errors import (
-    BackendError, BackendUnavailable, InvalidFile, SourceChanged, TransientError,
+    BackendError, BackendUnavailable, InvalidFile, LeaseLost, SourceChanged, TransientError,
     TransitionConflict,
 )  # fmt: skip
 from dhwatch.ledger import FileRow
@@ -38,18 +39,55 @@ class Uploader:
         while True:
             ctx.beat("upload")
             self._over_budget()
-            await self._dispatch()
+            if await self._dispatch():  # no slot or no room for more jobs: until one frees (kicked), at most 1 s
+                await ctx.idle("upload", 1.0)
+                continue
             await sleep_until_due(ctx, "upload", (State.QUEUED,), backends=ctx.sending_filter())
 
-    async def _dispatch(self) -> None:
+    def _room(self) -> tuple[list[str], int | None]:
+        """The backends that may be sent files now (not paused, this host below its jobs in flight),
+        and how many more jobs this host may start (None: no limit).
+
+        ``max_jobs_in_flight`` caps the host's jobs in all; at 0 each backend has its own cap (the
+        local engine: 2 jobs per worker, one running and one ready; the cloud backends: none).
+        A host with no room takes nothing from the queue, so hosts with room take it.
+        """
         ctx = self.ctx
-        while not self._slots.locked() and (sending := ctx.sending()):
-            want = 4 * max(ctx.backend_named(n).max_batch_files for n in sending)
-            rows = [r for r in ctx.ledger.due(State.QUEUED, ctx.clock(), want + len(self._busy),
-                                              backends=ctx.sending_filter()) if r.id not in self._busy]  # fmt: skip
-            batch = self._batch(self._without_duplicates(rows[:want]))
+        sending = ctx.sending()
+        cap = ctx.settings.max_jobs_in_flight
+        if not sending or (cap == 0 and "local" not in sending):
+            return sending, None
+        flying = ctx.ledger.jobs_in_flight()
+        busy = len(self._busy)  # being uploaded: a job each, soon
+        if cap > 0:
+            room = cap - sum(flying.values()) - busy
+            return (sending, room) if room > 0 else ([], 0)
+        local_room = 2 * local_workers(ctx) - flying.get("local", 0) - busy
+        with_room = [n for n in sending if n != "local" or local_room > 0]
+        return with_room, (local_room if with_room == ["local"] else None)
+
+    async def _dispatch(self) -> bool:
+        """Send what is due while slots and room last; True when stopped by a full house (not by an empty queue)."""
+        ctx = self.ctx
+        while True:
+            if self._slots.locked():
+                return True
+            sending, room = self._room()
+            if not sending:
+                return bool(ctx.sending())
+            batch_files = max(ctx.backend_named(n).max_batch_files for n in sending)
+            # a shared ledger: claim only what this request may carry; held idle, rows would wait for this host
+            want = min(batch_files if ctx.ledger.hosting else 4 * batch_files, room or 10**9)
+            only = ctx.sending_filter() if len(sending) == len(ctx.sending()) else sending
+            rows = [r for r in ctx.ledger.due(State.QUEUED, ctx.clock(), want + len(self._busy), backends=only)
+                    if r.id not in self._busy]  # fmt: skip
+            fresh = self._without_duplicates(rows[:want])
+            batch = self._batch(fresh)
+            if ctx.ledger.hosting:
+                taken = {r.id for r in batch}
+                ctx.ledger.let_go([r.id for r in rows if r.id not in taken])
             if not batch:
-                return
+                return False
             await self._slots.acquire()
             for r in batch:
                 self._busy.add(r.id)
@@ -147,6 +185,8 @@ class Uploader:
                 return
             crashpoints.reached("before_upload")
             await self._send(batch)
+        except LeaseLost as exc:  # cut off from the ledger too long: another host owns these files now
+            ctx.log.warning("upload_lease_lost", files=[r.rel_path for r in batch], error=str(exc))
         except Exception as exc:  # a bug must not kill the stage or lose rows
             ctx.log.exception("upload_crashed", error=str(exc))
             for row in batch:
@@ -263,6 +303,11 @@ class Uploader:
 
     async def aclose(self) -> None:
         await self._running.aclose()
+
+
+def local_workers(ctx: Context) -> int:
+    """The local engine's worker processes (``[local] workers``; 0 = one per CPU core)."""
+    return ctx.settings.local.workers or (os.cpu_count() or 1)
 
 
 def recipe_atten(row: FileRow) -> float | None:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import abc
 import os
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from dhwatch.errors import LedgerCorrupt, LedgerError, LeaseLost, TransitionConflict
+from dhwatch.errors import ConfigError, LedgerCorrupt, LedgerError, LeaseLost, PathTaken, TransitionConflict
 from dhwatch.logs import redact_text
 from dhwatch.naming import decode_path, encode_path
 from dhwatch.states import ACTIVE, RECOVERY, TERMINAL, State, can_transition
@@ -33,6 +33,10 @@ from dhwatch.store.rows import MUTABLE, Event, FileRow, FinishedVersion, Notific
 _LOST_JOB = "lost_job:"
 #: paths per ``IN (...)`` list: well under SQLite's oldest host-parameter limit (999)
 _IN_CHUNK = 500
+#: states whose rows a host that died leaves behind with a job to follow or a file to move: taken over as they are
+_TAKEN_OVER = (State.SUBMITTED, State.FETCHING, State.DELIVERED, State.FAILING)
+#: a job exists at the backend for rows in these states (a host's capacity counts them)
+_IN_FLIGHT = (State.SUBMITTED, State.FETCHING)
 
 
 class Cursor(Protocol):
@@ -79,6 +83,13 @@ class Store(abc.ABC):
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
+        #: this daemon's name once it has joined a shared ledger (:meth:`join`); None: it acts alone
+        self.host: str | None = None
+        self.lease_seconds = 60.0
+        #: leases judged on this clock instead of the database's (tests move it; None in production)
+        self.lease_clock: Callable[[], float] | None = None
+        #: row id → the fence of every row this process holds a claim on (a shared ledger only)
+        self._held: dict[int, int] = {}
 
     # ------------------------------------------------------------------ what each database does its own way
     @abc.abstractmethod
@@ -170,10 +181,22 @@ class Store(abc.ABC):
             "sha256": sha256, "state": state.value, "backend": backend, "created_at": now, "updated_at": now,
             **extra,
         }  # fmt: skip
+        names, marks, params = ", ".join(cols), _marks(cols), tuple(cols.values())
+        if self.hosting and state is not State.QUEUED:  # work to do at once: this host holds it from the start
+            now_sql, now_p = self._lease_now()
+            names += ", host, lease_until, fence"
+            marks += f", ?, {now_sql} + ?, 1"
+            params += (self.host, *now_p, self.lease_seconds)
         with self._tx(durable="job_id" in extra) as conn:
-            cur = conn.execute(f"INSERT INTO files ({', '.join(cols)}) VALUES ({_marks(cols)}) RETURNING id",
-                               tuple(cols.values()))  # fmt: skip
-            row_id = int(cur.fetchall()[0][0])
+            # one unfinished row per inbox path (PostgreSQL's files_active_path): when two hosts'
+            # scans record one file at once, the second insert does nothing and says so
+            found = conn.execute(f"INSERT INTO files ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING "
+                                 f"RETURNING id{', fence' if self.hosting else ''}", params).fetchall()  # fmt: skip
+            if not found:
+                raise PathTaken(f"{rel_path}: another host recorded this inbox file first")
+            row_id = int(found[0][0])
+            if self.hosting and state is not State.QUEUED:
+                self._held[row_id] = int(found[0][1])
             conn.execute(
                 "INSERT INTO events (file_id, at, from_state, to_state, detail) VALUES (?, ?, NULL, ?, ?)",
                 (row_id, now, state.value, detail),
@@ -207,6 +230,7 @@ class Store(abc.ABC):
         if not can_transition(expected, target):
             raise LedgerError(f"illegal transition {expected.value} → {target.value}")
         moved: list[int] = []
+        let_go: list[int] = []
         with self._tx(durable=durable) as conn:
             detail = None if detail is None else redact_text(detail)
             for row_id, changes in rows:
@@ -216,22 +240,29 @@ class Store(abc.ABC):
                 changes = stored(changes)
                 if target in TERMINAL:
                     changes.setdefault("finished_at", now)
-                sets = ", ".join([f"{k} = ?" for k in changes] + ["state = ?", "updated_at = ?"])
+                releases = self._releases(row_id, target, changes)
+                sets = ", ".join([f"{k} = ?" for k in changes] + ["state = ?", "updated_at = ?"]
+                                 + (["host = NULL", "lease_until = NULL"] if releases else []))  # fmt: skip
                 params: tuple[Any, ...] = (*changes.values(), target.value, now, row_id, expected.value)
                 where = "id = ? AND state = ?" + self._fence_clause(row_id, fences)
                 if fences is not None and row_id in fences:
                     params += (fences[row_id],)
-                cur = conn.execute(f"UPDATE files SET {sets} WHERE {where}", params)
+                held_sql, held_p = self._hold_clause(row_id)
+                cur = conn.execute(f"UPDATE files SET {sets} WHERE {where}{held_sql}", params + held_p)
                 if cur.rowcount != 1:
                     if skip_conflicts:
                         continue
                     self._raise_conflict(row_id, expected, fences)
                 moved.append(row_id)
+                if releases:
+                    let_go.append(row_id)
                 if expected != target or detail:
                     conn.execute(
                         "INSERT INTO events (file_id, at, from_state, to_state, detail) VALUES (?, ?, ?, ?, ?)",
                         (row_id, now, expected.value, target.value, detail),
                     )
+        for row_id in let_go:
+            self._held.pop(row_id, None)
         return moved
 
     def _fence_clause(self, row_id: int, fences: Mapping[int, int] | None) -> str:
@@ -242,6 +273,14 @@ class Store(abc.ABC):
         return " AND fence = ?"
 
     def _raise_conflict(self, row_id: int, expected: State, fences: Mapping[int, int] | None) -> None:
+        if self.hosting:
+            row = self._one("SELECT state, host, fence FROM files WHERE id = ?", (row_id,))
+            if row is not None and row[0] == expected.value:  # the state was right: the claim was not
+                ours = self._held.pop(row_id, None)
+                if ours is None:
+                    raise LeaseLost(f"row {row_id} is held by host {row[1]!r}: this host may not change it")
+                raise LeaseLost(f"row {row_id} is no longer this host's (host {row[1]!r}, fence {row[2]}, ours "
+                                f"{ours}): its lease ran out and another host may hold it now")  # fmt: skip
         if fences is not None and row_id in fences:
             row = self._one("SELECT state, fence FROM files WHERE id = ?", (row_id,))
             if row is not None and int(row[1]) != fences[row_id]:
@@ -272,17 +311,25 @@ class Store(abc.ABC):
             bad = set(changes) - MUTABLE
             if bad or not changes:
                 raise LedgerError(f"not settable: {sorted(bad)}")
+        let_go: list[int] = []
         with self._tx() as conn:
             for row_id, changes in rows:
                 changes = stored(changes)
-                sets = ", ".join([f"{k} = ?" for k in changes] + ["updated_at = ?"])
+                releases = self._releases(row_id, expected, changes)
+                sets = ", ".join([f"{k} = ?" for k in changes] + ["updated_at = ?"]
+                                 + (["host = NULL", "lease_until = NULL"] if releases else []))  # fmt: skip
                 params: tuple[Any, ...] = (*changes.values(), now, row_id, expected.value)
                 where = "id = ? AND state = ?" + self._fence_clause(row_id, fences)
                 if fences is not None and row_id in fences:
                     params += (fences[row_id],)
-                cur = conn.execute(f"UPDATE files SET {sets} WHERE {where}", params)
+                held_sql, held_p = self._hold_clause(row_id)
+                cur = conn.execute(f"UPDATE files SET {sets} WHERE {where}{held_sql}", params + held_p)
                 if cur.rowcount == 1:
                     changed.append(row_id)
+                    if releases:
+                        let_go.append(row_id)
+        for row_id in let_go:
+            self._held.pop(row_id, None)
         return changed
 
     def recover(self, now: float) -> dict[str, int]:
@@ -290,6 +337,8 @@ class Store(abc.ABC):
         moved: dict[str, int] = {}
         for source, target in RECOVERY.items():
             for row in self.in_state(source):
+                if self.hosting and row.host != self.host:
+                    continue  # another host's upload, maybe in flight now: its lease decides (take_over)
                 self.transition(row.id, source, target, now=now, detail="recovered after restart")
                 moved[source.value] = moved.get(source.value, 0) + 1
         return moved
@@ -330,6 +379,209 @@ class Store(abc.ABC):
                                (row_id, fence))  # fmt: skip
             return bool(cur.rowcount == 1)
 
+    # ------------------------------------------------------------------ this daemon as one host of several
+    @property
+    def hosting(self) -> bool:
+        """Whether this store acts for one host of several (it joined a shared ledger): then every
+        write on a row is fenced, and the stages see only the rows this host holds."""
+        return self.host is not None
+
+    def _lease_now(self) -> tuple[str, tuple[Any, ...]]:
+        """The clock leases are judged on, as SQL and its parameters: the database's own (hosts' clocks
+        differ), or the injected :attr:`lease_clock`."""
+        if self.lease_clock is None:
+            return self.dialect.now, ()
+        return "?", (self.lease_clock(),)
+
+    def _hold_clause(self, row_id: int) -> tuple[str, tuple[Any, ...]]:
+        """What a write on ``row_id`` must also match while hosting: this host's live claim if it holds
+        the row, else no live claim at all (a finished row, say). Nothing on a one-host ledger."""
+        if not self.hosting:
+            return "", ()
+        now_sql, now_p = self._lease_now()
+        fence = self._held.get(row_id)
+        if fence is None:
+            return f" AND (lease_until IS NULL OR lease_until <= {now_sql})", now_p
+        return f" AND host = ? AND fence = ? AND lease_until > {now_sql}", (self.host, fence, *now_p)
+
+    def _releases(self, row_id: int, state: State, changes: Mapping[str, Any]) -> bool:
+        """Whether a write leaving a held row in ``state`` gives its claim back: back in the queue (any
+        host may send it), or finished with no quality report left to make."""
+        if row_id not in self._held:
+            return False
+        return state is State.QUEUED or (state in TERMINAL and changes.get("quality_status", "") != "pending")
+
+    def holds(self, row_id: int) -> bool:
+        """Whether this process may work on the row: always on a one-host ledger, else while it holds its claim."""
+        return not self.hosting or row_id in self._held
+
+    def join(self, host: str, state_id: str, *, pid: int, now: float, lease_seconds: float,
+             lease_clock: Callable[[], float] | None = None) -> int:  # fmt: skip
+        """Register this daemon as ``host`` on a shared ledger and take back the rows this host held.
+
+        ``state_id`` names the state_dir (see :func:`dhwatch.hosts.state_dir_id`). A live host
+        (heartbeat within ``lease_seconds``) of the same name with another state_dir is refused:
+        two machines under one name would take each other's rows. The same name and state_dir
+        is a restart: the old process is dead (the state_dir lock says so), so its rows are
+        claimed again at once, with new fences. Returns how many rows were taken back.
+        """
+        if not self.shares_hosts:
+            raise LedgerError(f"the ledger {self.where} belongs to one host: there are no hosts to join")
+        self.lease_clock = lease_clock
+        now_sql, now_p = self._lease_now()
+        with self._tx() as conn:
+            fresh = conn.execute(
+                f"INSERT INTO hosts (name, state_id, pid, started_at, last_seen) VALUES (?, ?, ?, ?, {now_sql}) "
+                "ON CONFLICT (name) DO NOTHING RETURNING name", (host, state_id, pid, now, *now_p)).fetchall()  # fmt: skip
+            if not fresh:
+                row = conn.execute(f"SELECT state_id, pid, last_seen, {now_sql} FROM hosts WHERE name = ? FOR UPDATE",
+                                   (*now_p, host)).fetchone()  # fmt: skip
+                if row[0] != state_id and int(row[1]) != 0 and float(row[2]) > float(row[3]) - lease_seconds:
+                    raise ConfigError(
+                        f"host_name: a running dhwatch (pid {row[1]}) already uses the name {host!r} on the ledger "
+                        f"{self.where} with another state_dir; set host_name to a name of its own on each host"
+                    )
+                conn.execute(f"UPDATE hosts SET state_id = ?, pid = ?, started_at = ?, last_seen = {now_sql} "
+                             "WHERE name = ?", (state_id, pid, now, *now_p, host))  # fmt: skip
+            taken = conn.execute(
+                f"UPDATE files SET lease_until = {now_sql} + ?, fence = fence + 1 WHERE host = ? RETURNING id, fence",
+                (*now_p, lease_seconds, host)).fetchall()  # fmt: skip
+            conn.execute("UPDATE notifications SET lease_until = NULL, host = NULL WHERE host = ?", (host,))
+        self.host, self.lease_seconds = host, lease_seconds
+        self._held = {int(r[0]): int(r[1]) for r in taken}
+        return len(taken)
+
+    def leave(self) -> int:
+        """A clean stop: give back every claim this host holds, so other hosts take the work at once
+        instead of after the lease; the host is recorded as stopped. Returns the rows given back."""
+        if not self.hosting:
+            return 0
+        ids, fences = list(self._held), list(self._held.values())
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE files SET host = NULL, lease_until = NULL WHERE host = ? "
+                "AND (id, fence) IN (SELECT * FROM unnest(?::bigint[], ?::bigint[]))", (self.host, ids, fences))  # fmt: skip
+            conn.execute("UPDATE notifications SET lease_until = NULL, host = NULL WHERE host = ?", (self.host,))
+            conn.execute("UPDATE hosts SET pid = 0 WHERE name = ?", (self.host,))
+        self._held = {}
+        return int(cur.rowcount)
+
+    def renew_held(self) -> list[int]:
+        """Extend every claim this host still holds, in one UPDATE, and beat the host's heartbeat.
+
+        Returns the rows it lost (their lease ran out, or another host took them over): they are
+        forgotten, so no stage works on them again; a write already under way is refused (fenced).
+        """
+        if not self.hosting:
+            return []
+        now_sql, now_p = self._lease_now()
+        snapshot = dict(self._held)
+        ids, fences = list(snapshot), list(snapshot.values())
+        with self._tx() as conn:
+            kept = {int(r[0]) for r in conn.execute(
+                f"UPDATE files SET lease_until = {now_sql} + ? WHERE host = ? AND lease_until > {now_sql} "
+                "AND (id, fence) IN (SELECT * FROM unnest(?::bigint[], ?::bigint[])) RETURNING id",
+                (*now_p, self.lease_seconds, self.host, *now_p, ids, fences))} if ids else set()  # fmt: skip
+            conn.execute(f"UPDATE notifications SET lease_until = {now_sql} + ? WHERE host = ?",
+                         (*now_p, self.lease_seconds, self.host))  # fmt: skip
+            conn.execute(f"UPDATE hosts SET last_seen = {now_sql} WHERE name = ?", (*now_p, self.host))
+        lost = [i for i in ids if i not in kept]
+        for row_id in lost:
+            if self._held.get(row_id) == snapshot[row_id]:  # not claimed again meanwhile
+                self._held.pop(row_id, None)
+        return lost
+
+    def take_over(self, *, now: float, limit: int = 256) -> dict[str, int]:
+        """Rows whose holder's lease ran out (a host killed, cut off, or stopped): this host takes them.
+
+        A row with a recorded job (SUBMITTED, FETCHING) or a file to move (DELIVERED, FAILING) is
+        claimed as it is: its job is followed, never sent again. An upload whose lease ran out
+        goes back to QUEUED (the crash-recovery rule: no job id was recorded). Returns counts by state.
+        """
+        if not self.hosting:
+            return {}
+        now_sql, now_p = self._lease_now()
+        expired = f"(lease_until IS NULL OR lease_until <= {now_sql})"
+        with self._tx() as conn:
+            requeued = [int(r[0]) for r in conn.execute(
+                f"UPDATE files SET state = ?, host = NULL, lease_until = NULL, fence = fence + 1, updated_at = ? "
+                f"WHERE id IN (SELECT id FROM files WHERE state = ? AND {expired} ORDER BY id LIMIT ? "
+                f"{self.dialect.skip_locked}) RETURNING id",
+                (State.QUEUED.value, now, State.UPLOADING.value, *now_p, limit))]  # fmt: skip
+            for row_id in requeued:
+                conn.execute("INSERT INTO events (file_id, at, from_state, to_state, detail) VALUES (?, ?, ?, ?, ?)",
+                             (row_id, now, State.UPLOADING.value, State.QUEUED.value,
+                              "recovered: the uploading host's lease ran out"))  # fmt: skip
+        taken = self._claim(f"state IN ({_marks(_TAKEN_OVER)})", tuple(s.value for s in _TAKEN_OVER), "id", limit)
+        counts: dict[str, int] = {State.QUEUED.value: len(requeued)} if requeued else {}
+        for row in taken:
+            counts[row.state.value] = counts.get(row.state.value, 0) + 1
+        return counts
+
+    def _claim(self, where: str, params: tuple[Any, ...], order: str, limit: int) -> list[FileRow]:
+        """Claim up to ``limit`` rows matching ``where`` that no other host holds a live claim on."""
+        now_sql, now_p = self._lease_now()
+        with self._tx() as conn:
+            rows = file_rows(conn.execute(
+                f"UPDATE files SET host = ?, lease_until = {now_sql} + ?, fence = fence + 1 WHERE id IN ("
+                f"SELECT id FROM files WHERE {where} AND (lease_until IS NULL OR lease_until <= {now_sql} "
+                f"OR host = ?) ORDER BY {order} LIMIT ? {self.dialect.skip_locked}) RETURNING *",
+                (self.host, *now_p, self.lease_seconds, *params, *now_p, self.host, limit),
+            ))  # fmt: skip
+        for row in rows:
+            self._held[row.id] = row.fence
+        return rows
+
+    def confirm(self, row_id: int) -> None:
+        """Right before a folder move: make sure this host still holds the row, renewing its lease
+        (a full lease for the move to finish in), or raise :class:`LeaseLost` and move nothing.
+        Nothing to check on a one-host ledger."""
+        if not self.hosting:
+            return
+        fence = self._held.get(row_id)
+        now_sql, now_p = self._lease_now()
+        if fence is not None:
+            with self._tx() as conn:
+                cur = conn.execute(f"UPDATE files SET lease_until = {now_sql} + ? WHERE id = ? AND host = ? "
+                                   f"AND fence = ? AND lease_until > {now_sql}",
+                                   (*now_p, self.lease_seconds, row_id, self.host, fence, *now_p))  # fmt: skip
+                if cur.rowcount == 1:
+                    return
+            self._held.pop(row_id, None)
+        raise LeaseLost(f"row {row_id} is no longer held by this host: another host may be moving its file")
+
+    def let_go(self, row_ids: Iterable[int]) -> None:
+        """Give back claims on QUEUED rows this host took but will not send now (another host may)."""
+        mine = [(i, self._held[i]) for i in row_ids if i in self._held]
+        if not mine:
+            return
+        freed: list[int] = []
+        with self._tx() as conn:
+            for row_id, fence in mine:
+                cur = conn.execute("UPDATE files SET host = NULL, lease_until = NULL WHERE id = ? AND host = ? "
+                                   "AND fence = ? AND state = ?", (row_id, self.host, fence, State.QUEUED.value))  # fmt: skip
+                if cur.rowcount == 1:
+                    freed.append(row_id)
+        for row_id in freed:  # a row that moved on meanwhile (adopted a job) stays held
+            self._held.pop(row_id, None)
+
+    def jobs_in_flight(self) -> dict[str, int]:
+        """Backend → jobs in flight (SUBMITTED or FETCHING, one per job id) of the rows this host works on."""
+        mine, params = (" AND host = ?", (self.host,)) if self.hosting else ("", ())
+        rows = self._conn.execute(
+            f"SELECT backend, COUNT(DISTINCT job_id) FROM files WHERE state IN ({_marks(_IN_FLIGHT)}){mine} "
+            "GROUP BY backend", (*(s.value for s in _IN_FLIGHT), *params))  # fmt: skip
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def workable(self, state: State, *, limit: int) -> list[FileRow]:
+        """Rows in ``state`` this process may work on, oldest first: every one on a one-host ledger,
+        the ones it holds on a shared one."""
+        if not self.hosting:
+            return self.in_state(state, limit=limit)
+        rows = self._rows("SELECT * FROM files WHERE host = ? AND state = ? ORDER BY id LIMIT ?",
+                          (self.host, state.value, limit))  # fmt: skip
+        return [r for r in rows if self._held.get(r.id) == r.fence]
+
     # ------------------------------------------------------------------ reads
     def get(self, row_id: int) -> FileRow:
         row = self._one("SELECT * FROM files WHERE id = ?", (row_id,))
@@ -358,6 +610,13 @@ class Store(abc.ABC):
         if backends is not None and not backends:
             return []
         only, params = _backend_filter(backends)
+        if self.hosting and state is State.QUEUED:  # queued work is anyone's: claimed as it is taken
+            return sorted(self._claim(f"state = ? AND next_attempt_at <= ?{only}", (state.value, now, *params),
+                                      "next_attempt_at, id", limit), key=lambda r: (r.next_attempt_at, r.id))  # fmt: skip
+        if self.hosting:  # the rest: only what this host holds
+            rows = self._rows(f"SELECT * FROM files WHERE state = ? AND next_attempt_at <= ?{only} AND host = ? "
+                              "ORDER BY next_attempt_at, id LIMIT ?", (state.value, now, *params, self.host, limit))  # fmt: skip
+            return [r for r in rows if self._held.get(r.id) == r.fence]
         return self._rows(
             f"SELECT * FROM files WHERE state = ? AND next_attempt_at <= ?{only} ORDER BY next_attempt_at, id LIMIT ?",
             (state.value, now, *params, limit),
@@ -373,11 +632,12 @@ class Store(abc.ABC):
         if backends is not None and not backends:
             return None
         only, params = _backend_filter(backends)
-        found = [
-            float(r[0]) for s in states for r in self._conn.execute(
-                f"SELECT next_attempt_at FROM files WHERE state = ?{only} ORDER BY next_attempt_at LIMIT 1",
-                (s.value, *params))
-        ]  # fmt: skip
+        found = []
+        for s in states:
+            mine, host = (" AND host = ?", (self.host,)) if self.hosting and s is not State.QUEUED else ("", ())
+            found += [float(r[0]) for r in self._conn.execute(
+                f"SELECT next_attempt_at FROM files WHERE state = ?{only}{mine} ORDER BY next_attempt_at LIMIT 1",
+                (s.value, *params, *host))]  # fmt: skip
         return min(found) if found else None
 
     def backends_active(self) -> set[str]:
@@ -485,7 +745,9 @@ class Store(abc.ABC):
         return self.get_flag(_LOST_JOB + job_id) is not None
 
     def quality_pending(self, limit: int) -> list[FileRow]:
-        """Finished rows whose quality report is still to be made."""
+        """Finished rows whose quality report is still to be made (on a shared ledger: claimed, so one host makes each)."""
+        if self.hosting:
+            return self._claim("quality_status = 'pending' AND state = ?", (State.DONE.value,), "id", limit)
         return self._rows(
             "SELECT * FROM files WHERE quality_status = 'pending' AND state = ? ORDER BY id LIMIT ?",
             (State.DONE.value, limit),
@@ -552,7 +814,17 @@ class Store(abc.ABC):
             return int(cur.fetchall()[0][0])
 
     def due_notifications(self, now: float, limit: int) -> list[Notification]:
-        """Notes whose next attempt has come, oldest first."""
+        """Notes whose next attempt has come, oldest first (on a shared ledger: claimed, so one host sends each)."""
+        if self.hosting:
+            now_sql, now_p = self._lease_now()
+            with self._tx() as conn:
+                claimed = conn.execute(
+                    f"UPDATE notifications SET host = ?, lease_until = {now_sql} + ? WHERE id IN (SELECT id FROM "
+                    f"notifications WHERE next_attempt_at <= ? AND (lease_until IS NULL OR lease_until <= {now_sql} "
+                    f"OR host = ?) ORDER BY next_attempt_at, id LIMIT ? {self.dialect.skip_locked}) "
+                    "RETURNING id, file_id, url, body, attempts, next_attempt_at",
+                    (self.host, *now_p, self.lease_seconds, now, *now_p, self.host, limit)).fetchall()  # fmt: skip
+            return [Notification(r[0], r[1], r[2], r[3], r[4]) for r in sorted(claimed, key=lambda r: (r[5], r[0]))]
         rows = self._conn.execute(
             "SELECT id, file_id, url, body, attempts FROM notifications WHERE next_attempt_at <= ? "
             "ORDER BY next_attempt_at, id LIMIT ?", (now, limit),
@@ -560,13 +832,20 @@ class Store(abc.ABC):
         return [Notification(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
     def next_notification_at(self) -> float | None:
-        """When the next queued note is due (None: nothing queued)."""
-        row = self._one("SELECT MIN(next_attempt_at) FROM notifications")
+        """When the next queued note is due (None: nothing queued; on a shared ledger, notes another host holds do not count)."""
+        if self.hosting:
+            now_sql, now_p = self._lease_now()
+            row = self._one(f"SELECT MIN(next_attempt_at) FROM notifications WHERE lease_until IS NULL "
+                            f"OR lease_until <= {now_sql} OR host = ?", (*now_p, self.host))  # fmt: skip
+        else:
+            row = self._one("SELECT MIN(next_attempt_at) FROM notifications")
         return None if row[0] is None else float(row[0])
 
     def notification_retry(self, note_id: int, attempts: int, next_attempt_at: float) -> None:
+        """Try the note again later (on a shared ledger its claim is given back: any host may)."""
+        free = ", host = NULL, lease_until = NULL" if self.hosting else ""
         with self._tx() as conn:
-            conn.execute("UPDATE notifications SET attempts = ?, next_attempt_at = ? WHERE id = ?",
+            conn.execute(f"UPDATE notifications SET attempts = ?, next_attempt_at = ?{free} WHERE id = ?",
                          (attempts, next_attempt_at, note_id))  # fmt: skip
 
     def notification_done(self, note_id: int) -> None:

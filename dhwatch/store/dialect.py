@@ -27,6 +27,8 @@ class Dialect:
     unindexed_prefix: str
     #: the driver's placeholder style: ``?`` (sqlite3) or ``%s`` (psycopg)
     format_placeholders: bool
+    #: the database's own clock in epoch seconds: leases are judged on it, never on a host's clock
+    now: str
 
     def unindexed(self, column: str) -> str:
         """``column`` as a condition that must not pick that column's index."""
@@ -62,6 +64,7 @@ def _postgres_types(script: str) -> str:
 
 
 SQLITE = Dialect("sqlite", begin_write="BEGIN IMMEDIATE", skip_locked="", unindexed_prefix="+",
-                 format_placeholders=False)  # fmt: skip
+                 format_placeholders=False, now="((julianday('now') - 2440587.5) * 86400.0)")  # fmt: skip
 POSTGRESQL = Dialect("postgresql", begin_write="BEGIN", skip_locked="FOR UPDATE SKIP LOCKED", unindexed_prefix="",
-                     format_placeholders=True)  # fmt: skip
+                     format_placeholders=True,
+                     now="CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)")  # fmt: skip

@@ -111,8 +111,26 @@ HOSTS_MIGRATION = """
     ALTER TABLE files ADD COLUMN fence INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX files_lease ON files(lease_until) WHERE lease_until IS NOT NULL;
 """
-#: PostgreSQL's steps: SQLite's, then the hosts' columns
-POSTGRES_MIGRATIONS: tuple[str, ...] = (*MIGRATIONS, HOSTS_MIGRATION)
+#: several daemons on one ledger (PostgreSQL only): who runs (``hosts``: a name, the id of its
+#: state_dir, its pid and heartbeat, on the database's clock), a note's claim (one host sends it),
+#: and the rule that decides when two hosts' scans record one inbox file at once: one
+#: unfinished row per inbox path (the loser's insert does nothing, see ``Store.insert``)
+HOSTS_TABLE_MIGRATION = """
+    CREATE TABLE hosts (
+        name       TEXT PRIMARY KEY,
+        state_id   TEXT    NOT NULL,
+        pid        INTEGER NOT NULL,
+        started_at REAL    NOT NULL,
+        last_seen  REAL    NOT NULL
+    );
+    ALTER TABLE notifications ADD COLUMN host TEXT;
+    ALTER TABLE notifications ADD COLUMN lease_until REAL;
+    CREATE UNIQUE INDEX files_active_path ON files(rel_path)
+        WHERE state NOT IN ('done', 'failed', 'discarded', 'vanished');
+    CREATE INDEX files_host ON files(host, state) WHERE host IS NOT NULL;
+"""
+#: PostgreSQL's steps: SQLite's, then the hosts' columns, then the hosts' table and the one-row-per-path rule
+POSTGRES_MIGRATIONS: tuple[str, ...] = (*MIGRATIONS, HOSTS_MIGRATION, HOSTS_TABLE_MIGRATION)
 POSTGRES_SCHEMA_VERSION = len(POSTGRES_MIGRATIONS)
 
 #: the tables a ledger holds, parents first (the order ``dhwatch ledger copy`` fills them)

@@ -12,6 +12,7 @@ import pytest
 
 from dhwatch.states import State
 from dhwatch.store import Store
+from dhwatch.store.schema import POSTGRES_SCHEMA_VERSION
 from dhwatch.store.views import (
     JobFilter, failed_latest_versions, get_flag, histories, list_jobs, resolve_argument, schema_version,
     status_snapshot,
@@ -113,7 +114,7 @@ def test_check_reports_a_postgresql_ledger_not_a_missing_sqlite_file(folders: Fo
     run = subprocess.run([sys.executable, "-m", "dhwatch", "check", "--timeout", "2", "--config", str(cfg)],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     ledger = [line for line in run.stdout.splitlines() if line.split()[1:2] == ["ledger:"]]
-    assert ledger == [f"OK    ledger: {pg_database}: schema 6, 7 files" + ledger[0][ledger[0].rindex(" ("):]], run.stdout
+    assert ledger == [f"OK    ledger: {pg_database}: schema {POSTGRES_SCHEMA_VERSION}, 7 files" + ledger[0][ledger[0].rindex(" ("):]], run.stdout
     pw.write_text("wrong-password-99")
     run = subprocess.run([sys.executable, "-m", "dhwatch", "check", "--timeout", "2", "--config", str(cfg)],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
