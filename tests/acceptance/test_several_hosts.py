@@ -4,9 +4,9 @@ Each daemon is the real ``dhwatch run`` with its own ``state_dir`` and ``host_na
 through the environment, as a systemd unit per host would), on one config file naming the
 shared folders and the shared ``ledger_url``. 300 small WAVs go through the DeepHearing
 emulator while hosts are killed with SIGKILL (one twice and restarted, one for good) or
-while the database itself is restarted. What the studio would notice is checked: every
-file delivered once with the right content, nothing failed or left behind, and a job paid
-twice only where a kill explains it.
+while the database itself is down for longer than a lease. What the studio would notice is
+checked: every file delivered once with the right content, nothing failed or left behind,
+and a job paid twice only where a kill (or the outage) caught that file being uploaded.
 
 The ledger is read by the test itself with psycopg (never through the code under test).
 """
