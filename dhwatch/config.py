@@ -293,7 +293,8 @@ class Settings(BaseSettings):
     #: killed or cut off from the database has its files taken over by another once it runs out
     lease_seconds: float = Field(60.0, ge=3.0)
     #: jobs this host keeps in flight at once (submitted, not yet fetched) before it takes no more
-    #: files; 0 = the backend's own (local: 2 x engine workers; the cloud backends: no limit)
+    #: files; 0 = the backend's own (local: its engine workers, whose submit waits for a free
+    #: one; the cloud backends: no limit)
     max_jobs_in_flight: int = Field(0, ge=0)
 
     #: relative paths are resolved against this folder (the config file's), else the CWD

@@ -208,9 +208,12 @@ async def run_daemon(
     try:
         rejoined = join(ctx) if ledger.shares_hosts else None
         recovered = ledger.recover(ctx.clock())
-        removed = remove_temp_files(settings.outbox) + remove_temp_files(settings.failed_dir)
+        # on shared folders another host may be writing its temp files now: only stale ones are left-overs
+        stale = 2 * settings.lease_seconds if ledger.shares_hosts else 0.0
+        removed = (remove_temp_files(settings.outbox, unchanged_for=stale)
+                   + remove_temp_files(settings.failed_dir, unchanged_for=stale))  # fmt: skip
         if settings.archive_dir is not None:
-            removed += remove_temp_files(settings.archive_dir)
+            removed += remove_temp_files(settings.archive_dir, unchanged_for=stale)
         ctx.restore_pauses()
         paused = ctx.paused
         await listeners.start()

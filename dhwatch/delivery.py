@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import stat
+import time
 from collections.abc import AsyncIterable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -178,13 +179,20 @@ def _unlink_quietly(path: Path) -> None:
         pass
 
 
-def remove_temp_files(root: Path) -> int:
-    """Delete temp files a crashed run left under ``root``; returns how many."""
+def remove_temp_files(root: Path, *, unchanged_for: float = 0.0) -> int:
+    """Delete temp files a crashed run left under ``root``; returns how many.
+
+    ``unchanged_for``: only those not written to for that many seconds (folders shared by
+    several hosts: another host's download in progress is left alone).
+    """
     removed = 0
+    cutoff = time.time() - unchanged_for
     for dirpath, dirnames, filenames in os.walk(root):
         for name in filenames:
             if is_temp_name(name):
                 try:
+                    if unchanged_for and os.lstat(os.path.join(dirpath, name)).st_mtime > cutoff:
+                        continue
                     os.unlink(os.path.join(dirpath, name))
                     removed += 1
                 except FileNotFoundError:

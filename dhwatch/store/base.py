@@ -512,21 +512,24 @@ class Store(abc.ABC):
                 conn.execute("INSERT INTO events (file_id, at, from_state, to_state, detail) VALUES (?, ?, ?, ?, ?)",
                              (row_id, now, State.UPLOADING.value, State.QUEUED.value,
                               "recovered: the uploading host's lease ran out"))  # fmt: skip
-        taken = self._claim(f"state IN ({_marks(_TAKEN_OVER)})", tuple(s.value for s in _TAKEN_OVER), "id", limit)
+        taken = self._claim(f"state IN ({_marks(_TAKEN_OVER)})", tuple(s.value for s in _TAKEN_OVER), "id", limit,
+                            again=False)  # fmt: skip
         counts: dict[str, int] = {State.QUEUED.value: len(requeued)} if requeued else {}
         for row in taken:
             counts[row.state.value] = counts.get(row.state.value, 0) + 1
         return counts
 
-    def _claim(self, where: str, params: tuple[Any, ...], order: str, limit: int) -> list[FileRow]:
-        """Claim up to ``limit`` rows matching ``where`` that no other host holds a live claim on."""
+    def _claim(self, where: str, params: tuple[Any, ...], order: str, limit: int, *, again: bool = True) -> list[FileRow]:
+        """Claim up to ``limit`` rows matching ``where`` that no other host holds a live claim on
+        (``again``: rows this host holds already count too, claimed anew)."""
         now_sql, now_p = self._lease_now()
+        ours, ours_p = (" OR host = ?", (self.host,)) if again else ("", ())
         with self._tx() as conn:
             rows = file_rows(conn.execute(
                 f"UPDATE files SET host = ?, lease_until = {now_sql} + ?, fence = fence + 1 WHERE id IN ("
-                f"SELECT id FROM files WHERE {where} AND (lease_until IS NULL OR lease_until <= {now_sql} "
-                f"OR host = ?) ORDER BY {order} LIMIT ? {self.dialect.skip_locked}) RETURNING *",
-                (self.host, *now_p, self.lease_seconds, *params, *now_p, self.host, limit),
+                f"SELECT id FROM files WHERE {where} AND (lease_until IS NULL OR lease_until <= {now_sql}{ours}) "
+                f"ORDER BY {order} LIMIT ? {self.dialect.skip_locked}) RETURNING *",
+                (self.host, *now_p, self.lease_seconds, *params, *now_p, *ours_p, limit),
             ))  # fmt: skip
         for row in rows:
             self._held[row.id] = row.fence
@@ -633,8 +636,14 @@ class Store(abc.ABC):
             return None
         only, params = _backend_filter(backends)
         found = []
+        host: tuple[Any, ...]
         for s in states:
-            mine, host = (" AND host = ?", (self.host,)) if self.hosting and s is not State.QUEUED else ("", ())
+            mine, host = "", ()
+            if self.hosting and s is State.QUEUED:  # not rows another host holds (its claim may outlive it by a lease)
+                now_sql, now_p = self._lease_now()
+                mine, host = f" AND (lease_until IS NULL OR lease_until <= {now_sql} OR host = ?)", (*now_p, self.host)
+            elif self.hosting:  # the rest: only what this host holds
+                mine, host = " AND host = ?", (self.host,)
             found += [float(r[0]) for r in self._conn.execute(
                 f"SELECT next_attempt_at FROM files WHERE state = ?{only}{mine} ORDER BY next_attempt_at LIMIT 1",
                 (s.value, *params, *host))]  # fmt: skip
