@@ -13,16 +13,20 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 from dhwatch.emulators.deephearing import DeepHearingEmulator
+
+if TYPE_CHECKING:
+    from tests.postgres import PostgresServer
 
 API_KEY = "test-key-5f1c2e"
 
@@ -290,3 +294,26 @@ def assert_idle(daemon: Daemon, seconds: float = 10.0, max_cpu_seconds: float = 
     tail = "".join(lines[-10:])
     assert cpu < max_cpu_seconds, f"not idle: the daemon's process tree used {cpu:.2f} s of CPU in {seconds:g} s\n{tail}"
     assert log_bytes < max_log_bytes, f"not idle: the daemon wrote {log_bytes} bytes of log in {seconds:g} s\n{tail}"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL cluster for the session (:mod:`tests.postgres`), or a skip saying why there can be none."""
+    from tests.postgres import NoPostgres, throwaway_cluster
+
+    try:
+        with throwaway_cluster() as server:
+            yield server
+    except NoPostgres as exc:  # raised only while the cluster is being made
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def pg_database(postgres_server: PostgresServer) -> Iterator[str]:
+    """A fresh, empty database for one test; its ``ledger_url``."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    postgres_server.psql(f"CREATE DATABASE {name}")
+    try:
+        yield postgres_server.url(name)
+    finally:
+        postgres_server.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
