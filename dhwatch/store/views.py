@@ -14,6 +14,10 @@ Python:
 
 Whether a daemon is running is not in the ledger: :func:`probe_daemon` asks the kernel
 whether someone holds the state_dir lock (see :class:`dhwatch.store.lock.StateDirLock`).
+On a ledger several hosts share (PostgreSQL), the ledger itself says which host holds which
+row (``files.host`` until ``files.lease_until``) and when each host last said it was alive
+(the ``hosts`` table's heartbeat): :func:`hosts_overview`. A SQLite ledger belongs to one
+host: nothing of that is shown there.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import errno
 import fcntl
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -179,6 +184,133 @@ def get_flag(conn: ReadConn, key: str) -> str | None:
     return None if row is None else str(row[0])
 
 
+# ====================================================================== hosts (a shared ledger)
+#: how long a host may stay silent before it is shown as gone, when the settings do not say (seconds)
+DEFAULT_LEASE_SECONDS = 60.0
+#: the ``hosts`` table's columns read here, each by the names it may have (the table is read as it is)
+_HOST_COLUMNS: dict[str, tuple[str, ...]] = {
+    "name": ("name", "host", "host_name"),
+    "last_seen": ("last_seen", "heartbeat_at", "seen_at"),
+    "pid": ("pid",),
+    "started_at": ("started_at",),
+}
+
+
+@dataclass(frozen=True)
+class HostSummary:
+    """One host of a shared ledger: is it alive, and what does it hold."""
+
+    name: str
+    #: its heartbeat (or, with no heartbeat recorded, one of its leases) is recent enough
+    alive: bool
+    #: its last heartbeat on the ledger's clock (None: no heartbeat recorded for it)
+    last_seen: float | None
+    pid: int | None
+    started_at: float | None
+    #: rows it holds under a lease that has not run out, by state
+    held: dict[State, int]
+    #: rows still naming it whose lease ran out: another host takes them over
+    expired: int
+
+    @property
+    def held_total(self) -> int:
+        return sum(self.held.values())
+
+    @property
+    def in_flight(self) -> int:
+        """Its jobs in flight: held rows being uploaded, followed at the backend, or fetched."""
+        return sum(n for s, n in self.held.items() if s.in_flight)
+
+
+def shares_hosts(conn: ReadConn) -> bool:
+    """Whether this ledger's rows carry claims (host, lease): a PostgreSQL ledger several hosts share.
+
+    A SQLite ledger belongs to the one host whose state_dir holds it: there is no host to show.
+    """
+    if isinstance(conn, sqlite3.Connection):
+        return False
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+        "AND table_name = 'files' AND column_name = 'host')"
+    ).fetchone()
+    return bool(row[0])
+
+
+def ledger_now(conn: ReadConn) -> float:
+    """The ledger's clock (epoch seconds): leases and heartbeats are judged on it, not on this machine's.
+
+    Hosts' clocks differ; PostgreSQL's is the one every host's lease was written against.
+    SQLite has no clock of its own: this machine's is the only one there is.
+    """
+    if isinstance(conn, sqlite3.Connection):
+        return time.time()
+    return float(conn.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())").fetchone()[0])
+
+
+def _heartbeats(conn: ReadConn) -> dict[str, dict[str, object]]:
+    """The ``hosts`` table by host name (empty when the ledger has none: a ledger from before hosts registered)."""
+    if conn.execute("SELECT to_regclass('hosts') IS NOT NULL").fetchone()[0] is not True:
+        return {}
+    found: dict[str, dict[str, object]] = {}
+    for row in conn.execute("SELECT * FROM hosts"):
+        by_name = dict(zip(row.keys(), row))
+        picked = {key: next((by_name[n] for n in names if n in by_name), None) for key, names in _HOST_COLUMNS.items()}
+        if picked["name"] is not None:
+            found[str(picked["name"])] = picked
+    return found
+
+
+def _number(value: object) -> float | None:
+    """A stored time as epoch seconds (a number, or a timestamp column), None when absent."""
+    if value is None:
+        return None
+    if hasattr(value, "timestamp"):
+        return float(value.timestamp())
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def hosts_overview(conn: ReadConn, *, now: float, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> list[HostSummary]:
+    """Every host of a shared ledger, by name: alive or not, and the rows it holds, by state.
+
+    A host is alive while its heartbeat (``hosts.last_seen``) is at most ``lease_seconds``
+    old; with no heartbeat recorded, while one of its leases still holds. Held rows come
+    through the partial index on ``lease_until`` (only claimed rows are in it). Empty on a
+    ledger one host owns (SQLite).
+    """
+    if not shares_hosts(conn):
+        return []
+    held: dict[str, dict[State, int]] = {}
+    expired: dict[str, int] = {}
+    rows = conn.execute(
+        "SELECT host, state, live, COUNT(*) FROM (SELECT host, state, CASE WHEN lease_until > ? THEN 1 ELSE 0 END "
+        "AS live FROM files WHERE lease_until IS NOT NULL AND host IS NOT NULL) AS claimed GROUP BY host, state, live",
+        (now,),
+    )
+    for host, state, live, n in rows:
+        mine = held.setdefault(str(host), {})
+        if not live:
+            expired[str(host)] = expired.get(str(host), 0) + int(n)
+            continue
+        try:
+            mine[State(state)] = mine.get(State(state), 0) + int(n)
+        except ValueError:  # a state from a newer dhwatch
+            continue
+    beats = _heartbeats(conn)
+    found: list[HostSummary] = []
+    for name in sorted(set(beats) | set(held)):
+        beat = beats.get(name, {})
+        last_seen = _number(beat.get("last_seen"))
+        mine = held.get(name, {})
+        alive = last_seen >= now - lease_seconds if last_seen is not None else bool(mine)
+        pid = beat.get("pid")
+        found.append(HostSummary(name, alive, last_seen, int(pid) if isinstance(pid, int) else None,
+                                 _number(beat.get("started_at")), dict(mine), expired.get(name, 0)))  # fmt: skip
+    return found
+
+
 # ====================================================================== status
 @dataclass(frozen=True)
 class InFlight:
@@ -205,6 +337,12 @@ class StatusSnapshot:
     billed_today: float
     billed_total: float
     day_start: float
+    #: the hosts sharing the ledger and what each holds (empty on a ledger one host owns: SQLite)
+    hosts: tuple[HostSummary, ...] = ()
+    #: the ledger's clock when the snapshot was read (leases and heartbeats are on it); 0: not read
+    ledger_now: float = 0.0
+    #: whether several hosts may share this ledger (PostgreSQL): then ``hosts`` is shown, even empty
+    shared: bool = False
 
     @property
     def total(self) -> int:
@@ -280,8 +418,9 @@ def billed_seconds(conn: ReadConn, since: float) -> tuple[float, float]:
 
 
 def status_snapshot(
-    conn: ReadConn, *, day_start: float, in_flight_limit: int = 10, failure_limit: int = 5
-) -> StatusSnapshot:
+    conn: ReadConn, *, day_start: float, in_flight_limit: int = 10, failure_limit: int = 5,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+) -> StatusSnapshot:  # fmt: skip
     """Read everything ``status`` shows inside one read transaction, so the numbers agree."""
     conn.execute("BEGIN")
     try:
@@ -290,9 +429,12 @@ def status_snapshot(
         flying = in_flight(conn, in_flight_limit)
         failures = recent_failures(conn, failure_limit)
         today, total = billed_seconds(conn, day_start)
+        now = ledger_now(conn)
+        shared = shares_hosts(conn)
+        hosts = tuple(hosts_overview(conn, now=now, lease_seconds=lease_seconds)) if shared else ()
     finally:
         conn.execute("COMMIT")
-    return StatusSnapshot(counts, paused, flying, failures, today, total, day_start)
+    return StatusSnapshot(counts, paused, flying, failures, today, total, day_start, hosts, now, shared)
 
 
 # ====================================================================== listing
@@ -304,6 +446,8 @@ class JobFilter:
     since: float | None = None
     #: None: no limit
     limit: int | None = 50
+    #: only rows this host holds (a shared ledger's ``files.host``); None: any
+    host: str | None = None
 
 
 def list_jobs(conn: ReadConn, flt: JobFilter) -> tuple[int, list[FileRow]]:
@@ -319,6 +463,9 @@ def list_jobs(conn: ReadConn, flt: JobFilter) -> tuple[int, list[FileRow]]:
     if flt.since is not None:
         where.append("updated_at >= ?")
         params.append(flt.since)
+    if flt.host is not None:
+        where.append("host = ?")
+        params.append(flt.host)
     clause = f" WHERE {' AND '.join(where)}" if where else ""
     conn.execute("BEGIN")
     try:
