@@ -7,7 +7,6 @@ import threading
 import time
 
 from dhwatch.states import State
-from dhwatch.web.data import LedgerReader
 from dhwatch.web.feed import ChangeFeed
 from tests.conftest import Folders, wait_for
 from tests.web.conftest import Files
@@ -17,12 +16,14 @@ def feed_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("web-feed")]
 
 
-def test_feed_watches_only_while_someone_listens(folders: Folders, files: Files) -> None:
-    """No watcher (task or thread) before the first page or after the last one leaves; changes in between arrive once."""
+def test_feed_watches_only_while_someone_listens(folders: Folders, any_files: Files) -> None:
+    """No watcher (task or thread) before the first page or after the last one leaves; changes in between arrive once,
+    on either ledger."""
+    files = any_files
     files.add("old.wav", State.DONE)
 
     async def scenario() -> list[list[tuple[int, str]]]:
-        feed = ChangeFeed(LedgerReader(folders.state), interval=0.05)
+        feed = ChangeFeed(files.reader(), interval=0.05)
         assert not feed.watching
         first, second = feed.subscribe(), feed.subscribe()
         await feed.started.wait()
