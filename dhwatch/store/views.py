@@ -187,15 +187,6 @@ def get_flag(conn: ReadConn, key: str) -> str | None:
 # ====================================================================== hosts (a shared ledger)
 #: how long a host may stay silent before it is shown as gone, when the settings do not say (seconds)
 DEFAULT_LEASE_SECONDS = 60.0
-#: the ``hosts`` table's columns read here, each by the names it may have (the table is read as it is)
-_HOST_COLUMNS: dict[str, tuple[str, ...]] = {
-    "name": ("name", "host", "host_name"),
-    "last_seen": ("last_seen", "heartbeat_at", "seen_at"),
-    "pid": ("pid",),
-    "started_at": ("started_at",),
-}
-
-
 @dataclass(frozen=True)
 class HostSummary:
     """One host of a shared ledger: is it alive, and what does it hold."""
@@ -247,17 +238,13 @@ def ledger_now(conn: ReadConn) -> float:
     return float(conn.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())").fetchone()[0])
 
 
-def _heartbeats(conn: ReadConn) -> dict[str, dict[str, object]]:
-    """The ``hosts`` table by host name (empty when the ledger has none: a ledger from before hosts registered)."""
+def _heartbeats(conn: ReadConn) -> dict[str, tuple[object, ...]]:
+    """Each registered host's ``(pid, started_at, last_seen)`` by name, from the ``hosts`` table
+    (empty where the ledger has none yet: a schema from before hosts registered)."""
     if conn.execute("SELECT to_regclass('hosts') IS NOT NULL").fetchone()[0] is not True:
         return {}
-    found: dict[str, dict[str, object]] = {}
-    for row in conn.execute("SELECT * FROM hosts"):
-        by_name = dict(zip(row.keys(), row))
-        picked = {key: next((by_name[n] for n in names if n in by_name), None) for key, names in _HOST_COLUMNS.items()}
-        if picked["name"] is not None:
-            found[str(picked["name"])] = picked
-    return found
+    rows = conn.execute("SELECT name, pid, started_at, last_seen FROM hosts")
+    return {str(r[0]): (r[1], r[2], r[3]) for r in rows}
 
 
 def _number(value: object) -> float | None:
@@ -301,13 +288,12 @@ def hosts_overview(conn: ReadConn, *, now: float, lease_seconds: float = DEFAULT
     beats = _heartbeats(conn)
     found: list[HostSummary] = []
     for name in sorted(set(beats) | set(held)):
-        beat = beats.get(name, {})
-        last_seen = _number(beat.get("last_seen"))
+        pid, started_at, seen = beats.get(name, (None, None, None))
+        last_seen = _number(seen)
         mine = held.get(name, {})
         alive = last_seen >= now - lease_seconds if last_seen is not None else bool(mine)
-        pid = beat.get("pid")
         found.append(HostSummary(name, alive, last_seen, int(pid) if isinstance(pid, int) else None,
-                                 _number(beat.get("started_at")), dict(mine), expired.get(name, 0)))  # fmt: skip
+                                 _number(started_at), dict(mine), expired.get(name, 0)))  # fmt: skip
     return found
 
 
