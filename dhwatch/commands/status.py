@@ -194,34 +194,49 @@ def snapshot_text(probe: DaemonProbe, snap: StatusSnapshot, *, state_dir: str, n
     return lines
 
 
-def never_ran_json(probe: DaemonProbe, *, state_dir: str, now: float) -> dict[str, Any]:
+def never_ran_json(probe: DaemonProbe, *, state_dir: str, now: float, where: str | None = None) -> dict[str, Any]:
     """The ``--json`` document before the daemon ever ran: the usual shape, all zero, ``ever_ran`` false.
 
     A monitoring script reading ``.counts.failed`` gets 0, not a parse error on empty stdout.
+    ``where`` says what is missing (default: the ledger in state_dir).
     """
     from dhwatch.queries import StatusSnapshot
     from dhwatch.states import State
 
     empty = StatusSnapshot({s: 0 for s in State}, None, [], [], 0.0, 0.0, fmt.local_midnight(now))
     return {**snapshot_json(probe, empty, state_dir=state_dir, now=now), "ever_ran": False,
-            "detail": f"{NEVER_RAN}: there is no ledger in {state_dir} yet"}  # fmt: skip
+            "detail": f"{NEVER_RAN}: {where or f'there is no ledger in {state_dir} yet'}"}  # fmt: skip
+
+
+def _never_ran(args: argparse.Namespace, probe: DaemonProbe, *, state_dir: str, now: float, where: str) -> int:
+    """Say that there is no ledger yet (``where``: which), as text or JSON; exit status 3."""
+    if args.json:
+        fmt.emit_json(never_ran_json(probe, state_dir=state_dir, now=now, where=where))
+    else:
+        print(f"daemon:  {daemon_text(probe)}; {NEVER_RAN}: {where}")
+    return EXIT_NEVER_RAN
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from dhwatch.config import load_settings
-    from dhwatch.queries import never_ran, open_readonly, probe_daemon, status_snapshot
+    from dhwatch.queries import never_ran, open_readonly, probe_daemon, schema_version, status_snapshot
     from dhwatch.store.views import DEFAULT_LEASE_SECONDS
 
     settings = load_settings(args.config)
     now = time.time()
     probe = probe_daemon(settings.state_dir)
-    if never_ran(settings.state_dir) and not probe.running:
-        if args.json:
-            fmt.emit_json(never_ran_json(probe, state_dir=str(settings.state_dir), now=now))
-        else:
-            print(f"daemon:  {daemon_text(probe)}; {NEVER_RAN}: there is no ledger in {settings.state_dir} yet")
-        return EXIT_NEVER_RAN
-    conn = open_readonly(settings)
+    # a shared ledger other hosts fill is there even if this host's daemon never ran: it is asked, not state_dir
+    conn = open_readonly(settings, allow_empty=True) if settings.ledger_url else None
+    if conn is not None and schema_version(conn) == 0:
+        from dhwatch.store.postgres import redact_url  # psycopg only for a PostgreSQL ledger
+
+        conn.close()
+        where = f"no daemon has created the shared ledger {redact_url(settings.ledger_url)} yet"
+        return _never_ran(args, probe, state_dir=str(settings.state_dir), now=now, where=where)
+    if conn is None and never_ran(settings.state_dir) and not probe.running:
+        return _never_ran(args, probe, state_dir=str(settings.state_dir), now=now,
+                          where=f"there is no ledger in {settings.state_dir} yet")  # fmt: skip
+    conn = conn or open_readonly(settings)
     try:
         snap = status_snapshot(
             conn, day_start=fmt.local_midnight(now), in_flight_limit=args.in_flight, failure_limit=args.failures,
@@ -252,7 +267,8 @@ def register(sub: SubParsers) -> None:
 
         Exit status: 0; 3 when the daemon has never run with this state_dir (there is no
         ledger yet: --json still prints the document below, every count 0 and "ever_ran"
-        false); 2 when the config or the ledger cannot be read (a ledger that is missing
+        false) or, with ledger_url, when no daemon has created the shared ledger yet (a
+        host whose own daemon never ran shows the ledger the other hosts fill); 2 when the config or the ledger cannot be read (a ledger that is missing
         although the daemon ran before is 2: see the README, 'Recovering the ledger').
         """) + JSON_SHAPE,
         """

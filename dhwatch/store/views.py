@@ -134,14 +134,18 @@ def connect_readonly(state_dir: Path) -> sqlite3.Connection:
     return conn
 
 
-def open_readonly(settings: Settings) -> ReadConn:
-    """The commands' read-only connection to the ledger the settings name (PostgreSQL or the SQLite file)."""
+def open_readonly(settings: Settings, *, allow_empty: bool = False) -> ReadConn:
+    """The commands' read-only connection to the ledger the settings name (PostgreSQL or the SQLite file).
+
+    ``allow_empty``: a PostgreSQL ledger no daemon has created yet is given back (schema 0)
+    instead of refused, for ``status`` to say so.
+    """
     if settings.ledger_url:
-        return connect_readonly_url(settings.ledger_url, settings.ledger_password())
+        return connect_readonly_url(settings.ledger_url, settings.ledger_password(), allow_empty=allow_empty)
     return connect_readonly(settings.state_dir)
 
 
-def connect_readonly_url(url: str, password: str | None = None) -> PgConnection:
+def connect_readonly_url(url: str, password: str | None = None, *, allow_empty: bool = False) -> PgConnection:
     """A connection to a PostgreSQL ledger for reading, refusing what the daemon refuses.
 
     Every transaction on it is read-only: a command cannot change the shared ledger by mistake.
@@ -162,7 +166,7 @@ def connect_readonly_url(url: str, password: str | None = None) -> PgConnection:
             f"the ledger {redact_url(url)} has schema version {version}, newer than this dhwatch understands "
             f"({POSTGRES_SCHEMA_VERSION}); use the dhwatch that wrote it"
         )
-    if version == 0:
+    if version == 0 and not allow_empty:
         conn.close()
         raise LedgerError(f"the ledger {redact_url(url)} is empty: no daemon has migrated it yet "
                           "(dhwatch ledger migrate)")  # fmt: skip

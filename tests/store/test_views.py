@@ -262,3 +262,28 @@ def test_sqlite_commands_show_no_hosts(folders: Folders) -> None:
     assert "held by" not in dhwatch(cfg, "show", "q.wav").stdout
     refused = dhwatch(cfg, "jobs", "--host", "studio-a")
     assert refused.returncode == 2 and "belongs to one host" in refused.stderr
+
+
+@pytest.mark.postgres
+def test_status_on_a_new_host_reads_the_shared_ledger(pg_database: str, folders: Folders, tmp_path: Path) -> None:
+    """On a host whose daemon never ran yet, `status` still shows the shared ledger other hosts fill (not "never ran");
+    only a shared ledger no daemon has created yet is "never ran" (exit 3, every count 0)."""
+    from dhwatch.store.postgres import PostgresStore
+
+    pw = folders.root / "pw"
+    pw.write_text(PG_PASSWORD)
+    cfg = write_config(folders, extra=f'ledger_url = "{pg_database}"\nledger_password_file = "{pw}"')
+    empty = dhwatch(cfg, "status", "--json")
+    assert empty.returncode == 3, empty.stderr
+    assert json.loads(empty.stdout)["ever_ran"] is False and json.loads(empty.stdout)["total"] == 0
+    other_host = tmp_path / "other-host-state"
+    other_host.mkdir()
+    store = PostgresStore.open(pg_database, state_dir=other_host, password=PG_PASSWORD)
+    try:
+        filled(store)
+    finally:
+        store.close()
+    assert not folders.state.exists()
+    status = dhwatch(cfg, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["total"] == 7 and json.loads(status.stdout)["ever_ran"] is True
