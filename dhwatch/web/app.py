@@ -202,11 +202,14 @@ class WebPage:
         flt = parse_filter(request.query_params)
         now = self.clock()
 
-        def read(conn: Any) -> tuple[int, list[FileRow], list[str], data.Overview]:
-            total, rows = data.list_files(conn, flt)
-            return total, rows, data.top_folders(conn), data.overview(conn, day_start(now))
+        lease_seconds = float(getattr(self.settings, "lease_seconds", data.DEFAULT_LEASE_SECONDS))
 
-        total, rows, folders, overview = await self.reader.run(read)
+        def read(conn: Any) -> tuple[int, list[FileRow], list[str], data.Overview, tuple[list[Any], float]]:
+            total, rows = data.list_files(conn, flt)
+            hosts = data.hosts(conn, lease_seconds) if self.shared else ([], now)
+            return total, rows, data.top_folders(conn), data.overview(conn, day_start(now)), hosts
+
+        total, rows, folders, overview, (hosts, ledger_now) = await self.reader.run(read)
         return await self.render(
             request, "index.html", rows=rows, total=total, flt=flt, folders=folders, overview=overview,
             pause_next=None if overview.paused is None else next_step(
@@ -214,6 +217,7 @@ class WebPage:
             budget=self.settings.daily_budget_seconds, query=str(request.query_params),
             next_page=self._next_page(request, flt, rows), failed=overview.counts.get(State.FAILED, 0),
             first_page="/?" + str(QueryParams({k: v for k, v in request.query_params.items() if k != "before"})),
+            hosts=hosts, ledger_now=ledger_now,
         )  # fmt: skip
 
     @staticmethod

@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 from dhwatch.ledger import LEDGER_NAME, Event, FileRow
 from dhwatch.naming import encode_path
 from dhwatch.store.views import (
-    ReadConn, billed_seconds, connect_readonly, connect_readonly_url, count_by_state, get_flag, histories, ledger_now,
-    shares_hosts,
+    DEFAULT_LEASE_SECONDS, HostSummary, ReadConn, billed_seconds, connect_readonly, connect_readonly_url,
+    count_by_state, get_flag, histories, hosts_overview, ledger_now, shares_hosts,
 )  # fmt: skip
 from dhwatch.states import State
 
@@ -196,6 +196,13 @@ def holder_clock(conn: ReadConn) -> float | None:
     """The ledger's clock when rows carry a holding host (a shared ledger), so a lease is judged on the
     clock it was written on; None on a ledger one host owns (nothing to show)."""
     return ledger_now(conn) if shares_hosts(conn) else None
+
+
+def hosts(conn: ReadConn, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> tuple[list[HostSummary], float]:
+    """The hosts sharing the ledger (alive or not, what each holds) and the ledger's clock they are judged on;
+    ``([], now)`` on a ledger one host owns."""
+    now = ledger_now(conn)
+    return hosts_overview(conn, now=now, lease_seconds=lease_seconds), now
 
 
 # ---------------------------------------------------------------------- the live feed's reads

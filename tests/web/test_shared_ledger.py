@@ -38,7 +38,8 @@ def hold(server: PostgresServer, url: str, row_id: int, host: str, lease_from_no
 @pytest.mark.postgres
 def test_list_and_file_page_name_the_holding_host(shared: Files, postgres_server: PostgresServer,
                                                   serve_page: Callable[..., str]) -> None:  # fmt: skip
-    """On a shared ledger the list has a Host column, a file's page says which host holds it and until when (or
+    """On a shared ledger the list says which hosts work (alive or not, what each holds) and has a Host column, a
+    file's page says which host holds it and until when (or
     that its lease ran out), and /api/files carries host and lease_until."""
     held = shared.add("a.wav", State.SUBMITTED, ago=5)
     stale = shared.add("b.wav", State.FETCHING, ago=5)
@@ -48,6 +49,11 @@ def test_list_and_file_page_name_the_holding_host(shared: Files, postgres_server
     url = serve_page(shared.config())
     page = httpx.get(url + "/").text
     assert "<th>Host</th>" in page
+    hosts = page.split('<section class="hosts" id="hosts">', 1)[1].split("</section>", 1)[0]
+    assert re.search(r'<li data-host="studio-a" class="alive"><strong>studio-a</strong>:\s*working;\s*holds 1 file '
+                     r"\(1 in flight\)</li>", hosts)  # fmt: skip
+    assert re.search(r'<li data-host="studio-b" class="gone">.*not heard from;.*holds 0 files \(0 in flight\); '
+                     r"1 whose lease ran out", hosts, re.S)  # fmt: skip
     cells = dict(re.findall(r'<tr data-file-id="(\d+)".*?<td class="host">([^<]*)</td>', page, re.S))
     assert cells == {str(held): "studio-a", str(stale): "studio-b", str(free): "—"}
     assert re.search(r'<dd id="holder">studio-a until [^<]+</dd>', httpx.get(f"{url}/files/{held}").text)
@@ -62,7 +68,8 @@ def test_sqlite_page_has_no_host(files: Files, serve_page: Callable[..., str]) -
     """On the SQLite ledger (one host) neither the list, nor a file's page, nor the API mention a host."""
     row = files.add("a.wav", State.SUBMITTED)
     url = serve_page(files.config())
-    assert "<th>Host</th>" not in httpx.get(url + "/").text and 'class="host"' not in httpx.get(url + "/").text
+    listed = httpx.get(url + "/").text
+    assert "<th>Host</th>" not in listed and 'class="host"' not in listed and 'id="hosts"' not in listed
     assert 'id="holder"' not in httpx.get(f"{url}/files/{row}").text
     assert "host" not in httpx.get(url + "/api/files").json()[0]
 
