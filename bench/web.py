@@ -16,7 +16,14 @@ in this process), which a busy shared machine disturbs far less than wall time.
 It prints each answer's weight in bytes (no compression: the page is served on the LAN;
 the stylesheet and script are fetched once and cached by the browser).
 
+With ``--ledger-url`` the ledger built is copied into that PostgreSQL database (``dhwatch
+ledger copy``; its files are replaced) and the page reads it there, as on several hosts. It
+also times the live feed's look for changes while a page listens and nothing changed (the
+probe each open page costs once a second), beside what the earlier ``MAX(updated_at)``
+would cost there (no index: the whole table).
+
     .venv/bin/python bench/web.py [--files 10000] [--runs 15] [--keep DIR]
+        [--ledger-url postgresql://USER@HOST:PORT/DB --password-file FILE]
 """
 
 from __future__ import annotations
@@ -37,7 +44,9 @@ from status_100k import build_ledger
 
 from dhwatch.asgi import ThreadedAsgiServer
 from dhwatch.config import load_settings
+from dhwatch.web import data
 from dhwatch.web.app import WebPage
+from dhwatch.web.feed import ChangeFeed, _Cursor
 
 TARGET_SECONDS = 0.3
 
@@ -47,6 +56,8 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--keep", type=Path, help="build the ledger here and keep it (default: a temp dir)")
+    parser.add_argument("--ledger-url", default="", help="read the ledger from this PostgreSQL database instead")
+    parser.add_argument("--password-file", type=Path, help="the PostgreSQL password, for --ledger-url")
     args = parser.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="dhwatch-web-bench-"))
     try:
@@ -54,8 +65,24 @@ def main() -> int:
         rows, events = build_ledger(root / "state", args.files)
         print(f"ledger: {rows:,} files, {events:,} events, built in {time.perf_counter() - t0:.1f} s")
         config = write_config(root, "http://127.0.0.1:9", "bench-key")
-        config.write_text(config.read_text() + '[web]\naddress = "127.0.0.1:0"\n')
+        text = config.read_text()
+        if args.ledger_url:
+            from dhwatch.store.postgres import PostgresStore
+
+            password = args.password_file.read_text().strip() if args.password_file else None
+            t0 = time.perf_counter()
+            store = PostgresStore.open(args.ledger_url, password=password)
+            try:
+                store.copy_from_sqlite(root / "state" / "ledger.sqlite3", force=True)
+                store._conn.execute("ANALYZE")
+            finally:
+                store.close()
+            print(f"copied into PostgreSQL in {time.perf_counter() - t0:.1f} s")
+            text = f'ledger_url = "{args.ledger_url}"\n' + (
+                f'ledger_password_file = "{args.password_file}"\n' if args.password_file else "") + text
+        config.write_text(text + '[web]\naddress = "127.0.0.1:0"\n')
         page = WebPage(load_settings(config))
+        feed_probe(page, args.runs * 20)
         failed_id = rows - rows // 3
         targets = [
             ("/", "/"),
@@ -98,6 +125,24 @@ def main() -> int:
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def feed_probe(page: WebPage, runs: int) -> None:
+    """The live feed's look when nothing changed, and a MAX(updated_at) look for comparison (median of ``runs``)."""
+    conn = page.reader.connect()
+    try:
+        cursor = _Cursor(data.last_event(conn))
+        for name, look in (("feed look, nothing changed", lambda: ChangeFeed._changes(conn, cursor)),
+                           ("MAX(updated_at) (for comparison)",
+                            lambda: conn.execute("SELECT MAX(updated_at) FROM files").fetchone())):  # fmt: skip
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                look()
+                times.append(time.perf_counter() - start)
+            print(f"{name:<34} median {statistics.median(times) * 1e6:8.0f} µs over {runs} looks")
+    finally:
+        conn.close()
 
 
 if __name__ == "__main__":

@@ -464,15 +464,8 @@ def require_quality_settings(settings: Settings) -> None:
 
 
 def require_web_settings(settings: Settings) -> None:
-    """``[web] public_read = false`` needs a token, or nobody could ever see the page; and the
-    page reads the SQLite ledger only (a PostgreSQL ledger's page is not built yet: refused
-    plainly rather than served broken)."""
+    """``[web] public_read = false`` needs a token, or nobody could ever see the page."""
     web = settings.web
-    if web.address and settings.ledger_url:
-        raise ConfigError(
-            "web.address: the studio page reads the SQLite ledger in state_dir only; with ledger_url "
-            "(PostgreSQL) set it cannot show the files yet. Remove [web] address, or use the SQLite ledger"
-        )
     if web.address and not web.public_read and not web.resolve_token():
         raise ConfigError(
             "web.token: public_read = false needs a token (web.token, web.token_file, "

@@ -30,7 +30,7 @@ from dhwatch.hosts import HostKeeper, join
 from dhwatch.intake import Intake
 from dhwatch.store import StateDirLock, open_store
 from dhwatch.logs import get_logger, register_secret
-from dhwatch.metrics import metrics_app
+from dhwatch.metrics import host_name, metrics_app
 from dhwatch.stages import Fetcher, Finisher, Poller, Uploader
 from dhwatch.reporting import Reporter
 from dhwatch.sdnotify import Notifier
@@ -133,6 +133,8 @@ async def _notify_loop(ctx: Context, notifier: Notifier) -> None:
     interval = notifier.watchdog_interval or 5.0
     while True:
         ctx.metrics.set_counts(ctx.ledger.counts())
+        if ctx.ledger.shares_hosts:  # what this host holds, beside the ledger-wide counts
+            ctx.metrics.set_held(host_name(ctx.settings), ctx.ledger.held_counts(host_name(ctx.settings)))
         notifier.status(status_line(ctx))
         stale = ctx.stale_stages(max(30.0, interval * 4))
         if notifier.watchdog_interval is not None and not stale:

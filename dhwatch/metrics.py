@@ -1,5 +1,11 @@
 """Prometheus metrics and a health endpoint (off unless ``metrics_address`` is set).
 
+On a ledger several hosts share (PostgreSQL), each daemon serves its own ``/metrics``: its
+counters (bytes, billed seconds, retries, finished files) are its own work; ``dhwatch_files``
+is the whole ledger, the same on every host (aggregate it with ``max``, never ``sum``); and
+``dhwatch_held_files{host,state}`` is what this host holds now, which does add up across
+hosts. ``dhwatch_host_info{host}`` names the host, to join on. See docs/install.md.
+
 ``GET /metrics`` is the Prometheus text format (prometheus_client renders it); ``GET
 /healthz`` answers 200 ``{"status": "ok"|"paused"}`` while every stage's loop goes round,
 and 503 ``{"status": "stalled", ...}`` when one has stopped — what a load balancer or
@@ -10,7 +16,9 @@ listener is optional.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -21,6 +29,9 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from dhwatch.states import State
+
+if TYPE_CHECKING:
+    from dhwatch.config import Settings
 
 
 disable_created_metrics()  # the *_created series only add noise for a single long-lived process
@@ -46,13 +57,32 @@ class Metrics:
         self.backend_paused = Gauge("dhwatch_backend_paused", "1 while files for this backend are held back "
                                     "(its key refused, the budget, its engine broken)", ["backend"], registry=r)
         self.finished = Counter("dhwatch_finished_files", "Files finished, by outcome", ["outcome"], registry=r)
+        #: made on the first :meth:`set_held`: a host alone on its SQLite ledger shows no such series
+        self._held: Gauge | None = None
+        self._host_info: Gauge | None = None
 
     def set_counts(self, counts: dict[str, int]) -> None:
         for state in State:
             self.files.labels(state.value).set(counts.get(state.value, 0))
 
+    def set_held(self, host: str, counts: dict[str, int]) -> None:
+        """What this host holds on a shared ledger, by state (``dhwatch_held_files{host,state}``)."""
+        if self._held is None or self._host_info is None:
+            self._held = Gauge("dhwatch_held_files", "Input file versions this host holds a claim on (a ledger "
+                               "several hosts share), by state", ["host", "state"], registry=self.registry)  # fmt: skip
+            self._host_info = Gauge("dhwatch_host_info", "1, labelled with this host's name (a ledger several hosts "
+                                    "share)", ["host"], registry=self.registry)  # fmt: skip
+        self._host_info.labels(host).set(1)
+        for state in State:
+            self._held.labels(host, state.value).set(counts.get(state.value, 0))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def host_name(settings: Settings) -> str:
+    """This host's name on a shared ledger: ``host_name`` from the settings, else the machine's hostname."""
+    return str(getattr(settings, "host_name", "") or socket.gethostname())
 
 
 def metrics_app(metrics: Metrics, health: Callable[[], tuple[int, dict[str, object]]]) -> Starlette:

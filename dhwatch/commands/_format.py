@@ -163,12 +163,38 @@ def json_path(path: str | None) -> str | None:
     return None if path is None else display_path(path)
 
 
-def row_json(row: FileRow) -> dict[str, Any]:
+def row_json(row: FileRow, *, hosts: bool = False) -> dict[str, Any]:
     """One ledger row as ``--json`` shows it, the same in every command.
 
     Times are UTC ISO 8601 (``…Z``); the path is relative to the inbox; in every path,
-    bytes that are not UTF-8 are escaped as ``\\xNN`` (see :func:`json_path`).
+    bytes that are not UTF-8 are escaped as ``\\xNN`` (see :func:`json_path`). With ``hosts``
+    (a ledger several hosts share), also which host holds the row and until when
+    (:func:`holder_json`); a SQLite ledger's rows have no holder, and no such keys.
     """
+    return {**_row_fields(row), **(holder_json(row) if hosts else {})}
+
+
+def holder_json(row: FileRow) -> dict[str, Any]:
+    """``{"host": …, "lease_until": …}``: the host holding a shared ledger's row, and until when (None: nobody)."""
+    return {"host": row.host, "lease_until": iso(row.lease_until) if row.host is not None else None}
+
+
+def holder_text(row: FileRow, now: float) -> str:
+    """``studio-a until 14:03:07 (45s)``, ``studio-b, lease ran out 2m 10s ago``, or ``-`` (held by nobody).
+
+    ``now`` is the ledger's clock, the one the lease was written on.
+    """
+    if row.host is None:
+        return "-"
+    host = one_line(row.host, 60)
+    if row.lease_until is None:
+        return host
+    if row.lease_until > now:
+        return f"{host} until {local_time(row.lease_until, now)} ({duration(row.lease_until - now)})"
+    return f"{host}, lease ran out {duration(now - row.lease_until)} ago"
+
+
+def _row_fields(row: FileRow) -> dict[str, Any]:
     return {
         "id": row.id,
         "path": display_path(row.rel_path),

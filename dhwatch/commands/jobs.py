@@ -42,11 +42,16 @@ def _since(text: str) -> float:
     return fmt.parse_since(text, time.time())
 
 
-def jobs_text(total: int, rows: list[FileRow], now: float) -> list[str]:
-    """A table of rows, newest first, with what matters for each state."""
+def jobs_text(total: int, rows: list[FileRow], now: float, *, hosts: bool = False,
+              ledger_now: float | None = None) -> list[str]:  # fmt: skip
+    """A table of rows, newest first, with what matters for each state.
+
+    With ``hosts`` (a ledger several hosts share) a HOST column says which host holds each
+    row and until when, on the ledger's clock (``ledger_now``).
+    """
     if not rows:
         return ["no files match"]
-    table = [["ID", "STATE", "UPDATED", "TRIES", "RECIPE", "FILE", "NOTE"]]
+    table = [["ID", "STATE", "UPDATED", "TRIES", "RECIPE"] + (["HOST"] if hosts else []) + ["FILE", "NOTE"]]
     for r in rows:
         note = ""
         if r.state in (State.FAILED, State.FAILING):
@@ -57,8 +62,9 @@ def jobs_text(total: int, rows: list[FileRow], now: float) -> list[str]:
             note = f"next try in {fmt.duration(r.next_attempt_at - now)}"
         elif r.state is State.DONE and r.billed_seconds is not None:
             note = f"billed {r.billed_seconds:g} s" + (" (reused job)" if r.adopted else "")
+        holder = [fmt.holder_text(r, now if ledger_now is None else ledger_now)] if hosts else []
         table.append([str(r.id), r.state.value, fmt.local_time(r.updated_at, now), str(r.attempts),
-                      fmt.recipe_text(r), fmt.path_text(r.rel_path), note])
+                      fmt.recipe_text(r), *holder, fmt.path_text(r.rel_path), note])
     lines = fmt.columns(table)
     if total > len(rows):
         lines.append(f"({len(rows)} of {total:,} shown, newest first; --limit 0 shows all)")
@@ -68,25 +74,36 @@ def jobs_text(total: int, rows: list[FileRow], now: float) -> list[str]:
 def cmd_jobs(args: argparse.Namespace) -> int:
     from dhwatch.config import load_settings
     from dhwatch.queries import JobFilter, list_jobs, open_readonly
+    from dhwatch.store.views import ledger_now, shares_hosts
 
     settings = load_settings(args.config)
     now = time.time()
     states = tuple(dict.fromkeys(s for group in args.state for s in group))
     conn = open_readonly(settings)
     try:
-        total, rows = list_jobs(conn, JobFilter(states=states, since=args.since, limit=args.limit or None))
+        hosts = shares_hosts(conn)
+        if args.host is not None and not hosts:
+            raise ConfigError("--host: this ledger (SQLite, in state_dir) belongs to one host; hosts are shown "
+                              "only for a ledger several hosts share (ledger_url)")  # fmt: skip
+        flt = JobFilter(states=states, since=args.since, limit=args.limit or None, host=args.host)
+        total, rows = list_jobs(conn, flt)
+        clock = ledger_now(conn) if hosts else now
     finally:
         conn.close()
     if args.json:
-        fmt.emit_json({"total": total, "shown": len(rows), "jobs": [fmt.row_json(r) for r in rows]})
+        fmt.emit_json({"total": total, "shown": len(rows), "jobs": [fmt.row_json(r, hosts=hosts) for r in rows]})
     else:
-        print("\n".join(jobs_text(total, rows, now)))
+        print("\n".join(jobs_text(total, rows, now, hosts=hosts, ledger_now=clock)))
     return EXIT_OK
 
 
 # ====================================================================== show
-def version_text(row: FileRow, events: list[Event], number: int, now: float) -> list[str]:
-    """One version of a file: what it is, where it went, and its history line by line."""
+def version_text(row: FileRow, events: list[Event], number: int, now: float, *,
+                 ledger_now: float | None = None) -> list[str]:  # fmt: skip
+    """One version of a file: what it is, where it went, and its history line by line.
+
+    With ``ledger_now`` (a ledger several hosts share: its clock), also which host holds it and until when.
+    """
     head = f"version {number} (row {row.id}): {row.state.value}"
     if row.error_code:
         head += f" — {row.error_code}: {fmt.one_line(row.error_message, 200)}"
@@ -105,6 +122,9 @@ def version_text(row: FileRow, events: list[Event], number: int, now: float) -> 
         facts.append(("failed file", fmt.path_text(row.failed_path)))
     if row.state is State.QUEUED and row.next_attempt_at > now:
         facts.append(("next try", f"in {fmt.duration(row.next_attempt_at - now)}"))
+    if ledger_now is not None:
+        holder = fmt.holder_text(row, ledger_now)
+        facts.append(("held by", "no host (nobody is working on it)" if holder == "-" else holder))
     lines = [head, *fmt.columns([[k, v] for k, v in facts], indent="    ")]
     lines.append("    history:")
     lines += fmt.columns([[fmt.local_time(e.at, now), fmt.event_text(e)] for e in events], indent="      ")
@@ -120,17 +140,19 @@ def _recipe_fact(row: FileRow) -> str:
     return f"{row.recipe} ({shown})" if shown else row.recipe
 
 
-def show_json(paths: list[str], rows: list[FileRow], events: dict[int, list[Event]]) -> dict[str, Any]:
+def show_json(paths: list[str], rows: list[FileRow], events: dict[int, list[Event]], *,
+              hosts: bool = False) -> dict[str, Any]:  # fmt: skip
     """``{"paths": [...], "versions": [row + "events"]}``, oldest version first."""
     return {
         "paths": paths,
-        "versions": [{**fmt.row_json(r), "events": [fmt.event_json(e) for e in events[r.id]]} for r in rows],
+        "versions": [{**fmt.row_json(r, hosts=hosts), "events": [fmt.event_json(e) for e in events[r.id]]} for r in rows],
     }
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     from dhwatch.config import load_settings
     from dhwatch.queries import FOLDER_KEYS, histories, open_readonly, resolve_argument
+    from dhwatch.store.views import ledger_now, shares_hosts
 
     settings = load_settings(args.config)
     folders = {k: getattr(settings, k) for k in FOLDER_KEYS}
@@ -138,6 +160,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     try:
         placed, rows = resolve_argument(conn, args.path, folders, Path.cwd())
         events = histories(conn, [r.id for r in rows])
+        hosts = shares_hosts(conn)
+        clock = ledger_now(conn) if hosts else None
     finally:
         conn.close()
     if placed is None:
@@ -147,7 +171,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         )
     paths = list(dict.fromkeys(fmt.path_text(r.rel_path) for r in rows))
     if args.json:
-        fmt.emit_json(show_json(paths, rows, events))
+        fmt.emit_json(show_json(paths, rows, events, hosts=hosts))
         return EXIT_OK if rows else EXIT_FAILURE
     if not rows:
         print(f"dhwatch has no record of {placed.rel} (looked for it as {placed.folder} path {placed.absolute})")
@@ -158,7 +182,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         versions = [r for r in rows if fmt.path_text(r.rel_path) == path]
         lines.append(f"{path}: {len(versions)} version{'s' if len(versions) != 1 else ''}")
         for number, row in enumerate(versions, 1):
-            lines += [""] + [f"  {line}" for line in version_text(row, events[row.id], number, now)]
+            lines += [""] + [f"  {line}" for line in version_text(row, events[row.id], number, now, ledger_now=clock)]
         lines.append("")
     print("\n".join(lines).rstrip())
     return EXIT_OK
@@ -182,13 +206,19 @@ def register(sub: SubParsers) -> None:
         id, path (relative to the inbox), state, size, sha256, backend, job_id,
         remote_status, attempts, download_attempts, polls, adopted_job, billed_seconds,
         created_at, updated_at, submitted_at, finished_at, next_attempt_at (UTC ISO 8601),
-        output_path, failed_path, error_code, error_message.
+        output_path, failed_path, error_code, error_message; with a ledger several hosts
+        share (ledger_url), also host and lease_until: the host holding the row and until
+        when (null: nobody holds it).
+
+        On a shared ledger a HOST column says which host holds each file, and --host NAME
+        lists only the files that host holds.
         """,
         """
         dhwatch jobs --state failed
         dhwatch jobs --state in-flight --state queued
         dhwatch jobs --since 2h
         dhwatch jobs --state done --since 2024-05-01 --limit 0 --json
+        dhwatch jobs --host studio-b --state in-flight
         """,
         cmd_jobs,
     )
@@ -199,6 +229,7 @@ def register(sub: SubParsers) -> None:
                       help="only files that changed since T (2h, 3d, 2024-05-01T14:00)")
     jobs.add_argument("--limit", "-n", type=int, default=50, metavar="N",
                       help="show at most N files (default: 50; 0: all)")
+    jobs.add_argument("--host", metavar="NAME", help="only files this host holds (a ledger several hosts share)")
     jobs.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     show = add_command(
@@ -212,7 +243,8 @@ def register(sub: SubParsers) -> None:
         PATH is relative to the inbox (as the engineer dropped it: "session 12/take 3.wav"),
         or a path inside the inbox, outbox, failed or archive folder: an output, a failed
         file or its .error.json, an archived original. Exit status 1 when dhwatch has no
-        record of it.
+        record of it. On a ledger several hosts share (ledger_url), each version also says
+        which host holds it and until when its lease runs.
 
         JSON output (--json): {"paths": [...], "versions": [ROW + {"events": [{"at", "from",
         "to", "detail"}, ...]}, ...]}, oldest version first; ROW as in 'dhwatch jobs --json'.

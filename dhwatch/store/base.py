@@ -811,6 +811,17 @@ class Store(abc.ABC):
         rows = self._conn.execute("SELECT state, COUNT(*) FROM files GROUP BY state")
         return {r[0]: int(r[1]) for r in rows}
 
+    def held_counts(self, host: str) -> dict[str, int]:
+        """Rows per state that ``host`` holds a claim on (a shared ledger's per-host metrics).
+
+        Claimed rows are the ones with a lease: the partial index on ``lease_until`` finds them.
+        """
+        if not self.shares_hosts:
+            return {}
+        rows = self._conn.execute("SELECT state, COUNT(*) FROM files WHERE lease_until IS NOT NULL AND host = ? "
+                                  "GROUP BY state", (host,))  # fmt: skip
+        return {r[0]: int(r[1]) for r in rows}
+
     def billed_seconds(self, since: float = 0.0) -> float:
         row = self._one(
             "SELECT COALESCE(SUM(billed_seconds), 0) FROM files WHERE billed_seconds IS NOT NULL AND adopted = 0 "

@@ -14,6 +14,10 @@ Python:
 
 Whether a daemon is running is not in the ledger: :func:`probe_daemon` asks the kernel
 whether someone holds the state_dir lock (see :class:`dhwatch.store.lock.StateDirLock`).
+On a ledger several hosts share (PostgreSQL), the ledger itself says which host holds which
+row (``files.host`` until ``files.lease_until``) and when each host last said it was alive
+(the ``hosts`` table's heartbeat): :func:`hosts_overview`. A SQLite ledger belongs to one
+host: nothing of that is shown there.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import errno
 import fcntl
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -129,14 +134,18 @@ def connect_readonly(state_dir: Path) -> sqlite3.Connection:
     return conn
 
 
-def open_readonly(settings: Settings) -> ReadConn:
-    """The commands' read-only connection to the ledger the settings name (PostgreSQL or the SQLite file)."""
+def open_readonly(settings: Settings, *, allow_empty: bool = False) -> ReadConn:
+    """The commands' read-only connection to the ledger the settings name (PostgreSQL or the SQLite file).
+
+    ``allow_empty``: a PostgreSQL ledger no daemon has created yet is given back (schema 0)
+    instead of refused, for ``status`` to say so.
+    """
     if settings.ledger_url:
-        return connect_readonly_url(settings.ledger_url, settings.ledger_password())
+        return connect_readonly_url(settings.ledger_url, settings.ledger_password(), allow_empty=allow_empty)
     return connect_readonly(settings.state_dir)
 
 
-def connect_readonly_url(url: str, password: str | None = None) -> PgConnection:
+def connect_readonly_url(url: str, password: str | None = None, *, allow_empty: bool = False) -> PgConnection:
     """A connection to a PostgreSQL ledger for reading, refusing what the daemon refuses.
 
     Every transaction on it is read-only: a command cannot change the shared ledger by mistake.
@@ -157,7 +166,7 @@ def connect_readonly_url(url: str, password: str | None = None) -> PgConnection:
             f"the ledger {redact_url(url)} has schema version {version}, newer than this dhwatch understands "
             f"({POSTGRES_SCHEMA_VERSION}); use the dhwatch that wrote it"
         )
-    if version == 0:
+    if version == 0 and not allow_empty:
         conn.close()
         raise LedgerError(f"the ledger {redact_url(url)} is empty: no daemon has migrated it yet "
                           "(dhwatch ledger migrate)")  # fmt: skip
@@ -177,6 +186,119 @@ def get_flag(conn: ReadConn, key: str) -> str | None:
     """A daemon flag (``paused``, ``ledger_id``), as :meth:`Store.get_flag` reads it."""
     row = conn.execute("SELECT value FROM daemon WHERE key = ?", (key,)).fetchone()
     return None if row is None else str(row[0])
+
+
+# ====================================================================== hosts (a shared ledger)
+#: how long a host may stay silent before it is shown as gone, when the settings do not say (seconds)
+DEFAULT_LEASE_SECONDS = 60.0
+@dataclass(frozen=True)
+class HostSummary:
+    """One host of a shared ledger: is it alive, and what does it hold."""
+
+    name: str
+    #: its heartbeat (or, with no heartbeat recorded, one of its leases) is recent enough
+    alive: bool
+    #: its last heartbeat on the ledger's clock (None: no heartbeat recorded for it)
+    last_seen: float | None
+    pid: int | None
+    started_at: float | None
+    #: rows it holds under a lease that has not run out, by state
+    held: dict[State, int]
+    #: rows still naming it whose lease ran out: another host takes them over
+    expired: int
+
+    @property
+    def held_total(self) -> int:
+        return sum(self.held.values())
+
+    @property
+    def in_flight(self) -> int:
+        """Its jobs in flight: held rows being uploaded, followed at the backend, or fetched."""
+        return sum(n for s, n in self.held.items() if s.in_flight)
+
+
+def shares_hosts(conn: ReadConn) -> bool:
+    """Whether this ledger's rows carry claims (host, lease): a PostgreSQL ledger several hosts share.
+
+    A SQLite ledger belongs to the one host whose state_dir holds it: there is no host to show.
+    """
+    if isinstance(conn, sqlite3.Connection):
+        return False
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+        "AND table_name = 'files' AND column_name = 'host')"
+    ).fetchone()
+    return bool(row[0])
+
+
+def ledger_now(conn: ReadConn) -> float:
+    """The ledger's clock (epoch seconds): leases and heartbeats are judged on it, not on this machine's.
+
+    Hosts' clocks differ; PostgreSQL's is the one every host's lease was written against.
+    SQLite has no clock of its own: this machine's is the only one there is.
+    """
+    if isinstance(conn, sqlite3.Connection):
+        return time.time()
+    return float(conn.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())").fetchone()[0])
+
+
+def _heartbeats(conn: ReadConn) -> dict[str, tuple[object, ...]]:
+    """Each registered host's ``(pid, started_at, last_seen)`` by name, from the ``hosts`` table
+    (empty where the ledger has none yet: a schema from before hosts registered)."""
+    if conn.execute("SELECT to_regclass('hosts') IS NOT NULL").fetchone()[0] is not True:
+        return {}
+    rows = conn.execute("SELECT name, pid, started_at, last_seen FROM hosts")
+    return {str(r[0]): (r[1], r[2], r[3]) for r in rows}
+
+
+def _number(value: object) -> float | None:
+    """A stored time as epoch seconds (a number, or a timestamp column), None when absent."""
+    if value is None:
+        return None
+    if hasattr(value, "timestamp"):
+        return float(value.timestamp())
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def hosts_overview(conn: ReadConn, *, now: float, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> list[HostSummary]:
+    """Every host of a shared ledger, by name: alive or not, and the rows it holds, by state.
+
+    A host is alive while its heartbeat (``hosts.last_seen``) is at most ``lease_seconds``
+    old; with no heartbeat recorded, while one of its leases still holds. Held rows come
+    through the partial index on ``lease_until`` (only claimed rows are in it). Empty on a
+    ledger one host owns (SQLite).
+    """
+    if not shares_hosts(conn):
+        return []
+    held: dict[str, dict[State, int]] = {}
+    expired: dict[str, int] = {}
+    rows = conn.execute(
+        "SELECT host, state, live, COUNT(*) FROM (SELECT host, state, CASE WHEN lease_until > ? THEN 1 ELSE 0 END "
+        "AS live FROM files WHERE lease_until IS NOT NULL AND host IS NOT NULL) AS claimed GROUP BY host, state, live",
+        (now,),
+    )
+    for host, state, live, n in rows:
+        mine = held.setdefault(str(host), {})
+        if not live:
+            expired[str(host)] = expired.get(str(host), 0) + int(n)
+            continue
+        try:
+            mine[State(state)] = mine.get(State(state), 0) + int(n)
+        except ValueError:  # a state from a newer dhwatch
+            continue
+    beats = _heartbeats(conn)
+    found: list[HostSummary] = []
+    for name in sorted(set(beats) | set(held)):
+        pid, started_at, seen = beats.get(name, (None, None, None))
+        last_seen = _number(seen)
+        mine = held.get(name, {})
+        alive = last_seen >= now - lease_seconds if last_seen is not None else bool(mine)
+        found.append(HostSummary(name, alive, last_seen, int(pid) if isinstance(pid, int) else None,
+                                 _number(started_at), dict(mine), expired.get(name, 0)))  # fmt: skip
+    return found
 
 
 # ====================================================================== status
@@ -205,6 +327,12 @@ class StatusSnapshot:
     billed_today: float
     billed_total: float
     day_start: float
+    #: the hosts sharing the ledger and what each holds (empty on a ledger one host owns: SQLite)
+    hosts: tuple[HostSummary, ...] = ()
+    #: the ledger's clock when the snapshot was read (leases and heartbeats are on it); 0: not read
+    ledger_now: float = 0.0
+    #: whether several hosts may share this ledger (PostgreSQL): then ``hosts`` is shown, even empty
+    shared: bool = False
 
     @property
     def total(self) -> int:
@@ -280,8 +408,9 @@ def billed_seconds(conn: ReadConn, since: float) -> tuple[float, float]:
 
 
 def status_snapshot(
-    conn: ReadConn, *, day_start: float, in_flight_limit: int = 10, failure_limit: int = 5
-) -> StatusSnapshot:
+    conn: ReadConn, *, day_start: float, in_flight_limit: int = 10, failure_limit: int = 5,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+) -> StatusSnapshot:  # fmt: skip
     """Read everything ``status`` shows inside one read transaction, so the numbers agree."""
     conn.execute("BEGIN")
     try:
@@ -290,9 +419,12 @@ def status_snapshot(
         flying = in_flight(conn, in_flight_limit)
         failures = recent_failures(conn, failure_limit)
         today, total = billed_seconds(conn, day_start)
+        now = ledger_now(conn)
+        shared = shares_hosts(conn)
+        hosts = tuple(hosts_overview(conn, now=now, lease_seconds=lease_seconds)) if shared else ()
     finally:
         conn.execute("COMMIT")
-    return StatusSnapshot(counts, paused, flying, failures, today, total, day_start)
+    return StatusSnapshot(counts, paused, flying, failures, today, total, day_start, hosts, now, shared)
 
 
 # ====================================================================== listing
@@ -304,6 +436,8 @@ class JobFilter:
     since: float | None = None
     #: None: no limit
     limit: int | None = 50
+    #: only rows this host holds (a shared ledger's ``files.host``); None: any
+    host: str | None = None
 
 
 def list_jobs(conn: ReadConn, flt: JobFilter) -> tuple[int, list[FileRow]]:
@@ -319,6 +453,9 @@ def list_jobs(conn: ReadConn, flt: JobFilter) -> tuple[int, list[FileRow]]:
     if flt.since is not None:
         where.append("updated_at >= ?")
         params.append(flt.since)
+    if flt.host is not None:
+        where.append("host = ?")
+        params.append(flt.host)
     clause = f" WHERE {' AND '.join(where)}" if where else ""
     conn.execute("BEGIN")
     try:

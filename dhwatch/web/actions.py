@@ -7,15 +7,14 @@ moves run in a worker thread; the ledger is read through a read-only connection.
 
 from __future__ import annotations
 
-import sqlite3
-
 from dhwatch.commands.retry import Outcome, retry_row, still_there
 from dhwatch.config import Settings
 from dhwatch.queries import failed_latest_versions, latest_version
+from dhwatch.store.views import ReadConn
 from dhwatch.web.data import file_row
 
 
-def retry_one(conn: sqlite3.Connection, settings: Settings, file_id: int) -> tuple[Outcome, str | None]:
+def retry_one(conn: ReadConn, settings: Settings, file_id: int) -> tuple[Outcome, str | None]:
     """Put one failed file back; the outcome, and the inbox path it went back to (None if it did not)."""
     row = file_row(conn, file_id)
     if row is None:
@@ -24,7 +23,7 @@ def retry_one(conn: sqlite3.Connection, settings: Settings, file_id: int) -> tup
     return outcome, row.rel_path if outcome.ok else None
 
 
-def retry_all_failed(conn: sqlite3.Connection, settings: Settings) -> tuple[list[Outcome], list[str], int]:
+def retry_all_failed(conn: ReadConn, settings: Settings) -> tuple[list[Outcome], list[str], int]:
     """``dhwatch retry --all-failed``: outcomes, the inbox paths put back, and how many were gone already."""
     outcomes: list[Outcome] = []
     back: list[str] = []

@@ -27,6 +27,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dhwatch.commands._format import holder_text
 from dhwatch.commands.retry import Outcome
 from dhwatch.config import Settings
 from dhwatch.ledger import FileRow
@@ -118,7 +119,8 @@ class WebPage:
 
     def __post_init__(self) -> None:
         self._threads = ThreadPoolExecutor(WEB_THREADS, thread_name_prefix="web")
-        self.reader = data.LedgerReader(self.settings.state_dir, self._threads)
+        self.reader = data.LedgerReader(self.settings.state_dir, self._threads, url=self.settings.ledger_url,
+                                        password=self.settings.ledger_password() if self.settings.ledger_url else None)
         self.feed = ChangeFeed(self.reader, self.feed_interval, on_error=self._feed_error)
         self.sessions = Sessions(self.settings.web.resolve_token)
         self.spectrograms = SpectrogramMaker(self.spectrogram_renderer)
@@ -150,6 +152,7 @@ class WebPage:
         await self.feed.aclose()
         await self.spectrograms.aclose()
         self._threads.shutdown(wait=False)
+        self.reader.close()
 
     async def _slow_down(self) -> None:
         """After a wrong token: wait, one wrong guess at a time for the whole page (a script
@@ -168,12 +171,17 @@ class WebPage:
         caller: Caller = context.pop("caller", None) or identify(request, self.sessions)
         page = await self.reader.call(functools.partial(
             self.env.get_template(name).render, request=request, caller=caller, auth_enabled=self.sessions.enabled,
-            now=self.clock(), public_read=self.settings.web.public_read, **context,
+            now=self.clock(), public_read=self.settings.web.public_read, shared=self.shared, **context,
         ))  # fmt: skip
         return HTMLResponse(page, status_code=status, headers={"Cache-Control": "no-store"})
 
+    @property
+    def shared(self) -> bool:
+        """Whether several hosts share the ledger (PostgreSQL): then the page shows which host holds each file."""
+        return bool(self.settings.ledger_url)
+
     def row_html(self, row: FileRow) -> str:
-        return self.env.get_template("_row.html").render(row=row, now=self.clock())
+        return self.env.get_template("_row.html").render(row=row, now=self.clock(), shared=self.shared)
 
     async def denied(self, request: Request, *, api: bool = False) -> Response | None:
         """None when the read-only views are open to this request; a 401 otherwise."""
@@ -194,11 +202,14 @@ class WebPage:
         flt = parse_filter(request.query_params)
         now = self.clock()
 
-        def read(conn: Any) -> tuple[int, list[FileRow], list[str], data.Overview]:
-            total, rows = data.list_files(conn, flt)
-            return total, rows, data.top_folders(conn), data.overview(conn, day_start(now))
+        lease_seconds = float(getattr(self.settings, "lease_seconds", data.DEFAULT_LEASE_SECONDS))
 
-        total, rows, folders, overview = await self.reader.run(read)
+        def read(conn: Any) -> tuple[int, list[FileRow], list[str], data.Overview, tuple[list[Any], float]]:
+            total, rows = data.list_files(conn, flt)
+            hosts = data.hosts(conn, lease_seconds) if self.shared else ([], now)
+            return total, rows, data.top_folders(conn), data.overview(conn, day_start(now)), hosts
+
+        total, rows, folders, overview, (hosts, ledger_now) = await self.reader.run(read)
         return await self.render(
             request, "index.html", rows=rows, total=total, flt=flt, folders=folders, overview=overview,
             pause_next=None if overview.paused is None else next_step(
@@ -206,6 +217,7 @@ class WebPage:
             budget=self.settings.daily_budget_seconds, query=str(request.query_params),
             next_page=self._next_page(request, flt, rows), failed=overview.counts.get(State.FAILED, 0),
             first_page="/?" + str(QueryParams({k: v for k, v in request.query_params.items() if k != "before"})),
+            hosts=hosts, ledger_now=ledger_now,
         )  # fmt: skip
 
     @staticmethod
@@ -226,7 +238,7 @@ class WebPage:
         next_page = self._next_page(request, flt, rows)
         if next_page is not None:
             headers["Link"] = f'<{next_page}>; rel="next"'
-        return JSONResponse([file_json(r, now) for r in rows], headers=headers)
+        return JSONResponse([file_json(r, now, hosts=self.shared) for r in rows], headers=headers)
 
     async def api_file(self, request: Request) -> Response:
         if (refused := await self.denied(request, api=True)) is not None:
@@ -238,7 +250,7 @@ class WebPage:
             return JSONResponse({"error": f"no file {file_id}"}, status_code=404)
         from dhwatch.commands._format import event_json
 
-        body = file_json(row, self.clock())
+        body = file_json(row, self.clock(), hosts=self.shared)
         body["history"] = [event_json(e) for e in history]
         explained = error_text(row)
         body["error"] = None if explained is None else {"code": explained.code, "reason": explained.reason,
@@ -250,7 +262,8 @@ class WebPage:
         if (refused := await self.denied(request)) is not None:
             return refused
         file_id = request.path_params["file_id"]
-        row, history = await self.reader.run(lambda c: (data.file_row(c, file_id), data.file_history(c, file_id)))
+        row, history, ledger_now = await self.reader.run(
+            lambda c: (data.file_row(c, file_id), data.file_history(c, file_id), data.holder_clock(c)))
         if row is None:
             return await self.render(request, "message.html", status=404, title="No such file",
                                messages=[f"dhwatch has no file number {file_id}."], ok=False)  # fmt: skip
@@ -263,6 +276,7 @@ class WebPage:
         return await self.render(
             request, "file.html", row=row, history=history, error=error_text(row), quality=lines,
             quality_suggestion=suggestion, has_before=exists[0], has_after=exists[1], newer=newer,
+            holder=None if ledger_now is None else holder_text(row, ledger_now),
         )  # fmt: skip
 
     async def audio(self, request: Request) -> Response:

@@ -1,26 +1,37 @@
 """The live feed behind ``/events``: rows that changed, pushed to every open page.
 
 One watcher task serves every open page, and it exists only while at least one page is
-open: an idle daemon with no browser does nothing. While it runs it asks SQLite, at a
-bounded interval, whether anyone committed since its last look (``PRAGMA data_version``
-on its own read-only connection: no table is read), and reads the changed rows only then.
-That connection lives in one thread of its own, which ends with the watcher. A page that
-cannot keep up (its queue is full) is dropped; its browser reconnects.
+open: an idle daemon with no browser does nothing. While it runs it looks, once per
+interval, at the newest line of the files' history (``MAX(events.id)``: one step down the
+primary key's index, on SQLite and PostgreSQL alike, whatever the ledger's size), and reads
+the new history lines and their rows only when there are some. Every state change and every
+new file writes a history line in the same transaction, so nothing the list shows changes
+unseen; a row changed without one (a poll count, a quality report, a lease renewed or taken
+over) shows its new host or details at the next state change, or on reload.
+
+Why history ids and not ``updated_at``: several hosts share a PostgreSQL ledger, each
+writing ``updated_at`` from its own clock, and clocks differ; ids come from the database.
+Ids are handed out when a transaction writes, not when it commits, so on PostgreSQL a
+line may become visible after a higher one: the ids skipped over are kept as gaps and
+looked up again at each turn (by primary key) until they appear or :data:`GAP_SECONDS`
+passed (a rolled-back transaction leaves a gap for good). SQLite commits one writer at a
+time, so it has none. The watcher's connection lives in one thread of its own, which ends
+with the watcher. A page that cannot keep up (its queue is full) is dropped; its browser
+reconnects.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from dhwatch.ledger import connect
-
 from dhwatch.ledger import FileRow
-from dhwatch.web.data import MAX_LIMIT, LedgerReader, changed_since, data_version, last_change
+from dhwatch.store.views import ReadConn
+from dhwatch.web.data import MAX_LIMIT, LedgerReader, events_after, events_among, last_event, rows_by_id
 
 T = TypeVar("T")
 
@@ -28,6 +39,10 @@ T = TypeVar("T")
 CHECK_INTERVAL = 1.0
 #: changes batches a page may have waiting before it is dropped
 QUEUE_LIMIT = 64
+#: how long a history id skipped over is looked for (a writing transaction lasts milliseconds)
+GAP_SECONDS = 30.0
+#: the most skipped ids kept at once (beyond, the oldest are given up)
+GAP_LIMIT = 1000
 
 
 class Closed(Exception):
@@ -39,19 +54,19 @@ Batch = list[FileRow] | None
 
 
 class _Connection:
-    """One read-only ledger connection used from one thread only (``data_version`` is per connection)."""
+    """One read-only ledger connection used from one thread only."""
 
     def __init__(self, reader: LedgerReader) -> None:
-        self._path = reader.path
+        self._reader = reader
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="web-feed")
-        self._conn: sqlite3.Connection | None = None
+        self._conn: ReadConn | None = None
 
-    def _call(self, query: Callable[[sqlite3.Connection], T]) -> T:
+    def _call(self, query: Callable[[ReadConn], T]) -> T:
         if self._conn is None:
-            self._conn = connect(self._path, readonly=True)
+            self._conn = self._reader.connect()
         return query(self._conn)
 
-    async def run(self, query: Callable[[sqlite3.Connection], T]) -> T:
+    async def run(self, query: Callable[[ReadConn], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, query)
 
     def close(self) -> None:
@@ -64,6 +79,38 @@ class _Connection:
 
         self._executor.submit(closing)
         self._executor.shutdown(wait=False)
+
+
+class _Cursor:
+    """Where the watcher stands in the history: the last id read, and the ids skipped over (pure)."""
+
+    def __init__(self, mark: int) -> None:
+        self.mark = mark
+        #: skipped id -> when it was first missed (monotonic seconds)
+        self.gaps: dict[int, float] = {}
+
+    def advance(self, seen: list[tuple[int, int]], filled: list[tuple[int, int]], now: float) -> list[int]:
+        """Take in the lines read after the mark (``seen``) and the gaps that appeared (``filled``);
+        returns the file ids they touch, each once, in the order of their latest line."""
+        for event_id, _ in filled:
+            self.gaps.pop(event_id, None)
+        if seen:
+            got = {event_id for event_id, _ in seen}
+            top = seen[-1][0]
+            for missing in range(self.mark + 1, min(top, self.mark + 1 + GAP_LIMIT)):
+                if missing not in got:
+                    self.gaps.setdefault(missing, now)
+            self.mark = top
+        for event_id, since in list(self.gaps.items()):
+            if now - since > GAP_SECONDS:
+                del self.gaps[event_id]
+        while len(self.gaps) > GAP_LIMIT:
+            del self.gaps[min(self.gaps)]
+        latest: dict[int, int] = {}
+        for event_id, file_id in sorted(filled + seen):
+            latest.pop(file_id, None)
+            latest[file_id] = event_id
+        return list(latest)
 
 
 class ChangeFeed:
@@ -132,41 +179,38 @@ class ChangeFeed:
     async def _follow(self, ledger: _Connection, started: asyncio.Event) -> None:
         while True:
             try:
-                version = await ledger.run(data_version)
-                mark = await ledger.run(last_change)
+                cursor = _Cursor(await ledger.run(last_event))
                 break
             except Exception as exc:  # noqa: BLE001 - the ledger cannot be read now: again after the interval
                 self._report(exc)
                 await asyncio.sleep(self._interval)
         started.set()
-        # rows already sent whose updated_at equals the mark: two transactions may share one
-        # clock reading, so later looks include the mark itself and skip these (empty at
-        # first: everything up to the first mark was on the page already)
-        sent_at_mark: set[int] = set()
         while True:
             await asyncio.sleep(self._interval)
             try:
-                now_version = await ledger.run(data_version)
-                if now_version == version:
-                    continue  # nobody committed anything: nothing read
-                inclusive = bool(sent_at_mark)
-                changed = await ledger.run(lambda c: changed_since(c, mark, inclusive=inclusive))
-                if len(changed) < MAX_LIMIT:
-                    version = now_version  # else more rows wait: read on at the next turn
-                rows = [r for r in changed if not (r.updated_at == mark and r.id in sent_at_mark)]
-            except Exception as exc:  # noqa: BLE001 - a busy or replaced ledger file: try at the next turn
+                rows = await ledger.run(lambda c: self._changes(c, cursor))
+            except Exception as exc:  # noqa: BLE001 - a busy ledger, a server restarting: at the next turn
                 self._report(exc)
                 continue
             if not rows:
                 continue
-            new_mark = max(r.updated_at for r in rows)
-            sent_at_mark = {r.id for r in rows if r.updated_at == new_mark} | (sent_at_mark if new_mark == mark else set())
-            mark = new_mark
             for queue in list(self._subscribers):
                 try:
                     queue.put_nowait(rows)
                 except asyncio.QueueFull:
                     self._drop(queue)
+
+    @staticmethod
+    def _changes(conn: ReadConn, cursor: _Cursor) -> list[FileRow]:
+        """The rows changed since the cursor's last look (nothing read beyond one index probe when none)."""
+        gaps = sorted(cursor.gaps)
+        if last_event(conn) <= cursor.mark and not gaps:
+            return []  # nobody wrote a history line: nothing read
+        seen = events_after(conn, cursor.mark, MAX_LIMIT)  # more than that: the rest at the next turn
+        filled = events_among(conn, gaps)
+        file_ids = cursor.advance(seen, filled, time.monotonic())
+        found = rows_by_id(conn, file_ids)
+        return [found[i] for i in file_ids if i in found]
 
     def _report(self, exc: Exception) -> None:
         if self._on_error is not None:

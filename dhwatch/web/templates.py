@@ -70,13 +70,14 @@ def folder_of(rel_path: str) -> str:
     return display_path(str(PurePosixPath(rel_path).parent)).removeprefix(".")
 
 
-def file_json(row: FileRow, now: float) -> dict[str, Any]:
-    """One file as ``/api/files`` gives it: ``dhwatch jobs --json``'s fields, plus what the page shows."""
+def file_json(row: FileRow, now: float, *, hosts: bool = False) -> dict[str, Any]:
+    """One file as ``/api/files`` gives it: ``dhwatch jobs --json``'s fields (with ``hosts``, a shared
+    ledger's, the holding host and its lease too), plus what the page shows."""
     from dhwatch.commands._format import row_json
 
     shown = progress(row.state)
     return {
-        **row_json(row),
+        **row_json(row, hosts=hosts),
         "name": display_path(PurePosixPath(row.rel_path).name),
         "folder": folder_of(row.rel_path),
         "age_seconds": round(max(0.0, now - row.created_at), 1),

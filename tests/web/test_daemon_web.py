@@ -17,7 +17,7 @@ import httpx
 from dhwatch.emulators.deephearing import DeepHearingEmulator
 from dhwatch.queries import probe_daemon
 from tests.conftest import Daemon, Folders, assert_idle, free_port, make_audio, wait_for, write_config
-from tests.web.conftest import TOKEN, web_config
+from tests.web.conftest import TOKEN, Files, web_config
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -63,12 +63,12 @@ def test_a_new_file_appears_live_and_can_be_heard(folders: Folders, emulator: De
 
 
 def test_retry_through_the_page_brings_a_failed_file_back(folders: Folders, emulator: DeepHearingEmulator,
-                                                          daemons: Callable[..., Daemon]) -> None:  # fmt: skip
+                                                          daemons: Callable[..., Daemon], any_files: Files) -> None:  # fmt: skip
     """A file the service refused fails; retried from the page with the token, the daemon takes it again and it is
-    done (and the token never reaches the log)."""
+    done (and the token never reaches the log), with the ledger in SQLite or in PostgreSQL."""
     emulator.inject("invalid", "enhance", count=1)
     make_audio(folders.inbox / "take.wav")
-    d = daemons(web_config(folders, base_url=emulator.base_url))
+    d = daemons(any_files.config(base_url=emulator.base_url))
     url = page_url(d)
     wait_for(lambda: files_json(url, state="failed"), timeout=30, what="the failed file on the page")
     failed = files_json(url, state="failed")[0]

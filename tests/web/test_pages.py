@@ -21,12 +21,12 @@ def rows_of(html: str) -> list[tuple[int, str]]:
     return [(int(i), s) for i, s in re.findall(r'<tr data-file-id="(\d+)" data-state="(\w+)">', html)]
 
 
-def test_list_shows_every_file_newest_first(folders: Folders, files: Files, serve_page: Callable[..., str]) -> None:
+def test_list_shows_every_file_newest_first(folders: Folders, any_files: Files, serve_page: Callable[..., str]) -> None:
     """`/` lists every file newest first with its name, folder, state, recipe, age and a link to its page."""
-    old = files.add("session 1/take 1.wav", State.DONE, ago=3 * 60)
-    failed = files.add("take <2>.wav", State.FAILED, ago=60)
-    flying = files.add("session 1/take 3.wav", State.SUBMITTED, ago=5)
-    url = serve_page(web_config(folders))
+    old = any_files.add("session 1/take 1.wav", State.DONE, ago=3 * 60)
+    failed = any_files.add("take <2>.wav", State.FAILED, ago=60)
+    flying = any_files.add("session 1/take 3.wav", State.SUBMITTED, ago=5)
+    url = serve_page(any_files.config())
     page = httpx.get(url + "/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert rows_of(page.text) == [(flying, "submitted"), (failed, "failed"), (old, "done")]
@@ -38,13 +38,13 @@ def test_list_shows_every_file_newest_first(folders: Folders, files: Files, serv
     assert 'href="/static/style.css"' in page.text and "http://" not in page.text.split("<main>")[0]
 
 
-def test_filters_work_as_plain_get_parameters(folders: Folders, files: Files, serve_page: Callable[..., str]) -> None:
+def test_filters_work_as_plain_get_parameters(folders: Folders, any_files: Files, serve_page: Callable[..., str]) -> None:
     """State, folder and text filters are GET parameters of `/` and `/api/files`, combinable, without JavaScript."""
-    a = files.add("drums/kick.wav", State.DONE)
-    b = files.add("drums/snare.wav", State.FAILED)
-    c = files.add("vocals/lead take.wav", State.DONE)
-    d = files.add("top.wav", State.DONE)
-    url = serve_page(web_config(folders))
+    a = any_files.add("drums/kick.wav", State.DONE)
+    b = any_files.add("drums/snare.wav", State.FAILED)
+    c = any_files.add("vocals/lead take.wav", State.DONE)
+    d = any_files.add("top.wav", State.DONE)
+    url = serve_page(any_files.config())
     assert [i for i, _ in rows_of(httpx.get(url + "/", params={"state": "done"}).text)] == [d, c, a]
     assert [i for i, _ in rows_of(httpx.get(url + "/", params={"folder": "drums"}).text)] == [b, a]
     assert [i for i, _ in rows_of(httpx.get(url + "/", params={"folder": ""}).text)] == [d]
@@ -56,10 +56,10 @@ def test_filters_work_as_plain_get_parameters(folders: Folders, files: Files, se
     assert httpx.get(url + "/", params={"state": "nonsense", "before": "x"}).status_code == 200
 
 
-def test_pages_of_the_list_follow_each_other(folders: Folders, files: Files, serve_page: Callable[..., str]) -> None:
+def test_pages_of_the_list_follow_each_other(folders: Folders, any_files: Files, serve_page: Callable[..., str]) -> None:
     """The list is paged: the "older" link (and the API's Link header) lead to the next page without overlap."""
-    ids = [files.add(f"f{i:02d}.wav", State.DONE) for i in range(7)]
-    url = serve_page(web_config(folders))
+    ids = [any_files.add(f"f{i:02d}.wav", State.DONE) for i in range(7)]
+    url = serve_page(any_files.config())
     first = httpx.get(url + "/", params={"limit": "3"})
     assert [i for i, _ in rows_of(first.text)] == ids[::-1][:3]
     older = re.search(r'id="older" href="([^"]+)"', first.text)
@@ -72,11 +72,11 @@ def test_pages_of_the_list_follow_each_other(folders: Folders, files: Files, ser
     assert link is not None and [f["id"] for f in httpx.get(url + link.group(1)).json()] == ids[::-1][5:]
 
 
-def test_file_page_explains_a_failure(folders: Folders, files: Files, serve_page: Callable[..., str]) -> None:
+def test_file_page_explains_a_failure(folders: Folders, any_files: Files, serve_page: Callable[..., str]) -> None:
     """A failed file's page has its history, the error in plain words with what to do, and the retry form (and no
     player for a failed file that is no longer there)."""
-    row = files.add("bad.wav", State.FAILED, code="JOB_TIMEOUT", message="no answer after 3600 s")
-    url = serve_page(web_config(folders))
+    row = any_files.add("bad.wav", State.FAILED, code="JOB_TIMEOUT", message="no answer after 3600 s")
+    url = serve_page(any_files.config())
     page = httpx.get(f"{url}/files/{row}").text
     assert '<span id="state" class="state state-failed"' in page
     assert '<section id="error"' in page and "did not finish it in time" in page
@@ -154,21 +154,21 @@ def test_every_page_is_self_contained(folders: Folders, files: Files, serve_page
     assert httpx.get(url + "/static/live.js").status_code == 200
 
 
-def test_live_feed_sends_new_and_changed_rows(folders: Folders, files: Files, serve_page: Callable[..., str]) -> None:
+def test_live_feed_sends_new_and_changed_rows(folders: Folders, any_files: Files, serve_page: Callable[..., str]) -> None:
     """`/events` pushes a file that appears (with the row's HTML and whether it matches the filter) and later changes."""
-    files.add("old.wav", State.DONE)
-    url = serve_page(web_config(folders))
+    any_files.add("old.wav", State.DONE)
+    url = serve_page(any_files.config())
     with httpx.stream("GET", url + "/events", params={"state": "queued"}, timeout=10) as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
         lines = stream.iter_lines()
         assert next(lines).startswith("retry:")
-        new = files.add("new take.wav", State.QUEUED, ago=0)
+        new = any_files.add("new take.wav", State.QUEUED, ago=0)
         events = []
         for line in lines:
             if line.startswith("data: "):
                 events.append(json.loads(line[6:]))
                 if len(events) == 1:
-                    files.ledger.transition(new, State.QUEUED, State.UPLOADING, now=__import__("time").time())
+                    any_files.ledger.transition(new, State.QUEUED, State.UPLOADING, now=__import__("time").time())
                 else:
                     break
     assert events[0]["id"] == new and events[0]["state"] == "queued" and events[0]["matches"] is True

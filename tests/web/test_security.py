@@ -113,6 +113,11 @@ def test_login_form_and_redirects(folders: Folders, serve_page: Callable[..., st
 @pytest.fixture
 def failed_file(folders: Folders, files: Files) -> int:
     """A failed row whose file and report are in the failed folder, as the finisher leaves them."""
+    return put_failed(folders, files)
+
+
+def put_failed(folders: Folders, files: Files) -> int:
+    """:func:`failed_file` on the ledger ``files`` fills."""
     row = files.add("sub/bad.wav", State.FAILED)
     make_audio(folders.failed / "sub" / "bad.wav")
     (folders.failed / "sub" / "bad.wav.error.json").write_text('{"code": "INVALID_FILE"}')
@@ -147,11 +152,13 @@ def test_actions_refuse_without_token_csrf_or_from_another_site(folders: Folders
     assert (folders.failed / "sub" / "bad.wav").exists() and not (folders.inbox / "sub" / "bad.wav").exists()
 
 
-def test_retry_through_the_page_puts_the_file_back(folders: Folders, failed_file: int,
+def test_retry_through_the_page_puts_the_file_back(folders: Folders, any_files: Files,
                                                    serve_page: Callable[..., str]) -> None:  # fmt: skip
-    """A logged-in browser's retry (same Origin, CSRF code) moves the failed file back into the inbox, report removed."""
+    """A logged-in browser's retry (same Origin, CSRF code) moves the failed file back into the inbox, report removed,
+    on either ledger."""
+    failed_file = put_failed(folders, any_files)
     retried: list[str] = []
-    url = serve_page(web_config(folders), on_retried=retried.append)
+    url = serve_page(any_files.config(), on_retried=retried.append)
     with httpx.Client(base_url=url) as browser:
         browser.post("/login", data={"token": TOKEN})
         csrf = csrf_of(browser.get(f"/files/{failed_file}").text)

@@ -99,14 +99,12 @@ def test_check_finds_the_web_port_taken(tmp_path: Path) -> None:
     assert [f.level for f in found] == [Level.FAIL] and f"cannot listen on {address}" in found[0].message
 
 
-def test_page_with_a_postgresql_ledger_is_refused_plainly(tmp_path: Path) -> None:
-    """[web] with ledger_url set is refused at start and by `dhwatch check` (the page reads only the SQLite ledger
-    for now), instead of a page that cannot show any file."""
+def test_page_with_a_postgresql_ledger_is_accepted(tmp_path: Path) -> None:
+    """[web] with ledger_url set starts and passes `dhwatch check`: the page reads the shared ledger like the SQLite one."""
     path = tmp_path / "dhwatch.toml"
     path.write_text('ledger_url = "postgresql://dhwatch@127.0.0.1:5432/dhwatch"\n' + FOLDERS
-                    + '\n[web]\naddress = "127.0.0.1:8080"\n')  # fmt: skip
+                    + '\n[web]\naddress = "127.0.0.1:0"\ntoken = "0123456789abcdef0123"\n')  # fmt: skip
     path.chmod(0o600)
     s = load_settings(path)
-    with pytest.raises(ConfigError, match=r"web\.address.*ledger_url"):
-        require_web_settings(s)
-    assert [f.level for f in check_web(s)] == [Level.FAIL]
+    require_web_settings(s)
+    assert [f.level for f in check_web(s)] == [Level.OK]
