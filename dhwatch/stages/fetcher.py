@@ -32,7 +32,7 @@ from dhwatch.naming import safe_relpath, temp_name
 from dhwatch.recipes import Finish, Recipe, output_suffix
 from dhwatch.policy import Backoff, after_failure
 from dhwatch.sourcefile import Identity, opened
-from dhwatch.stages.scheduling import InFlight, fail, requeue_lost, sleep_until_due
+from dhwatch.stages.scheduling import IDLE_WHILE_BUSY, InFlight, fail, requeue_lost, sleep_until_due
 from dhwatch.states import State
 
 
@@ -59,15 +59,24 @@ class Fetcher:
         ctx = self.ctx
         while True:
             ctx.beat("fetch")
-            free = 0 if self._slots.locked() else ctx.settings.download_concurrency
-            for row in ctx.ledger.due(State.FETCHING, ctx.clock(), free + len(self._busy)) if free > 0 else []:
-                if row.id in self._busy:
-                    continue
-                if self._slots.locked():
-                    break
-                await self._slots.acquire()
-                self._busy.add(row.id)
-                self._running.start(self._fetch(row))
+            blocked = self._slots.locked()
+            if not blocked:
+                for row in ctx.ledger.due(State.FETCHING, ctx.clock(),
+                                          ctx.settings.download_concurrency + len(self._busy)):  # fmt: skip
+                    if row.id in self._busy:  # being fetched: due in the ledger, but nothing to start
+                        blocked = True
+                        continue
+                    if self._slots.locked():
+                        blocked = True
+                        break
+                    await self._slots.acquire()
+                    self._busy.add(row.id)
+                    self._running.start(self._fetch(row))
+            if blocked or self._slots.locked():
+                # The rows due now are being fetched (or wait for a slot): their next_attempt_at
+                # is past, so sleeping "until due" would not sleep at all. A freed slot kicks.
+                await ctx.idle("fetch", IDLE_WHILE_BUSY)
+                continue
             await sleep_until_due(ctx, "fetch", (State.FETCHING,))
 
     async def _fetch(self, row: FileRow) -> None:
@@ -88,6 +97,8 @@ class Fetcher:
             self._retry(row, f"internal error: {exc}", counts=True)
         finally:
             self._busy.discard(row.id)
+            if not holding:  # its slot went back earlier: the loop may be waiting for this row
+                ctx.kick("fetch")
             release_slot()
 
     async def _publish(self, staged: Staged) -> None:

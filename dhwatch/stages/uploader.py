@@ -19,7 +19,7 @@ from dhwatch.errors import (
 )  # fmt: skip
 from dhwatch.ledger import FileRow
 from dhwatch.policy import after_failure, day_start, over_budget
-from dhwatch.stages.scheduling import InFlight, backoff_for, fail, poll_interval, sleep_until_due
+from dhwatch.stages.scheduling import IDLE_WHILE_BUSY, InFlight, backoff_for, fail, poll_interval, sleep_until_due
 from dhwatch.states import State
 
 
@@ -39,6 +39,11 @@ class Uploader:
             ctx.beat("upload")
             self._over_budget()
             await self._dispatch()
+            if self._slots.locked():
+                # Every slot is sending: the queued rows are due already, so sleeping "until
+                # due" would not sleep at all. A freed slot kicks.
+                await ctx.idle("upload", IDLE_WHILE_BUSY)
+                continue
             await sleep_until_due(ctx, "upload", (State.QUEUED,), backends=ctx.sending_filter())
 
     async def _dispatch(self) -> None:
