@@ -11,6 +11,7 @@ audio, is a failed download (retried, then ``RESULT_UNAVAILABLE``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -138,8 +139,9 @@ class Fetcher:
         if suffix and not rel.lower().endswith(suffix):
             rel = str(PurePosixPath(rel).with_suffix(suffix))
         finish = finish_of(row)
-        check = ResultCheck(PurePosixPath(rel).name, await asyncio.to_thread(input_format, ctx.settings.inbox, row),
-                            taken=self._names_of_others(rel, row.rel_path))
+        # the input's format is read in the worker call that checks the result (no hand-off of its own)
+        check = ResultCheck(PurePosixPath(rel).name, None, taken=self._names_of_others(rel, row.rel_path),
+                            source_of=functools.partial(input_format, ctx.settings.inbox, row))  # fmt: skip
         report: FinishReport | None = None
         try:
             with ctx.metrics.api_latency.labels("result").time():
@@ -302,17 +304,21 @@ class ResultCheck:
     """Decides a downloaded result's final name from its own headers (``write_atomically``'s ``name_for``).
 
     ``name`` is the name the output would have; ``source`` what the input holds (None when it
-    cannot be read: then only the extension is checked); ``taken`` the names other inputs'
-    outputs own (then ``take.flac.wav`` instead of ``take.wav``). After a call, ``note`` says
-    in words what changed, or is None.
+    cannot be read: then only the extension is checked), or ``source_of`` reads it during the
+    call (in the worker thread that runs it); ``taken`` the names other inputs' outputs own
+    (then ``take.flac.wav`` instead of ``take.wav``). After a call, ``note`` says in words
+    what changed, or is None.
     """
 
     name: str
     source: StatedFormat | None
     taken: frozenset[str] = frozenset()
     note: str | None = None
+    source_of: Callable[[], StatedFormat | None] | None = None
 
     def __call__(self, downloaded: Path) -> str:
+        if self.source_of is not None:
+            self.source, self.source_of = self.source_of(), None
         result = file_format(downloaded)
         if result is None:
             raise ResultError("the service returned something that is not audio")
