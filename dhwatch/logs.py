@@ -103,6 +103,8 @@ def _printable(value: str) -> str:
 
 def _escape_all(value: Any) -> Any:
     if isinstance(value, str):
+        if value.isascii() and value.isprintable() and "\\" not in value:
+            return value  # nothing to escape (most values: names, ids, words): no regex, no re-encoding
         return _printable(escape_text(value))
     if isinstance(value, dict):
         return {k: _escape_all(v) for k, v in value.items()}
