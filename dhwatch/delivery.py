@@ -20,6 +20,7 @@ from collections.abc import AsyncIterable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from dhwatch.audioformat import SNIFF_BYTES, sniff
 from dhwatch.errors import ResultError
@@ -69,6 +70,11 @@ class Staged:
     sha256: str
 
 
+#: a result up to this size is gathered in memory and written by one worker call (most results
+#: of a burst of voice lines are a few KiB: a hand-off to a thread per chunk cost more than the write)
+SMALL_RESULT = 1 << 20
+
+
 async def stage_result(
     root: Path, rel_path: str, chunks: AsyncIterable[bytes], *, expected_length: int | None, row_id: int,
     name_for: Callable[[Path], str] | None = None,
@@ -79,38 +85,87 @@ async def stage_result(
     ``name_for`` (run in a thread) sees the complete temp file and returns the final base name
     in the same folder, so what arrived can decide its own extension; it may raise
     :class:`ResultError` to refuse it. Nothing is visible under the final name until
-    :func:`publish`.
+    :func:`publish`. A result of at most :data:`SMALL_RESULT` bytes is kept in memory until
+    it is complete and checked, then written, closed and named in ONE worker call (a broken
+    one never touches the disk); a bigger one is streamed to disk as it arrives.
     """
     rel = safe_relpath(rel_path)
-    folder = await asyncio.to_thread(ensure_dir, root, rel.parent)
-    final = folder / rel.name
-    tmp = folder / temp_name(rel.name, row_id)
     digest = hashlib.sha256()
     size = 0
     head = b""
-    f = await asyncio.to_thread(open, tmp, "wb")
+    held: list[bytes] = []  # the result so far, while it is small
+    big: _BigResult | None = None
     try:
-        try:
-            async for chunk in chunks:
-                if len(head) < SNIFF_BYTES:
-                    head += chunk[: SNIFF_BYTES - len(head)]
-                digest.update(chunk)
-                size += len(chunk)
-                await asyncio.to_thread(f.write, chunk)
-            if expected_length is not None and size != expected_length:
-                raise ResultError(f"the download was truncated ({size} of {expected_length} bytes)")
-            if size == 0:
-                raise ResultError("the service returned an empty result")
-            if sniff(head) is None:
-                raise ResultError("the service returned something that is not audio")
-        finally:
-            await asyncio.to_thread(f.close)
+        async for chunk in chunks:
+            if len(head) < SNIFF_BYTES:
+                head += chunk[: SNIFF_BYTES - len(head)]
+            digest.update(chunk)
+            size += len(chunk)
+            if big is None and size <= SMALL_RESULT:
+                held.append(chunk)
+                continue
+            if big is None:  # too big to hold: to disk, with what was held
+                held.append(chunk)
+                big = await asyncio.to_thread(_BigResult.open, root, rel, row_id, held)
+                held = []
+            else:
+                await asyncio.to_thread(big.file.write, chunk)
+        if expected_length is not None and size != expected_length:
+            raise ResultError(f"the download was truncated ({size} of {expected_length} bytes)")
+        if size == 0:
+            raise ResultError("the service returned an empty result")
+        if sniff(head) is None:
+            raise ResultError("the service returned something that is not audio")
+        if big is None:
+            tmp, final = await asyncio.to_thread(_write_small, root, rel, row_id, held, name_for)
+            return Staged(tmp, final, size, digest.hexdigest())
+        await asyncio.to_thread(big.file.close)
+        final = big.tmp.parent / rel.name
         if name_for is not None:
-            final = folder / safe_relpath(await asyncio.to_thread(name_for, tmp)).name
+            final = big.tmp.parent / safe_relpath(await asyncio.to_thread(name_for, big.tmp)).name
+        return Staged(big.tmp, final, size, digest.hexdigest())
+    except BaseException:
+        if big is not None:
+            big.file.close()
+            _unlink_quietly(big.tmp)
+        raise
+
+
+@dataclass(frozen=True)
+class _BigResult:
+    """The temp file a result too big to hold in memory is streamed into."""
+
+    tmp: Path
+    file: BinaryIO
+
+    @classmethod
+    def open(cls, root: Path, rel: PurePosixPath, row_id: int, start: list[bytes]) -> _BigResult:
+        """Make the folder, open the temp file and write what arrived so far (one worker call)."""
+        tmp = ensure_dir(root, rel.parent) / temp_name(rel.name, row_id)
+        f = open(tmp, "wb")  # noqa: SIM115 - closed by stage_result
+        try:
+            f.writelines(start)
+        except BaseException:
+            f.close()
+            _unlink_quietly(tmp)
+            raise
+        return cls(tmp, f)
+
+
+def _write_small(
+    root: Path, rel: PurePosixPath, row_id: int, data: list[bytes], name_for: Callable[[Path], str] | None
+) -> tuple[Path, Path]:
+    """A complete, checked small result into its temp file, and its final name: (temp, final)."""
+    folder = ensure_dir(root, rel.parent)
+    tmp = folder / temp_name(rel.name, row_id)
+    try:
+        with open(tmp, "wb") as f:
+            f.writelines(data)
+        final = folder / (safe_relpath(name_for(tmp)).name if name_for is not None else rel.name)
     except BaseException:
         _unlink_quietly(tmp)
         raise
-    return Staged(tmp, final, size, digest.hexdigest())
+    return tmp, final
 
 
 def publish(group: Sequence[Staged]) -> list[OSError | None]:

@@ -36,13 +36,32 @@ def register_secret(secret: str | None) -> None:
             _SECRETS.add(secret)
 
 
+#: the registered secrets, longest first, and which set (and size of it) that order was made from
+_ordered: tuple[int, int, tuple[str, ...]] = (0, 0, ())
+
+
+def _secrets_longest_first() -> tuple[str, ...]:
+    """The registered secrets, longest first (so one that contains another is replaced whole).
+
+    Sorted again only when a secret was added (or the set replaced): every string value of
+    every log line passes here, a sort and a lock each time was a measurable part of a burst.
+    """
+    global _ordered
+    key, size, ordered = _ordered
+    if key != id(_SECRETS) or size != len(_SECRETS):
+        with _SECRETS_LOCK:
+            ordered = tuple(sorted(_SECRETS, key=len, reverse=True))
+            _ordered = (id(_SECRETS), len(ordered), ordered)
+    return ordered
+
+
 def redact_text(text: str) -> str:
     """``text`` with registered secrets and credential-looking query values replaced."""
-    with _SECRETS_LOCK:
-        secrets = sorted(_SECRETS, key=len, reverse=True)
-    for secret in secrets:
+    for secret in _secrets_longest_first():
         if secret in text:
             text = text.replace(secret, REDACTED)
+    if "=" not in text:  # no query value to look at (the common case: a file name, a job id)
+        return text
     return _SECRET_QUERY.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
 
 
@@ -84,6 +103,8 @@ def _printable(value: str) -> str:
 
 def _escape_all(value: Any) -> Any:
     if isinstance(value, str):
+        if value.isascii() and value.isprintable() and "\\" not in value:
+            return value  # nothing to escape (most values: names, ids, words): no regex, no re-encoding
         return _printable(escape_text(value))
     if isinstance(value, dict):
         return {k: _escape_all(v) for k, v in value.items()}

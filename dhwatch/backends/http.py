@@ -99,8 +99,24 @@ def _short_enough(exc: BaseException) -> bool:
 async def with_short_retries(call: Callable[[], Awaitable[T]], *, attempts: int = 3) -> T:
     """Run ``call`` (which raises :class:`TransientError` for retryable faults) a few times.
 
-    ``call`` must build a fresh request each time (upload bodies are generators).
+    ``call`` must build a fresh request each time (upload bodies are generators). The first
+    attempt runs bare: most calls succeed, and building tenacity's machinery for each of
+    them was a measurable part of a burst's per-request cost. Only after a retryable fault
+    does tenacity take over, for the attempts left, waiting as it would have.
     """
+    try:
+        return await call()
+    except TransientError as exc:
+        if attempts <= 1 or not _short_enough(exc):
+            raise
+        failed: list[BaseException] = [exc]
+
+    async def again() -> T:
+        """Tenacity's first attempt is the one that just failed: its fault, without a new request."""
+        if failed:
+            raise failed.pop()
+        return await call()
+
     retrying = AsyncRetrying(
         stop=stop_after_attempt(attempts),
         wait=_wait,
@@ -110,7 +126,7 @@ async def with_short_retries(call: Callable[[], Awaitable[T]], *, attempts: int 
     )
     async for attempt in retrying:
         with attempt:
-            return await call()
+            return await again()
     raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -11,6 +11,7 @@ audio, is a failed download (retried, then ``RESULT_UNAVAILABLE``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ from dhwatch.naming import safe_relpath, temp_name
 from dhwatch.recipes import Finish, Recipe, output_suffix
 from dhwatch.policy import Backoff, after_failure
 from dhwatch.sourcefile import Identity, opened
-from dhwatch.stages.scheduling import InFlight, fail, requeue_lost, sleep_until_due
+from dhwatch.stages.scheduling import IDLE_WHILE_BUSY, InFlight, fail, requeue_lost, sleep_until_due
 from dhwatch.states import State
 
 
@@ -59,15 +60,24 @@ class Fetcher:
         ctx = self.ctx
         while True:
             ctx.beat("fetch")
-            free = 0 if self._slots.locked() else ctx.settings.download_concurrency
-            for row in ctx.ledger.due(State.FETCHING, ctx.clock(), free + len(self._busy)) if free > 0 else []:
-                if row.id in self._busy:
-                    continue
-                if self._slots.locked():
-                    break
-                await self._slots.acquire()
-                self._busy.add(row.id)
-                self._running.start(self._fetch(row))
+            blocked = self._slots.locked()
+            if not blocked:
+                for row in ctx.ledger.due(State.FETCHING, ctx.clock(),
+                                          ctx.settings.download_concurrency + len(self._busy)):  # fmt: skip
+                    if row.id in self._busy:  # being fetched: due in the ledger, but nothing to start
+                        blocked = True
+                        continue
+                    if self._slots.locked():
+                        blocked = True
+                        break
+                    await self._slots.acquire()
+                    self._busy.add(row.id)
+                    self._running.start(self._fetch(row))
+            if blocked or self._slots.locked():
+                # The rows due now are being fetched (or wait for a slot): their next_attempt_at
+                # is past, so sleeping "until due" would not sleep at all. A freed slot kicks.
+                await ctx.idle("fetch", IDLE_WHILE_BUSY)
+                continue
             await sleep_until_due(ctx, "fetch", (State.FETCHING,))
 
     async def _fetch(self, row: FileRow) -> None:
@@ -90,6 +100,8 @@ class Fetcher:
             self._retry(row, f"internal error: {exc}", counts=True)
         finally:
             self._busy.discard(row.id)
+            if not holding:  # its slot went back earlier: the loop may be waiting for this row
+                ctx.kick("fetch")
             release_slot()
 
     async def _publish(self, staged: Staged) -> None:
@@ -129,8 +141,9 @@ class Fetcher:
         if suffix and not rel.lower().endswith(suffix):
             rel = str(PurePosixPath(rel).with_suffix(suffix))
         finish = finish_of(row)
-        check = ResultCheck(PurePosixPath(rel).name, await asyncio.to_thread(input_format, ctx.settings.inbox, row),
-                            taken=self._names_of_others(rel, row.rel_path))
+        # the input's format is read in the worker call that checks the result (no hand-off of its own)
+        check = ResultCheck(PurePosixPath(rel).name, None, taken=self._names_of_others(rel, row.rel_path),
+                            source_of=functools.partial(input_format, ctx.settings.inbox, row))  # fmt: skip
         report: FinishReport | None = None
         try:
             with ctx.metrics.api_latency.labels("result").time():
@@ -296,17 +309,21 @@ class ResultCheck:
     """Decides a downloaded result's final name from its own headers (``write_atomically``'s ``name_for``).
 
     ``name`` is the name the output would have; ``source`` what the input holds (None when it
-    cannot be read: then only the extension is checked); ``taken`` the names other inputs'
-    outputs own (then ``take.flac.wav`` instead of ``take.wav``). After a call, ``note`` says
-    in words what changed, or is None.
+    cannot be read: then only the extension is checked), or ``source_of`` reads it during the
+    call (in the worker thread that runs it); ``taken`` the names other inputs' outputs own
+    (then ``take.flac.wav`` instead of ``take.wav``). After a call, ``note`` says in words
+    what changed, or is None.
     """
 
     name: str
     source: StatedFormat | None
     taken: frozenset[str] = frozenset()
     note: str | None = None
+    source_of: Callable[[], StatedFormat | None] | None = None
 
     def __call__(self, downloaded: Path) -> str:
+        if self.source_of is not None:
+            self.source, self.source_of = self.source_of(), None
         result = file_format(downloaded)
         if result is None:
             raise ResultError("the service returned something that is not audio")

@@ -12,6 +12,10 @@ from dhwatch.ledger import FileRow
 from dhwatch.policy import Backoff, after_failure, wait_before_next
 from dhwatch.states import State
 
+#: how long a stage whose slots (or due rows) are all busy sleeps at most without a kick: the rows
+#: due are already past their next_attempt_at, so "sleep until due" would spin; a freed slot kicks
+IDLE_WHILE_BUSY = 1.0
+
 
 class InFlight:
     """The requests a stage has running: started without waiting, all cancelled on stop."""

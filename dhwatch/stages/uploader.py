@@ -19,7 +19,7 @@ from dhwatch.errors import (
 )  # fmt: skip
 from dhwatch.ledger import FileRow
 from dhwatch.policy import after_failure, day_start, over_budget
-from dhwatch.stages.scheduling import InFlight, backoff_for, fail, poll_interval, sleep_until_due
+from dhwatch.stages.scheduling import IDLE_WHILE_BUSY, InFlight, backoff_for, fail, poll_interval, sleep_until_due
 from dhwatch.states import State
 
 
@@ -38,8 +38,9 @@ class Uploader:
         while True:
             ctx.beat("upload")
             self._over_budget()
-            if await self._dispatch():  # no slot or no room for more jobs: until one frees (kicked), at most 1 s
-                await ctx.idle("upload", 1.0)
+            if await self._dispatch():  # no slot or no room for more jobs: the rows are due already, so
+                # sleeping "until due" would not sleep at all; a freed slot kicks (at most IDLE_WHILE_BUSY)
+                await ctx.idle("upload", IDLE_WHILE_BUSY)
                 continue
             await sleep_until_due(ctx, "upload", (State.QUEUED,), backends=ctx.sending_filter())
 

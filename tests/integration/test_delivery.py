@@ -12,6 +12,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
+from dhwatch import delivery
 from dhwatch.delivery import ensure_dir, move_no_clobber, remove_temp_files, write_atomically, write_json_atomically
 from dhwatch.errors import ResultError
 from dhwatch.naming import is_temp_name, temp_name
@@ -149,6 +150,43 @@ def test_cancelled_download_leaves_no_temp_file(tmp_path: Path, audio: bytes) ->
     out = tmp_path / "outbox"
     out.mkdir()
     asyncio.run(main())
+    assert all_files(out) == []
+
+
+@pytest.mark.parametrize("held", ["in memory", "streamed to disk"])
+def test_a_result_is_delivered_whole_whether_held_in_memory_or_streamed(
+    tmp_path: Path, audio: bytes, held: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result lands byte for byte whether it is small enough to be written in one go or streamed as it arrives."""
+    if held == "streamed to disk":
+        monkeypatch.setattr(delivery, "SMALL_RESULT", 2048)  # the 0.3 s result is then "big"
+    out = tmp_path / "outbox"
+    out.mkdir()
+    written = asyncio.run(write_atomically(out, "s/take.wav", stream(split(audio, 1000)), expected_length=len(audio),
+                                           row_id=2))  # fmt: skip
+    assert written.path.read_bytes() == audio
+    assert all_files(out) == ["s/take.wav"]
+
+
+@pytest.mark.parametrize("broken_at", [1000, 5000])
+def test_a_big_result_that_breaks_off_or_is_short_leaves_no_temp_file(
+    tmp_path: Path, audio: bytes, broken_at: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result streamed to disk (past the in-memory size) that breaks off, or ends short, leaves nothing behind."""
+    monkeypatch.setattr(delivery, "SMALL_RESULT", 2048)
+
+    async def broken() -> AsyncIterator[bytes]:
+        for chunk in split(audio[:broken_at], 1000):
+            yield chunk
+        raise ResultError("the result download broke off")
+
+    out = tmp_path / "outbox"
+    out.mkdir()
+    with pytest.raises(ResultError, match="broke off"):
+        asyncio.run(write_atomically(out, "take.wav", broken(), expected_length=None, row_id=8))
+    with pytest.raises(ResultError, match="truncated"):
+        asyncio.run(write_atomically(out, "take.wav", stream(split(audio[:broken_at], 1000)),
+                                     expected_length=len(audio), row_id=8))  # fmt: skip
     assert all_files(out) == []
 
 
