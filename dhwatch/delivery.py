@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import hashlib
 import os
@@ -80,6 +79,8 @@ async def stage_result(
     :class:`ResultError` to refuse it. Nothing is visible under the final name until
     :func:`publish`.
     """
+    import asyncio  # here, not at the top: the report worker imports this module for its atomic writes (issue 12)
+
     rel = safe_relpath(rel_path)
     folder = await asyncio.to_thread(ensure_dir, root, rel.parent)
     final = folder / rel.name
@@ -151,6 +152,8 @@ async def write_atomically(
 ) -> Written:
     """Stream ``chunks`` into ``root/rel_path`` atomically and durably (:func:`stage_result`, then
     :func:`publish` for this one file); raise :class:`ResultError` if broken."""
+    import asyncio  # see stage_result
+
     staged = await stage_result(root, rel_path, chunks, expected_length=expected_length, row_id=row_id,
                                 name_for=name_for)  # fmt: skip
     error = (await asyncio.to_thread(publish, [staged]))[0]

@@ -13,7 +13,6 @@ what settled, so a file rewritten mid-upload never becomes a job.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import math
 import os
@@ -176,6 +175,8 @@ async def verified_chunks(
     The last chunk is held back until the whole content has been hashed, so a mismatch
     aborts the request before the server has a complete body and no job is created.
     """
+    import asyncio  # here, not at the top: the report worker imports this module, and needs no event loop
+
     try:
         fd = await asyncio.to_thread(open_no_follow, inbox, rel_path)
     except (FileNotFoundError, NotADirectoryError):
