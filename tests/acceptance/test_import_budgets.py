@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 
-from tests.conftest import make_audio
+from dhwatch.emulators.deephearing import DeepHearingEmulator
+from tests.conftest import API_KEY, Daemon, make_audio
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,6 +30,15 @@ NOT_IN_WORKER = {
     "multiprocessing", "scipy", "onnxruntime", "dhwatch.engine.denoise", "dhwatch.engine.worker", "dhwatch.logs",
     "dhwatch.config",
 }  # fmt: skip
+#: never in the daemon with the example config: the emulators and ``dhwatch serve`` (another
+#: command's), the HTTP server stack (no metrics_address, no [web]), the CLI and pretty-print
+#: libraries that httpx and structlog import only because they are installed, the analysis
+NOT_IN_DAEMON = {
+    "dhwatch.emulators", "dhwatch.service", "starlette", "uvicorn", "rich", "click", "pygments",
+    "dhwatch.quality.report", "dhwatch.quality.metrics", "scipy", "onnxruntime",
+}  # fmt: skip
+#: and with a remote backend: nothing of the local engine or of numpy either
+NOT_IN_REMOTE_DAEMON = NOT_IN_DAEMON | {"numpy", "soundfile", "soxr", "dhwatch.engine.denoise", "multiprocessing"}
 
 SITECUSTOMIZE = """
 import atexit, os, sys
@@ -71,3 +84,34 @@ def test_report_worker_imports_only_what_a_report_needs(tmp_path: Path) -> None:
     modules = loaded_modules(tmp_path / "modules", pids[0])
     assert {"numpy", "soundfile", "dhwatch.quality.metrics"} <= modules  # it did make the report
     assert present(modules, NOT_IN_WORKER) == []
+
+
+def example_config(root: Path) -> Path:
+    """``config.example.toml`` as shipped, its folders under ``root``."""
+    text = (ROOT / "config.example.toml").read_text()
+    text = re.sub(r'"dhwatch-data/', f'"{root}/dhwatch-data/', text)
+    (root / "dhwatch-data" / "inbox").mkdir(parents=True)
+    path = root / "config.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("backend", ["local", "deephearing"])
+def test_daemon_with_the_example_config_imports_no_unused_stack(
+    tmp_path: Path, daemons: Callable[..., Daemon], emulator: DeepHearingEmulator, backend: str
+) -> None:
+    """The daemon run with the example config cleans a file and reports on it without loading the
+    emulators, an HTTP server, httpx's CLI or rich, the analysis, or (with a remote backend) numpy."""
+    config = example_config(tmp_path)
+    env = {**record_modules(tmp_path / "modules"), "DHWATCH_SETTLE_SECONDS": "0.3", "DHWATCH_LOG_FORMAT": "json"}
+    if backend == "deephearing":
+        env |= {"DHWATCH_BACKEND": "deephearing", "DHWATCH_DEEPHEARING__BASE_URL": emulator.base_url,
+                "DHWATCH_DEEPHEARING__API_KEY": API_KEY, "DHWATCH_DEEPHEARING__POLL_INTERVAL": "0.1"}  # fmt: skip
+    daemon = daemons(config, env)
+    make_audio(tmp_path / "dhwatch-data" / "inbox" / "take.wav", seconds=1.0)
+    assert daemon.wait_event("quality_report", timeout=180)[0]["file"] == "take.wav"
+    assert daemon.stop(30) == 0
+    assert daemon.proc is not None
+    modules = loaded_modules(tmp_path / "modules", daemon.proc.pid)
+    assert "dhwatch.stages.fetcher" in modules  # the list is the daemon's
+    assert present(modules, NOT_IN_REMOTE_DAEMON if backend == "deephearing" else NOT_IN_DAEMON) == []
