@@ -32,9 +32,9 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Identity:
-    """What must stay the same for a file to count as the same version."""
+    """What must stay the same for a file to count as the same version (slots: one per waiting file)."""
 
     size: int
     mtime_ns: int
