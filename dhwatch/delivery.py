@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 import stat
@@ -80,6 +79,7 @@ async def stage_result(
     :func:`publish`.
     """
     import asyncio  # here, not at the top: the report worker imports this module for its atomic writes (issue 12)
+    import hashlib  # the same: OpenSSL's libcrypto, ~3 MiB
 
     rel = safe_relpath(rel_path)
     folder = await asyncio.to_thread(ensure_dir, root, rel.parent)

@@ -13,7 +13,6 @@ what settled, so a file rewritten mid-upload never becomes a job.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import stat
@@ -151,6 +150,8 @@ def fingerprint(inbox: Path, rel_path: str, *, stop_counting_after: float = math
     this many seconds (the limit it is checked against). Raises :class:`SourceChanged` if
     the file changed while it was read.
     """
+    import hashlib  # here, not at the top: OpenSSL's libcrypto (~3 MiB) is not for the report worker
+
     with opened(inbox, rel_path) as (fd, before):
         digest = hashlib.sha256()
         head = b""
@@ -176,6 +177,7 @@ async def verified_chunks(
     aborts the request before the server has a complete body and no job is created.
     """
     import asyncio  # here, not at the top: the report worker imports this module, and needs no event loop
+    import hashlib
 
     try:
         fd = await asyncio.to_thread(open_no_follow, inbox, rel_path)
