@@ -52,7 +52,7 @@ def run_once(n: int, batch: int, quality: str = "off", seconds: float = 0.1) -> 
         return n / elapsed, rss, emu.enhance_requests
 
 
-def run_burst(n: int, quality: str, source: Path | None, folders: int = 20) -> tuple[float, float, float]:
+def run_burst(n: int, quality: str, source: Path | None, folders: int = 20) -> tuple[float, float, float, float, float]:
     """Issue 12's burst: ``n`` files in ``folders`` folders renamed into a running daemon's inbox."""
     with tempfile.TemporaryDirectory() as tmp, DeepHearingEmulator(keys={KEY}) as emu:
         root = Path(tmp)
@@ -78,7 +78,7 @@ def run_burst(n: int, quality: str, source: Path | None, folders: int = 20) -> t
             rss = daemon.tree_peak_mb
         finally:
             daemon.stop()
-        return n / elapsed, rss, 1000 * cpu / n
+        return n / elapsed, rss, 1000 * cpu / n, daemon.daemon_peak_mb, daemon.tree_pss_at_peak_mb
 
 
 def burst(n: int, base: Path | None, qualities: tuple[str, ...] = ("off", "local")) -> None:
@@ -86,13 +86,14 @@ def burst(n: int, base: Path | None, qualities: tuple[str, ...] = ("off", "local
     load = os.getloadavg()
     print(f"burst: {n} files of 0.1 s in 20 folders renamed into the inbox; load average before: "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (2 cores)")
-    print("| tree | quality | files/s | peak RSS, daemon tree (MiB) | daemon CPU ms/file |")
-    print("|---|---|---:|---:|---:|")
+    print("| tree | quality | files/s | peak RSS, daemon tree (MiB) | daemon CPU ms/file | daemon alone peak RSS"
+          " (MiB) | tree PSS at the RSS peak (MiB) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     trees: list[tuple[str, Path | None]] = ([("base", base)] if base else []) + [("this", None)]
     for quality in qualities:
         for name, source in trees:
-            rate, rss, cpu = run_burst(n, quality, source)
-            print(f"| {name} | {quality} | {rate:.1f} | {rss:.0f} | {cpu:.1f} |", flush=True)
+            rate, rss, cpu, own, pss = run_burst(n, quality, source)
+            print(f"| {name} | {quality} | {rate:.1f} | {rss:.0f} | {cpu:.1f} | {own:.0f} | {pss:.0f} |", flush=True)
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 

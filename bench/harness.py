@@ -45,6 +45,15 @@ def peak_rss_mb(pid: int) -> float:
 
 def tree_rss_mb(pid: int) -> float:
     """The resident set size of ``pid`` and all its descendants now (VmRSS summed), in MiB."""
+    return tree_memory_mb(pid)[0]
+
+
+def tree_memory_mb(pid: int) -> tuple[float, float, float]:
+    """``pid`` and all its descendants now, in MiB: RSS summed, ``pid``'s own RSS, PSS summed.
+
+    PSS (``smaps_rollup``) counts a page shared by two processes half in each, where the
+    RSS sum counts it twice (the Python binary, libc, libssl...); issue 12's target is RSS.
+    """
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -55,7 +64,7 @@ def tree_rss_mb(pid: int) -> float:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         children.setdefault(ppid, []).append(int(entry.name))
-    total_kib, todo = 0, [pid]
+    total_kib, own_kib, pss_kib, todo = 0, 0, 0, [pid]
     while todo:
         p = todo.pop()
         todo += children.get(p, [])
@@ -63,9 +72,13 @@ def tree_rss_mb(pid: int) -> float:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total_kib += int(line.split()[1])
+                    own_kib += int(line.split()[1]) if p == pid else 0
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss_kib += int(line.split()[1])
         except OSError:
             pass
-    return total_kib / 1024
+    return total_kib / 1024, own_kib / 1024, pss_kib / 1024
 
 
 class Daemon:
@@ -90,6 +103,9 @@ class Daemon:
         self.events: list[dict[str, Any]] = []
         self.counts: dict[str, int] = {}
         self.tree_peak_mb = 0.0
+        #: the daemon process's own peak RSS, and the tree's PSS when its RSS peaked
+        self.daemon_peak_mb = 0.0
+        self.tree_pss_at_peak_mb = 0.0
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
         self._sampler = threading.Thread(target=self._sample, daemon=True)
@@ -97,7 +113,10 @@ class Daemon:
 
     def _sample(self) -> None:
         while self.proc.poll() is None:
-            self.tree_peak_mb = max(self.tree_peak_mb, tree_rss_mb(self.proc.pid))
+            rss, own, pss = tree_memory_mb(self.proc.pid)
+            self.daemon_peak_mb = max(self.daemon_peak_mb, own)
+            if rss > self.tree_peak_mb:
+                self.tree_peak_mb, self.tree_pss_at_peak_mb = rss, pss
             time.sleep(0.1)
 
     def _read(self) -> None:

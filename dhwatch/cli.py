@@ -30,6 +30,8 @@ SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 #: modules under dhwatch.commands; each has ``register(sub)`` adding its subcommand(s)
 COMMAND_MODULES = ("run", "emulate", "serve", "status", "jobs", "retry", "check", "process", "ledger")
+#: subcommands registered by a module of another name
+_MODULE_OF = {"show": "jobs", "emulate-deepaffects": "emulate"}
 
 
 def add_command(
@@ -49,7 +51,14 @@ def add_command(
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``command``, only the module that registers it.
+
+    ``dhwatch run`` then does not import the emulators, ``dhwatch serve`` or ``process``'s
+    progress bars just to describe them: that was ~3 MiB of the daemon's memory (issue 12).
+    """
+    module = _MODULE_OF.get(command or "", command)
+    modules = (module,) if module in COMMAND_MODULES else COMMAND_MODULES
     parser = argparse.ArgumentParser(
         prog="dhwatch",
         description="Watch an inbox folder, denoise every recording dropped into it, put the result in an outbox.",
@@ -58,14 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dhwatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        module = importlib.import_module(f"dhwatch.commands.{name}")
-        module.register(sub)
+    for name in modules:
+        importlib.import_module(f"dhwatch.commands.{name}").register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv and not argv[0].startswith("-") else None)
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dhwatch.asgi import AsgiServer
 from dhwatch.backends import create_backend, create_other_backends
 from dhwatch.backends.http import add_retry_listener
 from dhwatch.config import (
@@ -37,6 +36,7 @@ from dhwatch.sdnotify import Notifier
 from dhwatch.states import State
 
 if TYPE_CHECKING:
+    from dhwatch.asgi import AsgiServer  # uvicorn: imported only when something is served (issue 12's memory)
     from dhwatch.web.app import WebPage
 
 #: how long a graceful stop waits for stages to wind down
@@ -106,10 +106,13 @@ class HttpListeners:
         settings, log = self.ctx.settings, self.ctx.log
         try:
             if settings.metrics_address:
+                from dhwatch.asgi import AsgiServer
+
                 app = metrics_app(self.ctx.metrics, lambda: health(self.ctx))
                 self.servers.append(await AsgiServer(app, settings.metrics_address).start())
                 log.info("metrics_listening", address=settings.metrics_address)
             if settings.web.address:
+                from dhwatch.asgi import AsgiServer
                 from dhwatch.web.app import WebPage
 
                 self.page = WebPage(settings, on_retried=self.ctx.look_again, clock=self.ctx.clock, log=log)

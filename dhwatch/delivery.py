@@ -9,9 +9,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import errno
-import hashlib
 import os
 import shutil
 import stat
@@ -89,6 +87,9 @@ async def stage_result(
     it is complete and checked, then written, closed and named in ONE worker call (a broken
     one never touches the disk); a bigger one is streamed to disk as it arrives.
     """
+    import asyncio  # here, not at the top: the report worker imports this module for its atomic writes (issue 12)
+    import hashlib  # the same: OpenSSL's libcrypto, ~3 MiB
+
     rel = safe_relpath(rel_path)
     digest = hashlib.sha256()
     size = 0
@@ -207,6 +208,8 @@ async def write_atomically(
 ) -> Written:
     """Stream ``chunks`` into ``root/rel_path`` atomically and durably (:func:`stage_result`, then
     :func:`publish` for this one file); raise :class:`ResultError` if broken."""
+    import asyncio  # see stage_result
+
     staged = await stage_result(root, rel_path, chunks, expected_length=expected_length, row_id=row_id,
                                 name_for=name_for)  # fmt: skip
     error = (await asyncio.to_thread(publish, [staged]))[0]

@@ -38,12 +38,9 @@ import asyncio
 import fractions
 import hashlib
 import math
-import multiprocessing
 import os
 import signal
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +50,8 @@ from dhwatch.naming import TEMP_PREFIX, TEMP_SUFFIX
 from dhwatch.recipes import Finish
 
 if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
+
     from dhwatch.engine.audio_io import AudioFormat
 
 #: the output must land this close to the loudness target (the issue asks ±0.5 LU)
@@ -420,7 +419,7 @@ def finish_file(src: Path, dst: Path, finish: Finish) -> FinishReport:
 
 def _worker_init() -> None:
     """In the finishing worker: deaf to Ctrl-C (the daemon stops it), and dies with the daemon."""
-    from dhwatch.engine.worker import die_with_parent
+    from dhwatch.childprocess import die_with_parent
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
@@ -445,6 +444,10 @@ class FinishingPool:
 
     async def finish(self, src: Path, dst: Path, finish: Finish) -> FinishReport:
         """Finish ``src`` into ``dst`` (written and fsynced; the caller renames it into place)."""
+        import multiprocessing  # here: only recipes need it, and it is ~2 MiB of the daemon (issue 12)
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=self._workers, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_worker_init)  # fmt: skip

@@ -23,14 +23,13 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
-
 from dhwatch.states import State
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # starlette is imported only when /metrics is served (metrics_address set): issue 12's memory
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+
     from dhwatch.config import Settings
 
 
@@ -90,6 +89,9 @@ def metrics_app(metrics: Metrics, health: Callable[[], tuple[int, dict[str, obje
 
     Anything else answers 404 with a hint; a method other than GET/HEAD, 405.
     """
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse, Response
+    from starlette.routing import Route
 
     async def scrape(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

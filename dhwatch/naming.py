@@ -6,7 +6,6 @@ else; a name a server returns is data, never a path.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import PurePosixPath
@@ -62,6 +61,8 @@ def fit_name(name: str, max_bytes: int = NAME_MAX) -> str:
     raw = os.fsencode(name)
     if len(raw) <= max_bytes:
         return name
+    import hashlib  # here: hashlib loads OpenSSL's libcrypto (~3 MiB), which the report worker does not need
+
     digest = hashlib.sha256(raw).hexdigest()[:8]
     return os.fsdecode(raw[: max(1, max_bytes - 9)]) + "~" + digest
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from dhwatch.sourcefile import Identity
 
 
-@dataclass
+@dataclass(slots=True)
 class _Candidate:
     identity: Identity
     stable_since: float  #: first observation of this identity

@@ -13,8 +13,6 @@ what settled, so a file rewritten mid-upload never becomes a job.
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import math
 import os
 import stat
@@ -33,9 +31,9 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Identity:
-    """What must stay the same for a file to count as the same version."""
+    """What must stay the same for a file to count as the same version (slots: one per waiting file)."""
 
     size: int
     mtime_ns: int
@@ -152,6 +150,8 @@ def fingerprint(inbox: Path, rel_path: str, *, stop_counting_after: float = math
     this many seconds (the limit it is checked against). Raises :class:`SourceChanged` if
     the file changed while it was read.
     """
+    import hashlib  # here, not at the top: OpenSSL's libcrypto (~3 MiB) is not for the report worker
+
     with opened(inbox, rel_path) as (fd, before):
         digest = hashlib.sha256()
         head = b""
@@ -176,6 +176,9 @@ async def verified_chunks(
     The last chunk is held back until the whole content has been hashed, so a mismatch
     aborts the request before the server has a complete body and no job is created.
     """
+    import asyncio  # here, not at the top: the report worker imports this module, and needs no event loop
+    import hashlib
+
     try:
         fd = await asyncio.to_thread(open_no_follow, inbox, rel_path)
     except (FileNotFoundError, NotADirectoryError):

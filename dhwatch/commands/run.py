@@ -11,7 +11,24 @@ from dhwatch.cli import EXIT_CONFIG, SubParsers, add_command
 from dhwatch.errors import DhwatchError
 
 
+#: modules libraries import only because they are installed, which the daemon never uses:
+#: httpx's command-line client (click, rich, pygments) and structlog's rich tracebacks
+#: (~5.5 MiB of the daemon's memory, issue 12; rich stays for ``dhwatch process``)
+UNUSED_IN_DAEMON = ("httpx._main", "rich")
+
+
+def skip_unused_imports(names: tuple[str, ...] = UNUSED_IN_DAEMON) -> None:
+    """Make ``import`` of ``names`` fail at once in this process, as if they were not installed.
+
+    Both libraries fall back cleanly (``try: import ... except ImportError``): httpx without
+    its CLI, structlog with plain tracebacks. Only for names nothing has imported yet.
+    """
+    for name in names:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    skip_unused_imports()
     from dhwatch.config import load_settings
     from dhwatch.daemon import run_daemon
     from dhwatch.logs import configure, get_logger

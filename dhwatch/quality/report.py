@@ -20,15 +20,14 @@ How to read a report, the default ranges and the methods' limits: ``docs/quality
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from dhwatch.audioheader import file_format, format_change
 from dhwatch.delivery import write_json_atomically
@@ -43,14 +42,33 @@ SCHEMA = "dhwatch.quality/1"
 Status = Literal[-1, 0, 1]
 
 
-class ExpectedRange(BaseModel):
-    """The range a metric should fall in; either bound may be open (None)."""
+def _float_or_none(value: float | None) -> float | None:
+    """A number as a Python float (ints and numpy scalars alike, so the JSON reads ``30.0``)."""
+    return None if value is None else float(value)
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by None (JSON has no such numbers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpectedRange:
+    """The range a metric should fall in; either bound may be open (None)."""
 
     min: float | None = None
     max: float | None = None
     unit: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "min", _float_or_none(self.min))
+        object.__setattr__(self, "max", _float_or_none(self.max))
 
     def status(self, value: float | None) -> Status | None:
         """-1 below, 0 inside (bounds included), 1 above; None when there is no value."""
@@ -143,19 +161,20 @@ METRICS: tuple[_Metric, ...] = (
 )
 
 
-class Actual(BaseModel):
+@dataclass(kw_only=True)
+class Actual:
     """A metric's value in the input (``before``) and the output (``after``); None = not measured."""
-
-    model_config = ConfigDict(extra="forbid")
 
     before: float | None = None
     after: float | None = None
 
+    def __post_init__(self) -> None:
+        self.before, self.after = _float_or_none(self.before), _float_or_none(self.after)
 
-class MetricResult(BaseModel):
+
+@dataclass(kw_only=True)
+class MetricResult:
     """One metric, in the shape of MetaStudio's ``AssessProperty`` plus the value before."""
-
-    model_config = ConfigDict(extra="forbid")
 
     expected: ExpectedRange
     #: ``expected`` as text (MetaStudio's own ``expected`` string for huawei reports)
@@ -168,12 +187,15 @@ class MetricResult(BaseModel):
     note: str | None = None
 
 
-class QualityReport(BaseModel):
-    """Everything ``<output>.quality.json`` holds."""
+@dataclass(kw_only=True)
+class QualityReport:
+    """Everything ``<output>.quality.json`` holds.
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    Plain dataclasses, not pydantic models: the report worker builds one per file and
+    pydantic alone was ~4 MiB of its resident memory (issue 12); the JSON is the same.
+    """
 
-    schema_: str = Field(SCHEMA, alias="schema")
+    schema: str = SCHEMA
     #: ``local`` (dhwatch's own measurements) or ``huawei`` (MetaStudio VOICE_ASSESS)
     source: Literal["local", "huawei"]
     input: str | None
@@ -183,7 +205,7 @@ class QualityReport(BaseModel):
     #: one paragraph for the engineer: usable or not, and what to do first
     suggestion: str
     #: how it was measured: durations, rates, DNSMOS windows, time spent, vendor job id
-    details: dict[str, Any] = Field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
     #: how the output's format differs from the input's, in words (``the denoiser returned
     #: 16 kHz mono WAV for a 48 kHz stereo FLAC``); None when it is the same or unknown
     format_change: str | None = None
@@ -194,13 +216,24 @@ class QualityReport(BaseModel):
     finishing: dict[str, Any] | None = None
 
     def to_json(self) -> str:
-        """The report as indented JSON (``schema`` spelled without the underscore)."""
-        return self.model_dump_json(by_alias=True, indent=2)
+        """The report as indented JSON; a value that is not a finite number is written as null."""
+        return json.dumps(_finite(asdict(self)), indent=2, ensure_ascii=False, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> QualityReport:
-        """Parse a report written by :meth:`to_json` (e.g. back from the ledger)."""
-        return cls.model_validate_json(text)
+        """Parse a report written by :meth:`to_json` (e.g. back from the ledger).
+
+        Raises ``ValueError`` when the text is not a report (a missing or unknown field).
+        """
+        try:
+            data = dict(json.loads(text))
+            metrics = {
+                name: MetricResult(**{**m, "expected": ExpectedRange(**m["expected"]), "actual": Actual(**m["actual"])})
+                for name, m in data.pop("metrics").items()
+            }
+            return cls(**data, metrics=metrics)
+        except (TypeError, KeyError, AttributeError) as exc:
+            raise ValueError(f"not a quality report: {exc}") from None
 
     def problems(self) -> list[str]:
         """Names of the metrics outside their range, in priority order."""

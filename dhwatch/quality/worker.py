@@ -15,21 +15,29 @@ It is a plain ``python -m dhwatch.quality.worker`` subprocess speaking JSON line
 stdin/stdout, not a ``multiprocessing`` child: that would also start multiprocessing's
 resource tracker (a third Python process, ~13 MB) and re-import the daemon's main module.
 The parent waits on the pipe with the event loop (no thread); only plain data crosses it.
-This module imports nothing heavy at the top: the daemon imports it.
+
+This module imports nothing heavy at the top: the daemon imports it for
+:class:`ReportWorker`, and the worker runs it as its ``__main__``, where only what a report
+needs may be loaded (numpy, libsndfile, libsoxr and the analysis: no asyncio, ssl, httpx,
+pydantic or structlog; ``tests/acceptance/test_import_budgets.py`` holds it to that). So asyncio is
+imported where :class:`ReportWorker` uses it.
 """
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import json
 import os
 import signal
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dhwatch.errors import DhwatchError
+
+if TYPE_CHECKING:
+    import asyncio
 
 #: the longest reply line accepted (a report is a few kB)
 _REPLY_LIMIT = 16 << 20
@@ -66,7 +74,7 @@ def write_made_report(report: Any, output: Path, extras: dict[str, Any] | None =
     from dhwatch.quality.report import report_path_for, write_report
 
     if extras:
-        report = report.model_copy(update=extras)
+        report = dataclasses.replace(report, **extras)
     target = report_path_for(output)
     write_report(report, target)
     return MadeReport(str(target), report.to_json(), report.problems(), report.suggestion)
@@ -134,6 +142,8 @@ class ReportWorker:
 
     async def aclose(self) -> None:
         """Kill the worker and reap every worker killed so far (briefly: SIGKILL is not refused)."""
+        import asyncio
+
         self.kill()
         for process in self._killed:
             try:
@@ -143,6 +153,8 @@ class ReportWorker:
         self._killed = []
 
     async def _ensure_started(self) -> asyncio.subprocess.Process:
+        import asyncio
+
         if self._process is not None and self._process.returncode is None:
             return self._process
         self.kill()
@@ -169,7 +181,7 @@ def main() -> None:
     replies = os.fdopen(os.dup(1), "w", encoding="ascii")
     os.dup2(2, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from dhwatch.engine.worker import die_with_parent, lower_priority
+    from dhwatch.childprocess import die_with_parent, lower_priority
 
     lower_priority()
     die_with_parent()

@@ -115,7 +115,7 @@ class SpectrogramMaker:
 
 def main(argv: list[str]) -> int:
     """The worker: ``python -m dhwatch.web.spectrograms MODULE:FUNCTION AUDIO PNG``."""
-    from dhwatch.engine.worker import die_with_parent, lower_priority
+    from dhwatch.childprocess import die_with_parent, lower_priority
 
     renderer, audio, png = argv
     die_with_parent()  # an orphan would render for nobody
