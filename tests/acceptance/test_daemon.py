@@ -225,7 +225,8 @@ def test_stuck_job_times_out(folders: Folders, emulator: DeepHearingEmulator, da
 def test_on_success_modes(folders: Folders, emulator: DeepHearingEmulator, daemons, mode: str) -> None:
     """archive moves the original, delete removes it, keep leaves it and never reprocesses it."""
     make_audio(folders.inbox / "s" / "a.wav")
-    cfg = write_config(folders, base_url=emulator.base_url, extra=f'on_success = "{mode}"')
+    # rescans every 0.5 s: the kept file is looked at again several times within a second
+    cfg = write_config(folders, base_url=emulator.base_url, extra=f'on_success = "{mode}"\nrescan_interval = 0.5')
     d = daemons(cfg)
     d.wait_event("file_done")
     assert folders.files(folders.outbox) == ["s/a.wav"]
@@ -234,10 +235,11 @@ def test_on_success_modes(folders: Folders, emulator: DeepHearingEmulator, daemo
     assert folders.files(folders.archive) == (["s/a.wav"] if mode == "archive" else [])
     if mode == "keep":
         # several rescans, then a restart: the kept file is not processed again
-        time.sleep(2.5)
+        d.wait_event("scan_done", count=len(d.events("scan_done")) + 3, timeout=30)
         assert d.stop() == 0
+        assert len(d.events("file_queued")) == 1
         d2 = daemons(cfg)
-        time.sleep(2.5)
+        d2.wait_event("scan_done", count=4, timeout=30)  # the look at start, then three rescans
         assert len(d2.events("file_queued")) == 0
         assert jobs_for(emulator, "a.wav") == 1
         # ... unless its content changes

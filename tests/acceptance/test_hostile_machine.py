@@ -57,12 +57,16 @@ def ledger_rows(folders: Folders) -> list[dict[str, Any]]:
 
 
 def ended(folders: Folders, rels: list[str]) -> bool:
-    """Every file finished: delivered with its original gone from the inbox, or failed with a report."""
-    return all(
+    """Every file finished: delivered with its original gone from the inbox, or failed with a report,
+    and its ledger row says so (the files are moved a moment before the row is committed)."""
+    if not all(
         ((folders.outbox / r).exists() and not os.path.lexists(folders.inbox / r))
         or (folders.failed / f"{r}.error.json").exists()
         for r in rels
-    )
+    ):
+        return False
+    latest = {row["rel_path"]: row["state"] for row in ledger_rows(folders)}
+    return all(latest.get(r) in ("done", "failed") for r in rels)
 
 
 def once_problems(folders: Folders, rels: list[str]) -> list[str]:
