@@ -10,6 +10,14 @@ survive any process crash at once, and power loss after the next :meth:`Store.sy
 :class:`Store` is the interface the daemon uses (its public methods) and their SQL; a
 subclass per database (:mod:`dhwatch.store.sqlite`, :mod:`dhwatch.store.postgres`) only
 connects, migrates, makes commits durable and says how a write transaction begins.
+
+Several hosts on one PostgreSQL ledger: once a daemon has :meth:`Store.join`\ ed, the store
+fences itself, so the stages stay as they are. It remembers the fence of every row this
+process holds; every write on such a row also matches ``host``, ``fence`` and a live lease
+(on the database's clock: hosts' clocks differ), and a write on a row it does not hold
+applies only to a row nobody holds; a refused write is :class:`LeaseLost`. ``due(QUEUED)``
+claims what it returns; the other states' reads return only held rows. A row goes back
+unheld when it is queued again or finished (with no quality report left to make).
 """
 
 from __future__ import annotations

@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from dhwatch.emulators.deephearing import DeepHearingEmulator
 from dhwatch.naming import temp_name
-from tests.conftest import Daemon, Folders, assert_idle, make_audio, wait_for, write_config
+from tests.conftest import API_KEY, Daemon, Folders, assert_idle, make_audio, wait_for, write_config
 from tests.store.conftest import PG_PASSWORD, PostgresServer
-from tests.store.test_daemon_postgres import slow_emulator  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+
+@pytest.fixture
+def slow_emulator() -> Iterator[DeepHearingEmulator]:
+    """The DeepHearing emulator taking a few seconds per job, so a kill lands while jobs are followed."""
+    emu = DeepHearingEmulator(keys={API_KEY}, processing_seconds=4.0)
+    emu.start()
+    try:
+        yield emu
+    finally:
+        emu.stop()
 
 
 def rows(server: PostgresServer, url: str) -> list[tuple[str, str, str, str]]:
@@ -34,17 +44,18 @@ def host_config(folders: Folders, name: str, emulator: DeepHearingEmulator, url:
 
 
 def test_a_killed_hosts_files_are_finished_by_the_other_once_each(
-    folders: Folders, slow_emulator: DeepHearingEmulator, daemons: Callable[..., Daemon],  # noqa: F811
+    folders: Folders, slow_emulator: DeepHearingEmulator, daemons: Callable[..., Daemon],
     postgres_server: PostgresServer, pg_database: str,
 ) -> None:  # fmt: skip
     """Host a is killed -9 holding jobs: host b takes them over once a's lease runs out, follows the recorded jobs, and every file is recorded once, delivered once, and paid once unless the kill explains it; then b idles."""
     password = folders.root / "ledger.password"
     password.write_text(PG_PASSWORD)
-    names = [f"take{i}.wav" for i in range(10)]
-    for i, name in enumerate(names):
-        make_audio(folders.inbox / name, seed=i)
     a = daemons(host_config(folders, "a", slow_emulator, pg_database, password))
     b = daemons(host_config(folders, "b", slow_emulator, pg_database, password))
+    names = [f"take{i}.wav" for i in range(10)]
+    staging = folders.root / "copying"
+    for i, name in enumerate(names):  # copied in while both hosts watch
+        os.rename(make_audio(staging / name, seed=i), folders.inbox / name)
     wait_for(lambda: any(s in ("submitted", "fetching") and job and host == "a"
                          for _, s, job, host in rows(postgres_server, pg_database)),
              timeout=60, what="host a holding a recorded job")  # fmt: skip
@@ -74,7 +85,7 @@ def test_a_killed_hosts_files_are_finished_by_the_other_once_each(
 
 
 def test_a_host_starting_leaves_another_hosts_download_in_progress_alone(
-    folders: Folders, slow_emulator: DeepHearingEmulator, daemons: Callable[..., Daemon],  # noqa: F811
+    folders: Folders, slow_emulator: DeepHearingEmulator, daemons: Callable[..., Daemon],
     pg_database: str,
 ) -> None:  # fmt: skip
     """At start a host removes only stale temp files from the shared outbox: one another host is writing now stays."""
