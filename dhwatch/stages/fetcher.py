@@ -201,7 +201,8 @@ class Fetcher:
             finishing=None if report is None else json.dumps(report.as_dict()),
         )  # fmt: skip
         ctx.metrics.bytes_down.inc(size)
-        ctx.kick("upload")  # a job less in flight: room for another (max_jobs_in_flight)
+        if ctx.settings.max_jobs_in_flight:
+            ctx.kick("upload")  # a job less in flight: room for another
         ctx.log.info("file_delivered", file=row.rel_path, row=row.id, job=row.job_id, bytes=size,
                      seconds=round(time.monotonic() - t0, 3), recipe=row.recipe,
                      **({} if report is None else {"loudness_lufs": report.after.integrated_lufs,

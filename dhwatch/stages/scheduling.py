@@ -84,7 +84,8 @@ def fail(
         error_code=code, error_message=message, **extra,
     )  # fmt: skip
     ctx.kick("finish")
-    ctx.kick("upload")  # a job less in flight: room for another (max_jobs_in_flight)
+    if ctx.settings.max_jobs_in_flight:
+        ctx.kick("upload")  # a job less in flight: room for another
 
 
 def requeue_lost(ctx: Context, job_id: str, rows: list[FileRow], expected: State, reason: str) -> None:

@@ -11,7 +11,7 @@ survive any process crash at once, and power loss after the next :meth:`Store.sy
 subclass per database (:mod:`dhwatch.store.sqlite`, :mod:`dhwatch.store.postgres`) only
 connects, migrates, makes commits durable and says how a write transaction begins.
 
-Several hosts on one PostgreSQL ledger: once a daemon has :meth:`Store.join`\ ed, the store
+Several hosts on one PostgreSQL ledger: once a daemon has joined (:meth:`Store.join`), the store
 fences itself, so the stages stay as they are. It remembers the fence of every row this
 process holds; every write on such a row also matches ``host``, ``fence`` and a live lease
 (on the database's clock: hosts' clocks differ), and a write on a row it does not hold

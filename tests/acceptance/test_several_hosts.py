@@ -329,15 +329,14 @@ def test_three_hosts_wait_out_a_database_restart_longer_than_a_lease(
     farm.start_all(["alpha", "bravo", "charlie"])
     names = drop_takes(farm.folders)
     farm.wait_submitted(100, timeout=60)
-    down = time.time()
     postgres_server.pg_ctl("stop", "-m", "fast")  # every host's sessions are cut, mid-run
+    down = time.time()  # nothing written after this instant: the server is gone
     try:
         # The outage's length, not a wait for an outcome: down for longer than a lease, so
         # when the server is back every lease has run out on its clock and hosts race for rows.
         time.sleep(LEASE_SECONDS + 1.0)
     finally:
         postgres_server.pg_ctl("start")
-    up = time.time()
     farm.wait_done(FILES, timeout=90)
     wait_for(lambda: sorted(farm.folders.files(farm.folders.outbox)) == names and not farm.folders.files(
         farm.folders.inbox), timeout=30, what="every output delivered and every original archived")  # fmt: skip
