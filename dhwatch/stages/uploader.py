@@ -181,7 +181,12 @@ class Uploader:
             except TransitionConflict:
                 return
             crashpoints.reached("before_upload")
-            await self._send(batch)
+            held = set(ctx.ledger.confirm_many([r.id for r in batch]))
+            if len(held) < len(batch):  # held up past the lease (a database outage): others send those
+                ctx.log.warning("upload_lease_lost", files=[r.rel_path for r in batch if r.id not in held])
+            sending = [r for r in batch if r.id in held]
+            if sending:
+                await self._send(sending)
         except LeaseLost as exc:  # cut off from the ledger too long: another host owns these files now
             ctx.log.warning("upload_lease_lost", files=[r.rel_path for r in batch], error=str(exc))
         except Exception as exc:  # a bug must not kill the stage or lose rows

@@ -561,6 +561,29 @@ class Store(abc.ABC):
             self._held.pop(row_id, None)
         raise LeaseLost(f"row {row_id} is no longer held by this host: another host may be moving its file")
 
+    def confirm_many(self, row_ids: Sequence[int]) -> list[int]:
+        """Right before a request that costs money: which of these rows this host still holds,
+        each lease renewed in one UPDATE; the others are forgotten (another host may send them).
+
+        A host whose event loop was held up (a database outage longer than a lease) must not
+        send files another host has taken back meanwhile. All of them on a one-host ledger.
+        """
+        if not self.hosting:
+            return list(row_ids)
+        mine = {i: self._held[i] for i in row_ids if i in self._held}
+        kept: set[int] = set()
+        if mine:
+            now_sql, now_p = self._lease_now()
+            with self._tx() as conn:
+                kept = {int(r[0]) for r in conn.execute(
+                    f"UPDATE files SET lease_until = {now_sql} + ? WHERE host = ? AND lease_until > {now_sql} "
+                    "AND (id, fence) IN (SELECT * FROM unnest(?::bigint[], ?::bigint[])) RETURNING id",
+                    (*now_p, self.lease_seconds, self.host, *now_p, list(mine), list(mine.values())))}  # fmt: skip
+        for row_id in row_ids:
+            if row_id not in kept:
+                self._held.pop(row_id, None)
+        return [i for i in row_ids if i in kept]
+
     def let_go(self, row_ids: Iterable[int]) -> None:
         """Give back claims on QUEUED rows this host took but will not send now (another host may)."""
         mine = [(i, self._held[i]) for i in row_ids if i in self._held]

@@ -304,3 +304,16 @@ def test_a_queued_row_another_host_holds_does_not_wake_this_hosts_upload_stage(h
     hosts.clock.now = NOW + LEASE + 1
     assert b.ledger.next_due_at((State.QUEUED,)) is not None
     assert [r.id for r in b.ledger.due(State.QUEUED, hosts.clock(), 8)] == [row]
+
+
+def test_a_host_held_up_past_its_lease_does_not_send_what_another_host_took_back(hosts: Hosts, folders: Folders) -> None:
+    """Host a claimed a file to send, then was held up (a database outage) past its lease while host b claimed it: right before the request, a's confirmation drops the file, b's keeps it."""
+    a, b = hosts("a", FakeBackend(job_ids)), hosts("b", FakeBackend(job_ids))
+    row = queue_file(a, folders, "take.wav", b"take one")
+    assert [r.id for r in a.ledger.due(State.QUEUED, hosts.clock(), 8)] == [row]
+    assert a.ledger.confirm_many([row]) == [row]  # still its own: the lease renewed
+    hosts.clock.now = NOW + LEASE + 1
+    assert [r.id for r in b.ledger.due(State.QUEUED, hosts.clock(), 8)] == [row]
+    assert a.ledger.confirm_many([row]) == []
+    assert b.ledger.confirm_many([row]) == [row]
+    assert b.ledger.get(row).host == "b"
