@@ -119,13 +119,16 @@ async def wait_for_state(ctx: Context, row: int, state: State, polls: int = 6000
     raise AssertionError(f"row {row} is {ctx.ledger.get(row).state}, not {state}")  # type: ignore[union-attr]
 
 
-def test_fetch_stage_sleeps_while_every_download_slot_is_busy(folders: Folders, monkeypatch: pytest.MonkeyPatch) -> None:
-    """While its downloads hang and more results wait, the fetch stage sleeps until a slot frees instead of
-    asking the ledger again and again (a daemon burning a core while a storage server is slow)."""
+@pytest.mark.parametrize(("slots", "files"), [(1, 3), (2, 1)], ids=["more results than slots", "one long download"])
+def test_fetch_stage_sleeps_while_its_downloads_are_in_flight(
+    folders: Folders, monkeypatch: pytest.MonkeyPatch, slots: int, files: int
+) -> None:
+    """While its downloads hang (every slot busy, or the only result due is the one downloading), the fetch
+    stage sleeps until one ends instead of asking the ledger again and again (a daemon burning a core)."""
     gate = asyncio.Event()
     backend = FetchBackend(lambda job: wav_bytes(marker=len(job)), gate=gate)
-    ctx = make_ctx(folders, backend, download_concurrency=1)
-    rows = [fetching_file(ctx, folders, f"take{i}.wav", f"job{i}", wav_bytes(marker=i)) for i in range(3)]
+    ctx = make_ctx(folders, backend, download_concurrency=slots)
+    rows = [fetching_file(ctx, folders, f"take{i}.wav", f"job{i}", wav_bytes(marker=i)) for i in range(files)]
     beats = count_beats(ctx, monkeypatch)
 
     async def scenario() -> None:
@@ -134,7 +137,7 @@ def test_fetch_stage_sleeps_while_every_download_slot_is_busy(folders: Folders, 
         try:
             await until(lambda: backend.downloads)
             await turns(20)
-            assert backend.downloads == ["job0"]  # one slot: one download at a time
+            assert backend.downloads == ["job0"]  # one slot, or one file: one download
             before = beats.get("fetch", 0)
             await turns(500)
             assert beats.get("fetch", 0) - before <= 5, "the fetch loop went round while nothing could start"
@@ -147,8 +150,8 @@ def test_fetch_stage_sleeps_while_every_download_slot_is_busy(folders: Folders, 
             await fetcher.aclose()
 
     asyncio.run(scenario())
-    assert backend.downloads == ["job0", "job1", "job2"]
-    assert sorted(p.name for p in folders.outbox.iterdir()) == ["take0.wav", "take1.wav", "take2.wav"]
+    assert backend.downloads == [f"job{i}" for i in range(files)]
+    assert sorted(p.name for p in folders.outbox.iterdir()) == [f"take{i}.wav" for i in range(files)]
 
 
 def test_upload_stage_sleeps_while_every_upload_slot_is_busy(folders: Folders, monkeypatch: pytest.MonkeyPatch) -> None:
