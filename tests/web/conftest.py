@@ -22,7 +22,7 @@ from dhwatch.web.app import WebPage
 from dhwatch.web.data import LedgerReader
 from tests.acceptance.test_ops_cli import add_file
 from tests.conftest import Folders, write_config
-from tests.store.conftest import KINDS, PG_PASSWORD, pg_database, postgres_server  # noqa: F401 - fixtures used here
+from tests.store.conftest import KINDS, PG_PASSWORD  # the PostgreSQL fixtures are tests/conftest.py's
 
 TOKEN = "web-token-9c41d7e2"
 
