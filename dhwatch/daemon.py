@@ -12,9 +12,10 @@ import importlib.util
 import os
 import signal
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dhwatch.backends import create_backend, create_other_backends
 from dhwatch.backends.http import add_retry_listener
@@ -24,7 +25,7 @@ from dhwatch.config import (
 from dhwatch.context import Context
 from dhwatch.delivery import remove_temp_files
 from dhwatch.notify import NotifyStage
-from dhwatch.errors import DhwatchError
+from dhwatch.errors import DhwatchError, LedgerUnavailable
 from dhwatch.hosts import HostKeeper, join
 from dhwatch.intake import Intake
 from dhwatch.store import StateDirLock, open_store
@@ -54,6 +55,32 @@ def _fail_absent_imports_fast(names: tuple[str, ...] = ("sniffio",)) -> None:
     for name in names:
         if name not in sys.modules and importlib.util.find_spec(name) is None:
             sys.modules[name] = None  # type: ignore[assignment]
+
+
+#: the longest wait between two tries of a stage the ledger's server cut off
+LEDGER_RETRY_MAX_SECONDS = 30.0
+
+
+async def _through_ledger_outages(ctx: Context, name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a stage; when the ledger's server is out of reach (:class:`LedgerUnavailable`: a
+    restart, a network cut, a deadlock between hosts), wait and run it again, with back-off.
+
+    Each ledger call already waits up to 30 s for the server; a transaction cut off is not
+    replayed but reported, and the stage's loop, not the daemon, is what should wait it out.
+    Every write being a compare-and-set, doing the step again is safe.
+    """
+    delay = 1.0
+    while True:
+        started = time.monotonic()
+        try:
+            await run()
+            return
+        except LedgerUnavailable as exc:
+            if time.monotonic() - started > 4 * LEDGER_RETRY_MAX_SECONDS:
+                delay = 1.0  # it had been working for a while: a new outage
+            ctx.log.warning("ledger_unavailable", stage=name, error=str(exc), retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LEDGER_RETRY_MAX_SECONDS)
 
 
 def prepare_folders(settings: Settings, keys: tuple[str, ...] = ("outbox", "failed_dir", "archive_dir", "state_dir")) -> None:
@@ -231,19 +258,14 @@ async def run_daemon(
         reporter = Reporter(ctx)
         uploader, poller, fetcher, finisher = Uploader(ctx), Poller(ctx), Fetcher(ctx), Finisher(ctx, reporter)
         notes = NotifyStage(ctx)
-        tasks = {
-            asyncio.create_task(intake.run(), name="intake"),
-            asyncio.create_task(uploader.run(), name="upload"),
-            asyncio.create_task(poller.run(), name="poll"),
-            asyncio.create_task(fetcher.run(), name="fetch"),
-            asyncio.create_task(finisher.run(), name="finish"),
-            asyncio.create_task(reporter.run(), name="report"),
-            asyncio.create_task(notes.run(), name="notify_url"),
-            asyncio.create_task(_notify_loop(ctx, notifier), name="notify"),
-            asyncio.create_task(_auth_loop(ctx), name="auth"),
-        }
+        stages: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
+            "intake": intake.run, "upload": uploader.run, "poll": poller.run, "fetch": fetcher.run,
+            "finish": finisher.run, "report": reporter.run, "notify_url": notes.run,
+            "notify": lambda: _notify_loop(ctx, notifier), "auth": lambda: _auth_loop(ctx),
+        }  # fmt: skip
         if ledger.hosting:
-            tasks.add(asyncio.create_task(HostKeeper(ctx).run(), name="hosts"))
+            stages["hosts"] = HostKeeper(ctx).run
+        tasks = {asyncio.create_task(_through_ledger_outages(ctx, name, run), name=name) for name, run in stages.items()}
         notifier.ready(status_line(ctx))
         stopper = asyncio.create_task(stop.wait())
         if burst:

@@ -47,6 +47,13 @@ class LedgerError(DhwatchError):
     code = "LEDGER_ERROR"
 
 
+class LedgerUnavailable(LedgerError):
+    """The ledger's server is out of reach for now (restarting, a network cut) or refused a
+    transaction it may accept later (a deadlock between hosts): the step is tried again later."""
+
+    code = "LEDGER_UNAVAILABLE"
+
+
 class LedgerLocked(LedgerError):
     """Another dhwatch process holds the state_dir lock."""
 

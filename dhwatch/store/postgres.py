@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from dhwatch.errors import LedgerCorrupt, LedgerError
+from dhwatch.errors import LedgerCorrupt, LedgerError, LedgerUnavailable
 from dhwatch.logs import register_secret
 from dhwatch.store.base import Store
 from dhwatch.store.dialect import POSTGRESQL
@@ -86,7 +86,7 @@ class PgConnection:
         if self._lost:
             if self._in_tx and not begins:
                 self._in_tx = False  # that transaction is gone; the next statement connects again
-                raise LedgerError("the connection to the ledger was lost in the middle of a transaction")
+                raise LedgerUnavailable("the connection to the ledger was lost in the middle of a transaction")
             self._connect_again()
         if begins:
             self._in_tx = True
@@ -94,12 +94,15 @@ class PgConnection:
             self._in_tx = False
         try:
             return self.raw.execute(POSTGRESQL.sql(sql), parameters)
+        except psycopg.errors.TransactionRollback as exc:
+            # a deadlock or serialization failure between hosts: the store rolls back; the step is retried later
+            raise LedgerUnavailable(f"the ledger refused a transaction for now: {_first_line(exc)}") from None
         except psycopg.OperationalError as exc:
             if not self._lost:
                 raise
             if (self._in_tx and not begins) or sql in ("COMMIT", "ROLLBACK"):
                 self._in_tx = False
-                raise LedgerError(f"lost the connection to the ledger during a transaction: {_first_line(exc)}") from None
+                raise LedgerUnavailable(f"lost the connection to the ledger during a transaction: {_first_line(exc)}") from None
         # a read, or the BEGIN of a transaction, cut off by the loss: nothing was done, so once more
         self._connect_again()
         if begins:
@@ -123,9 +126,9 @@ class PgConnection:
             try:
                 self.raw = self._reconnect()
                 return
-            except LedgerError:
+            except LedgerError as exc:
                 if time.monotonic() + pause > deadline:
-                    raise
+                    raise LedgerUnavailable(str(exc)) from None
                 time.sleep(pause)
                 pause = min(pause * 2, 2.0)
 
