@@ -93,7 +93,7 @@ def burst(n: int, base: Path | None, qualities: tuple[str, ...] = ("off", "local
     for quality in qualities:
         for name, source in trees:
             rate, rss, cpu, own, pss = run_burst(n, quality, source)
-            print(f"| {name} | {quality} | {rate:.1f} | {rss:.0f} | {cpu:.1f} | {own:.0f} | {pss:.0f} |", flush=True)
+            print(f"| {name} | {quality} | {rate:.1f} | {rss:.1f} | {cpu:.1f} | {own:.1f} | {pss:.1f} |", flush=True)
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 

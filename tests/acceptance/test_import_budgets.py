@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NOT_IN_WORKER = {
     "asyncio", "ssl", "_hashlib", "httpx", "httpcore", "pydantic", "pydantic_core", "pydantic_settings", "structlog",
     "multiprocessing", "scipy", "onnxruntime", "dhwatch.engine.denoise", "dhwatch.engine.worker", "dhwatch.logs",
-    "dhwatch.config",
+    "dhwatch.config", "numpy.ma",
 }  # fmt: skip
 #: never in the daemon with the example config: the emulators and ``dhwatch serve`` (another
 #: command's), the HTTP server stack (no metrics_address, no [web]), the CLI and pretty-print
