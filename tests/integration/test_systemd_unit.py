@@ -795,10 +795,10 @@ def test_daemon_runs_under_the_sandbox(sandbox: Sandbox, backend: str, request: 
         assert status["CapBnd"] == "0000000000000000" and status["CapEff"] == "0000000000000000"
         assert status["Uid"].split()[0] == str(SERVICE_UID)
         inode = sandbox.drop("session/take 1.wav").stat().st_ino
-        wait_for(lambda: (sandbox.host["outbox"] / "session" / "take 1.wav").exists(), 30,
+        wait_for(lambda: (sandbox.host["outbox"] / "session" / "take 1.wav").exists(), 120,
                  what="the cleaned file in the outbox")  # fmt: skip
         archived = sandbox.host["archive"] / "session" / "take 1.wav"
-        wait_for(archived.exists, 30, what="the archived original")
+        wait_for(archived.exists, 120, what="the archived original")
         assert archived.stat().st_ino == inode, "archived by a rename within the share's one mount, not a copy"
         # The report worker runs under the same seccomp filter (nice/setpriority refused).
         wait_for((sandbox.host["outbox"] / "session" / "take 1.wav.quality.json").exists, 60,
