@@ -224,6 +224,22 @@ def test_fetched_results_are_delivered_under_their_names_and_recorded(folders: F
     assert not [p for p in folders.outbox.rglob("*") if p.is_file() and p.name.startswith(".")]  # no temp file left
 
 
+async def fetch_until_first_attempt(ctx: Context, row: int) -> None:
+    """Run the fetch stage until the row's first download attempt is recorded (at most 30 s)."""
+    fetcher = Fetcher(ctx)
+    stage = asyncio.create_task(fetcher.run())
+    try:
+        for _ in range(6000):
+            current = ctx.ledger.get(row)
+            if current is not None and current.fetch_attempts == 1:
+                break
+            await asyncio.sleep(0.005)
+    finally:
+        stage.cancel()
+        await asyncio.gather(stage, return_exceptions=True)
+        await fetcher.aclose()
+
+
 def test_a_result_that_is_not_audio_is_retried_later_and_nothing_is_delivered(folders: Folders) -> None:
     """A download that is not audio (a proxy's HTML page) leaves nothing in the outbox and the file is fetched
     again after a pause, not at once."""
@@ -231,21 +247,7 @@ def test_a_result_that_is_not_audio_is_retried_later_and_nothing_is_delivered(fo
     ctx = make_ctx(folders, FetchBackend(lambda job: page))
     row = fetching_file(ctx, folders, "take.wav", "job1", wav_bytes())
 
-    async def scenario() -> None:
-        fetcher = Fetcher(ctx)
-        stage = asyncio.create_task(fetcher.run())
-        try:
-            for _ in range(6000):
-                current = ctx.ledger.get(row)
-                if current is not None and current.fetch_attempts == 1:
-                    break
-                await asyncio.sleep(0.005)
-        finally:
-            stage.cancel()
-            await asyncio.gather(stage, return_exceptions=True)
-            await fetcher.aclose()
-
-    asyncio.run(scenario())
+    asyncio.run(fetch_until_first_attempt(ctx, row))
     current = ctx.ledger.get(row)
     assert current is not None
     assert (current.state, current.fetch_attempts) == (State.FETCHING, 1)
@@ -265,21 +267,7 @@ def test_a_truncated_result_is_not_delivered(folders: Folders) -> None:
     ctx = make_ctx(folders, Short(lambda job: b""))
     row = fetching_file(ctx, folders, "take.wav", "job1", wav_bytes())
 
-    async def scenario() -> None:
-        fetcher = Fetcher(ctx)
-        stage = asyncio.create_task(fetcher.run())
-        try:
-            for _ in range(6000):
-                current = ctx.ledger.get(row)
-                if current is not None and current.fetch_attempts == 1:
-                    break
-                await asyncio.sleep(0.005)
-        finally:
-            stage.cancel()
-            await asyncio.gather(stage, return_exceptions=True)
-            await fetcher.aclose()
-
-    asyncio.run(scenario())
+    asyncio.run(fetch_until_first_attempt(ctx, row))
     assert ctx.ledger.get(row).state is State.FETCHING  # type: ignore[union-attr]
     assert not [p for p in folders.outbox.rglob("*") if p.is_file()]
 

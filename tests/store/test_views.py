@@ -147,19 +147,24 @@ def test_status_snapshot_shows_hosts_only_on_a_shared_ledger(open_store: Opener)
     assert snap.hosts == ()
 
 
+def filled_postgres(url: str, folders: Folders) -> dict[str, int]:
+    """A PostgreSQL ledger with :func:`filled`'s rows; their ids by name."""
+    from dhwatch.store.postgres import PostgresStore
+
+    folders.state.mkdir()
+    store = PostgresStore.open(url, state_dir=folders.state, password=PG_PASSWORD)
+    try:
+        return filled(store)
+    finally:
+        store.close()
+
+
 @pytest.mark.postgres
 def test_hosts_overview_says_who_is_alive_and_what_each_holds(postgres_server: PostgresServer,
                                                               pg_database: str, folders: Folders) -> None:  # fmt: skip
     """Each host: alive by its heartbeat, rows held under a live lease by state, its jobs in flight, and the rows
     whose lease ran out; a host that only holds rows (no heartbeat) is alive while a lease holds."""
-    from dhwatch.store.postgres import PostgresStore
-
-    folders.state.mkdir()
-    store = PostgresStore.open(pg_database, state_dir=folders.state, password=PG_PASSWORD)
-    try:
-        ids = filled(store)
-    finally:
-        store.close()
+    ids = filled_postgres(pg_database, folders)
     hold(postgres_server, pg_database, ids["up.wav"], "studio-a", 60)
     hold(postgres_server, pg_database, ids["old.wav"], "studio-a", 60)
     hold(postgres_server, pg_database, ids["q.wav"], "studio-a", 60)
@@ -192,14 +197,7 @@ def test_status_jobs_and_show_name_the_host_holding_each_file(postgres_server: P
                                                               folders: Folders) -> None:  # fmt: skip
     """On a shared ledger `status` lists the hosts (alive or not, what they hold), `jobs` has a HOST column and
     `--host`, and `show` says which host holds the file and until when; their --json carry the same."""
-    from dhwatch.store.postgres import PostgresStore
-
-    folders.state.mkdir()
-    store = PostgresStore.open(pg_database, state_dir=folders.state, password=PG_PASSWORD)
-    try:
-        ids = filled(store)
-    finally:
-        store.close()
+    ids = filled_postgres(pg_database, folders)
     hold(postgres_server, pg_database, ids["old.wav"], "studio-a", 120)
     hold(postgres_server, pg_database, ids["new.wav"], "studio-b", -30)
     register_host(postgres_server, pg_database, "studio-a", seen_ago=2, pid=4242)
