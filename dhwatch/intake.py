@@ -33,7 +33,13 @@ if TYPE_CHECKING:
     from dhwatch.config import Settings
 
 
-_SCAN_BATCH = 2000
+#: entries taken from a scan (or from watchdog's hints) at a time, and files stat'ed per thread
+#: call in a settle sweep: each carries a full ``os.stat_result`` (~0.6 kB with its numbers)
+#: until it is reduced to the tracker's small entry, and the memory a burst of them takes
+#: stays with the process after they are freed (freed objects interleave with the tracker's
+#: long-lived ones, so the allocator's arenas are rarely empty again). 2,000-entry scan
+#: batches and 10,000-file sweeps cost ~8 MiB that way with 10,000 files waiting (issue 12).
+_SCAN_BATCH = 256
 #: settled files taken out of the tracker for hashing at a time (2 hash at once, the rest
 #: queue): the others wait in the tracker at ~0.2 kB each, not as pending tasks at ~1.5 kB
 #: each (10,000 files waiting cost ~14 MiB of tasks that way; issue 12's memory)
@@ -87,6 +93,7 @@ class Intake:
                 self.ctx.recheck = set()
                 for rel_dir in dirs:
                     await self._scan(rel_dir)
+                hinted: list[ScanResult] = []
                 for rel in paths:
                     st = lstat_rel(self.inbox, rel)
                     if st is None:
@@ -97,7 +104,12 @@ class Intake:
                         continue
                     result = classify(rel, st, self.ctx.settings.extensions)
                     if result is not None:
-                        await self._take_results([result])
+                        hinted.append(result)
+                    if len(hinted) >= _SCAN_BATCH:  # a batch's ledger look-ups at once, not one per hint
+                        await self._take_results(hinted)
+                        hinted = []
+                await self._take_results(hinted)
+                del paths, hinted
                 await self._sweep()
                 self._wake.clear()
                 kicked = self.ctx.wakeup("intake")
@@ -160,11 +172,13 @@ class Intake:
             self.tracker.observe(rel, Identity.of(result.st), now)
 
     async def _sweep(self) -> None:
-        now = self.ctx.clock()
-        due = self.tracker.due_for_check(now)
-        if due:
-            stats = await asyncio.to_thread(lambda: [(rel, lstat_rel(self.inbox, rel)) for rel in due])
-            for rel, st in stats:
+        due = self.tracker.due_for_check(self.ctx.clock())
+        for start in range(0, len(due), _SCAN_BATCH):  # a batch of stat results alive at a time
+            chunk = due[start : start + _SCAN_BATCH]
+            now = self.ctx.clock()  # before the stats: a change is never dated after it was seen
+            stats = await asyncio.to_thread(_lstat_all, self.inbox, chunk)
+            self.ctx.beat("intake")
+            for rel, st in zip(chunk, stats):
                 if st is None:
                     self.tracker.observe(rel, None, now)
                     continue
@@ -280,6 +294,11 @@ class Intake:
             return
         ctx.log.warning("file_refused", file=rel, row=row_id, code="NOT_REGULAR_FILE", reason=reason)
         ctx.kick("finish")
+
+
+def _lstat_all(inbox: Path, rel_paths: list[str]) -> list[os.stat_result | None]:
+    """``lstat`` of each path (None where gone), in a worker thread."""
+    return [lstat_rel(inbox, rel) for rel in rel_paths]
 
 
 def recipe_fields(rel: str, settings: Settings) -> dict[str, Any]:
