@@ -10,6 +10,11 @@ same file. Run from the repository root::
     .venv/bin/python bench/quality_cost.py --minutes 1 5 --channels 2 --rate 44100
     .venv/bin/python bench/quality_cost.py --daemon              # memory and stop time, see below
     .venv/bin/python bench/quality_cost.py --daemon --base /tmp/main-src   # and main's tree, same run
+    .venv/bin/python bench/quality_cost.py --worker 0.005 2      # the report worker alone: 18 s, then 2 h
+
+``--worker HOURS...`` runs the report worker alone (``python -m dhwatch.quality.worker``, one
+request, DNSMOS on) on the long file below of each length (input and a copy as output) and
+prints its RSS every ~2.5 % of the report and its peak (VmHWM): whether it grows with the length.
 
 ``--daemon`` measures what reports cost the running daemon instead: the peak RSS of the
 whole process tree (the daemon plus its report worker, sampled every 50 ms) with reports
@@ -104,7 +109,13 @@ def main() -> None:
     parser.add_argument("--no-sigterm", action="store_true",
                         help="--daemon: let the long file's report finish uninterrupted (to compare with a "
                              "dhwatch whose stop waits for the report)")
+    parser.add_argument("--worker", type=float, nargs="+", metavar="HOURS",
+                        help="the report worker alone on long files of these lengths: RSS over time, peak")
     args = parser.parse_args()
+    if args.worker:
+        for hours in args.worker:
+            worker_alone(hours)
+        return
     if args.daemon:
         daemon_costs(args.hours, args.files, args.only, sigterm=not args.no_sigterm, base=args.base,
                      qualities=args.quality or list(QUALITY))
@@ -195,6 +206,51 @@ def write_long_wav(path: Path, hours: float) -> None:
             n = min(piece * sr, total - written)
             out.write((speech[:n] + 0.003 * rng.standard_normal(n)).astype(np.float32))
             written += n
+
+
+def worker_alone(hours: float) -> None:
+    """Print the report worker's RSS over one report of a ``hours``-long pair, and its peak (VmHWM)."""
+    import json
+    import subprocess
+
+    def status(pid: int) -> dict[str, float]:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        return {line.split(":")[0]: int(line.split()[1]) / 1024 for line in lines if line.startswith("Vm")}
+
+    with tempfile.TemporaryDirectory(prefix="dhwatch-bench-worker-") as tmp:
+        src, out = Path(tmp) / "in.wav", Path(tmp) / "out.wav"
+        write_long_wav(src, hours)
+        shutil.copyfile(src, out)
+        worker = subprocess.Popen([sys.executable, "-m", "dhwatch.quality.worker"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert worker.stdin is not None and worker.stdout is not None
+        samples: list[tuple[float, float]] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            started = time.monotonic()
+            while not done.wait(0.2):
+                try:
+                    samples.append((time.monotonic() - started, status(worker.pid)["VmRSS"]))
+                except (OSError, KeyError):
+                    return
+
+        threading.Thread(target=sample, daemon=True).start()
+        time.sleep(1.0)
+        worker.stdin.write(json.dumps({"original": str(src), "output": str(out), "dnsmos": True}) + "\n")
+        worker.stdin.flush()
+        started = time.monotonic()
+        reply = json.loads(worker.stdout.readline())
+        seconds = time.monotonic() - started
+        time.sleep(0.3)
+        final = status(worker.pid)
+        done.set()
+        worker.kill()
+        worker.wait(10)
+    step = max(1, len(samples) // 40)
+    print(f"{hours:g} h: {'ok' if 'ok' in reply else reply}; report {seconds:.1f} s; peak (VmHWM) "
+          f"{final['VmHWM']:.1f} MiB; after the report {final['VmRSS']:.1f} MiB", flush=True)
+    print("    RSS (s: MiB) " + " ".join(f"{t:.0f}:{r:.1f}" for t, r in samples[::step]), flush=True)
 
 
 def hours_of(path: Path) -> float:

@@ -5,7 +5,7 @@ and 64 x 900 x 161 float32 maps (74 and 37 MB) for one 9 s window, and the sessi
 library add ~50 MB more, all in the report worker, which must fit the daemon's 100 MiB
 process tree (issue 12). The network is convolutional along time up to its global maximum,
 so its first four convolutions are computed here in stripes of :data:`STRIPE_ROWS` spectrogram
-rows (with the rows of context each 3x3 layer needs), and only the pooled result is kept:
+rows (with the rows of context each 3x3 layer needs), fed to the fifth a segment at a time:
 a few MB at any moment. The weights are read straight from the model file in the
 ``speechmos`` wheel (:func:`read_initializers`, a minimal protobuf reader: the ``onnx``
 package would cost ~17 MB to import); ``tests/unit/test_quality_dnsmos.py`` checks the
@@ -34,8 +34,12 @@ Floats = npt.NDArray[np.float32]
 #: samples of one window (9.01 s at 16 kHz) and its spectrogram's shape
 WINDOW_SAMPLES = 144_160
 _FRAMES, _HOP, _FRAME = 900, 160, 320
-#: spectrogram rows per stripe of the first four convolutions (even: 2x2 pooling pairs rows)
-STRIPE_ROWS = 30
+#: spectrogram rows per stripe of the first four convolutions (even: 2x2 pooling pairs rows).
+#: 10, not 30: the second convolution's input (3 x 128 channels per row) is the largest array,
+#: and 30-row stripes made DNSMOS the report worker's peak (+19 MiB; +11 now, the same time)
+STRIPE_ROWS = 10
+#: rows of the pooled map per segment fed to the fifth convolution (even, for its pooling)
+_SEGMENT_ROWS = 30
 #: rows of context a stripe needs on each side: one per 3x3 convolution before the pooling
 _CONTEXT = 4
 
@@ -154,11 +158,17 @@ class DnsmosNetwork:
         if audio.size != WINDOW_SAMPLES:
             raise ValueError(f"a DNSMOS window is {WINDOW_SAMPLES} samples, not {audio.size}")
         spectrum = self._log_power(audio)  # (900, 161, 1): rows = time, channel last
-        pooled = np.empty((_FRAMES // 2, self._bins // 2, self._convs[3][1].shape[0]), dtype=np.float32)
-        for start in range(0, _FRAMES, STRIPE_ROWS):  # each stripe's pooled rows written in place
-            stripe = self._stripe(spectrum, start)
-            pooled[start // 2 : start // 2 + stripe.shape[0]] = stripe
-        x = _conv_striped(pooled, *self._convs[4], pool=True)
+        # the fifth convolution is fed the pooled map a segment at a time (with its row of
+        # context either side, recomputed), so the 450 x 80 x 32 map (4.6 MB) is never whole
+        rows = _FRAMES // 2
+        weights, bias = self._convs[4]
+        x = np.empty((rows // 2, self._bins // 4, bias.shape[0]), dtype=np.float32)
+        for start in range(0, rows, _SEGMENT_ROWS):
+            first, last = max(0, start - 1), min(rows, start + _SEGMENT_ROWS + 1)
+            pooled = np.concatenate([self._stripe(spectrum, row) for row in range(2 * first, 2 * last, STRIPE_ROWS)])
+            stripe = _pool(_conv(pooled[: last - first], weights, bias, pad_top=start == 0,
+                                 pad_bottom=start + _SEGMENT_ROWS >= rows))  # fmt: skip
+            x[start // 2 : start // 2 + stripe.shape[0]] = stripe
         x = _conv_striped(x, *self._convs[5], pool=True)
         x = _conv_striped(x, *self._convs[6], pool=False)
         features = x.reshape(-1, x.shape[-1]).max(axis=0)

@@ -35,6 +35,7 @@ from dhwatch.engine.audio_io import open_audio
 from dhwatch.engine.errors import UnsupportedAudio
 from dhwatch.errors import ConfigError, SourceError
 from dhwatch.quality import metrics
+from dhwatch.quality.heap import release_freed_memory
 
 #: bump when a consumer would misread the new shape
 SCHEMA = "dhwatch.quality/1"
@@ -279,7 +280,9 @@ def measure_file(
     except OSError as exc:
         raise SourceError(f"cannot read {path.name}: {exc.strerror or exc}") from exc
     features = analyzer.finish()
+    release_freed_memory()  # the streaming pass's per-block arrays, before DNSMOS needs its stripes
     scores = metrics.dnsmos_scores([w.samples for w in features.windows]) if want_dnsmos else None
+    release_freed_memory()
     measured = metrics.measure(features, scores)
     if not want_dnsmos:
         reason = "disabled" if not options.dnsmos or options.dnsmos_windows <= 0 else metrics.dnsmos_unavailable_reason()

@@ -202,8 +202,13 @@ def _local_report(original: str | None, output: str, dnsmos: bool, extras: dict[
     from dhwatch.quality.report import AnalysisOptions, build_report
 
     out = Path(output)
-    report = build_report(None if original is None else Path(original), out, options=AnalysisOptions(dnsmos=dnsmos))
-    return write_made_report(report, out, extras)
+    from dhwatch.quality.heap import release_freed_memory
+
+    try:
+        report = build_report(None if original is None else Path(original), out, options=AnalysisOptions(dnsmos=dnsmos))
+        return write_made_report(report, out, extras)
+    finally:
+        release_freed_memory()  # waiting for the next report, the worker holds only its live memory
 
 
 if __name__ == "__main__":
