@@ -317,3 +317,20 @@ def pg_database(postgres_server: PostgresServer) -> Iterator[str]:
         yield postgres_server.url(name)
     finally:
         postgres_server.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def report_worker_run(original: Path, output: Path) -> tuple[dict[str, Any], float]:
+    """One report by the real worker (``python -m dhwatch.quality.worker``, DNSMOS on): its reply,
+    and the worker's peak resident memory (VmHWM) in MiB."""
+    worker = subprocess.Popen([sys.executable, "-m", "dhwatch.quality.worker"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert worker.stdin is not None and worker.stdout is not None
+        worker.stdin.write(json.dumps({"original": str(original), "output": str(output), "dnsmos": True}) + "\n")
+        worker.stdin.flush()
+        reply: dict[str, Any] = json.loads(worker.stdout.readline())
+        status = Path(f"/proc/{worker.pid}/status").read_text()
+    finally:
+        worker.kill()
+        worker.wait(10)
+    return reply, int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024

@@ -69,6 +69,18 @@ class FetchBackend(FakeBackend):
         return None
 
 
+@asynccontextmanager
+async def running(stage: Fetcher | Uploader) -> AsyncIterator[None]:
+    """A stage's loop running for the block's length, then cancelled and its requests closed."""
+    task = asyncio.create_task(stage.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await stage.aclose()
+
+
 def fetching_file(ctx: Context, folders: Folders, rel: str, job_id: str, data: bytes) -> int:
     """A file whose job ``job_id`` finished at NOW: FETCHING, due for its download."""
     (folders.inbox / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -132,9 +144,7 @@ def test_fetch_stage_sleeps_while_its_downloads_are_in_flight(
     beats = count_beats(ctx, monkeypatch)
 
     async def scenario() -> None:
-        fetcher = Fetcher(ctx)
-        stage = asyncio.create_task(fetcher.run())
-        try:
+        async with running(Fetcher(ctx)):
             await until(lambda: backend.downloads)
             await turns(20)
             assert backend.downloads == ["job0"]  # one slot, or one file: one download
@@ -144,10 +154,6 @@ def test_fetch_stage_sleeps_while_its_downloads_are_in_flight(
             gate.set()
             for row in rows:
                 await wait_for_state(ctx, row, State.DELIVERED)
-        finally:
-            stage.cancel()
-            await asyncio.gather(stage, return_exceptions=True)
-            await fetcher.aclose()
 
     asyncio.run(scenario())
     assert backend.downloads == [f"job{i}" for i in range(files)]
@@ -177,9 +183,7 @@ def test_upload_stage_sleeps_while_every_upload_slot_is_busy(folders: Folders, m
     beats = count_beats(ctx, monkeypatch)
 
     async def scenario() -> None:
-        uploader = Uploader(ctx)
-        stage = asyncio.create_task(uploader.run())
-        try:
+        async with running(Uploader(ctx)):
             await until(lambda: ctx.ledger.get(rows[0]).state is State.UPLOADING)  # type: ignore[union-attr]
             await turns(20)
             before = beats.get("upload", 0)
@@ -188,10 +192,6 @@ def test_upload_stage_sleeps_while_every_upload_slot_is_busy(folders: Folders, m
             gate.set()
             for row in rows:
                 await wait_for_state(ctx, row, State.SUBMITTED)
-        finally:
-            stage.cancel()
-            await asyncio.gather(stage, return_exceptions=True)
-            await uploader.aclose()
 
     asyncio.run(scenario())
     assert sent == ["take0.wav", "take1.wav", "take2.wav"]
@@ -206,15 +206,9 @@ def test_fetched_results_are_delivered_under_their_names_and_recorded(folders: F
             for i in range(5)}  # fmt: skip
 
     async def scenario() -> None:
-        fetcher = Fetcher(ctx)
-        stage = asyncio.create_task(fetcher.run())
-        try:
+        async with running(Fetcher(ctx)):
             for row in rows.values():
                 await wait_for_state(ctx, row, State.DELIVERED)
-        finally:
-            stage.cancel()
-            await asyncio.gather(stage, return_exceptions=True)
-            await fetcher.aclose()
 
     asyncio.run(scenario())
     for i, (job, row) in enumerate(rows.items()):
@@ -226,18 +220,12 @@ def test_fetched_results_are_delivered_under_their_names_and_recorded(folders: F
 
 async def fetch_until_first_attempt(ctx: Context, row: int) -> None:
     """Run the fetch stage until the row's first download attempt is recorded (at most 30 s)."""
-    fetcher = Fetcher(ctx)
-    stage = asyncio.create_task(fetcher.run())
-    try:
+    async with running(Fetcher(ctx)):
         for _ in range(6000):
             current = ctx.ledger.get(row)
             if current is not None and current.fetch_attempts == 1:
                 break
             await asyncio.sleep(0.005)
-    finally:
-        stage.cancel()
-        await asyncio.gather(stage, return_exceptions=True)
-        await fetcher.aclose()
 
 
 def test_a_result_that_is_not_audio_is_retried_later_and_nothing_is_delivered(folders: Folders) -> None:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.conftest import make_audio
+from tests.conftest import make_audio, report_worker_run
 
 #: how far above a short file's report a long file's may peak: the per-block arrays of a
 #: full-size read block and the DNSMOS stripes, none of it proportional to the length
@@ -16,19 +13,9 @@ BUDGET_MIB = 20.0
 
 def _worker_peak_mib(original: Path, output: Path) -> float:
     """The real report worker's peak resident memory (VmHWM) over one report of the pair."""
-    worker = subprocess.Popen([sys.executable, "-m", "dhwatch.quality.worker"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        assert worker.stdin is not None and worker.stdout is not None
-        worker.stdin.write(json.dumps({"original": str(original), "output": str(output), "dnsmos": True}) + "\n")
-        worker.stdin.flush()
-        reply = json.loads(worker.stdout.readline())
-        status = Path(f"/proc/{worker.pid}/status").read_text()
-    finally:
-        worker.kill()
-        worker.wait(10)
+    reply, peak = report_worker_run(original, output)
     assert "ok" in reply, reply
-    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+    return peak
 
 
 def test_a_long_files_report_peaks_within_a_budget_of_a_short_files(tmp_path: Path) -> None:

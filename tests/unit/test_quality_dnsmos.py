@@ -8,8 +8,6 @@ the raw outputs differ by under 2e-6, float32 summed in another order).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import pytest
 import soundfile as sf
 
 from dhwatch.quality import dnsmos, metrics
+from tests.conftest import report_worker_run
 from tests.unit.test_quality_metrics import add_noise, speech_like
 
 pytestmark = pytest.mark.skipif(metrics.dnsmos_model_path() is None,
@@ -120,18 +119,7 @@ def test_report_worker_with_dnsmos_peaks_under_100_mib(tmp_path: Path) -> None:
     original, output = tmp_path / "in.wav", tmp_path / "out.wav"
     sf.write(original, add_noise(x, truth, 10.0, seed=9), 48_000, subtype="PCM_24")
     sf.write(output, add_noise(x, truth, 50.0, seed=9), 48_000, subtype="PCM_24")
-    worker = subprocess.Popen([sys.executable, "-m", "dhwatch.quality.worker"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        assert worker.stdin is not None and worker.stdout is not None
-        worker.stdin.write(json.dumps({"original": str(original), "output": str(output), "dnsmos": True}) + "\n")
-        worker.stdin.flush()
-        reply = json.loads(worker.stdout.readline())
-        status = Path(f"/proc/{worker.pid}/status").read_text()
-        peak_mib = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
-    finally:
-        worker.kill()
-        worker.wait(10)
+    reply, peak_mib = report_worker_run(original, output)
     report = json.loads(reply["ok"]["json"])
     assert report["metrics"]["dnsmos_ovrl"]["actual"]["after"] is not None
     assert peak_mib < 100, peak_mib
