@@ -198,10 +198,15 @@ class Context:
         self.wakeup(stage).set()
 
     async def idle(self, stage: str, timeout: float) -> None:
-        """Sleep until kicked or ``timeout`` seconds pass."""
+        """Sleep until kicked or ``timeout`` seconds pass.
+
+        ``asyncio.timeout``, not ``wait_for``: on Python 3.11, ``wait_for`` drops a cancel that
+        arrives in the same turn as the kick, and a stopped stage would go on looping.
+        """
         event = self.wakeup(stage)
         try:
-            await asyncio.wait_for(event.wait(), timeout=max(0.0, timeout))
+            async with asyncio.timeout(max(0.0, timeout)):
+                await event.wait()
         except TimeoutError:
             pass
         event.clear()

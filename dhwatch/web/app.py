@@ -333,8 +333,9 @@ class WebPage:
                 await self.feed.started.wait()  # from here on, no change is missed
                 yield f"retry: {SSE_RETRY_MS}\n: connected\n\n".encode()
                 while True:
-                    try:
-                        batch: Batch = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE_SECONDS)
+                    try:  # asyncio.timeout: Python 3.11's wait_for can drop a cancel (a page closed at shutdown)
+                        async with asyncio.timeout(SSE_KEEPALIVE_SECONDS):
+                            batch: Batch = await queue.get()
                     except TimeoutError:
                         yield b": keep-alive\n\n"
                         continue

@@ -36,3 +36,29 @@ def test_a_ledger_that_cannot_be_used_still_stops_the_stage(folders: Folders) ->
 
     with pytest.raises(LedgerError):
         asyncio.run(_through_ledger_outages(ctx, "upload", stage))
+
+
+def test_a_stage_idling_when_kicked_and_stopped_at_once_stops(folders: Folders) -> None:
+    """A stop (cancel) that comes in the same turn as a kick is not lost: the idling stage ends, it does not go on
+    looping (Python 3.11's wait_for dropped such a cancel, and a test's stage ran on for 300 s)."""
+    ctx = make_ctx(folders, FakeBackend())
+
+    async def scenario() -> bool:
+        async def stage() -> None:
+            while True:
+                await ctx.idle("upload", 1.0)
+
+        task = asyncio.create_task(stage())
+        await asyncio.sleep(0.01)  # the stage is idling
+        ctx.kick("upload")
+        task.cancel()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 5.0)
+        except asyncio.CancelledError:
+            return True
+        except TimeoutError:
+            task.cancel()
+            return False
+        return False
+
+    assert asyncio.run(scenario()), "the stage went on after it was stopped"
