@@ -16,7 +16,6 @@ listener is optional.
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -80,8 +79,8 @@ class Metrics:
 
 
 def host_name(settings: Settings) -> str:
-    """This host's name on a shared ledger: ``host_name`` from the settings, else the machine's hostname."""
-    return str(getattr(settings, "host_name", "") or socket.gethostname())
+    """This host's name on a shared ledger (``host_name``: the machine's hostname by default)."""
+    return settings.host_name
 
 
 def metrics_app(metrics: Metrics, health: Callable[[], tuple[int, dict[str, object]]]) -> Starlette:

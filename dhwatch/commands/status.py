@@ -220,7 +220,6 @@ def _never_ran(args: argparse.Namespace, probe: DaemonProbe, *, state_dir: str, 
 def cmd_status(args: argparse.Namespace) -> int:
     from dhwatch.config import load_settings
     from dhwatch.queries import never_ran, open_readonly, probe_daemon, schema_version, status_snapshot
-    from dhwatch.store.views import DEFAULT_LEASE_SECONDS
 
     settings = load_settings(args.config)
     now = time.time()
@@ -240,7 +239,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         snap = status_snapshot(
             conn, day_start=fmt.local_midnight(now), in_flight_limit=args.in_flight, failure_limit=args.failures,
-            lease_seconds=float(getattr(settings, "lease_seconds", DEFAULT_LEASE_SECONDS)),
+            lease_seconds=settings.lease_seconds,
         )
     finally:
         conn.close()

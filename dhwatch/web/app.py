@@ -202,7 +202,7 @@ class WebPage:
         flt = parse_filter(request.query_params)
         now = self.clock()
 
-        lease_seconds = float(getattr(self.settings, "lease_seconds", data.DEFAULT_LEASE_SECONDS))
+        lease_seconds = self.settings.lease_seconds
 
         def read(conn: Any) -> tuple[int, list[FileRow], list[str], data.Overview, tuple[list[Any], float]]:
             total, rows = data.list_files(conn, flt)
